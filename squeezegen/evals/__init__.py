@@ -1,0 +1,1 @@
+"""Evaluation: real-text corpora, long-context tasks, scoring and reports."""

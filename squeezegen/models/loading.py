@@ -1,0 +1,98 @@
+"""`sg.load`: one entry point for bundled models, local Hugging Face folders and tiny test models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from squeezegen.errors import MissingDependencyError, SqueezegenError, UnknownModelError, UnsupportedModelError
+from squeezegen.models.bundled import BUNDLED, bundled_tokenizer_folder, dequantized_folder
+from squeezegen.models.tiny import TINY_CONFIGS, tiny_model
+
+# Decoder families whose HF layers the engine drives (see runtime/decoder.py).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_models() -> dict[str, str]:
+    """Loadable names and what they are."""
+    names = {name: entry.description for name, entry in BUNDLED.items()}
+    names.update({name: f"seeded random {cfg['model_type']} model for tests" for name, cfg in TINY_CONFIGS.items()})
+    return names
+
+
+def _available_line() -> str:
+    return ", ".join(available_models()) + ", or a local Hugging Face model folder"
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SqueezegenError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SqueezegenError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(device)
+
+
+def _check_folder(path: Path) -> None:
+    config = path / "config.json"
+    if not config.exists():
+        raise UnsupportedModelError(f"{path} has no config.json: point at a Hugging Face model folder")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{path} holds a {model_type!r} model; the engine supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UnsupportedModelError(f"{path} has a config but no weights (*.safetensors): is the download complete?")
+
+
+def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | None = "cpu"):
+    """Load a causal LM and its tokenizer: `(model, tokenizer)`, both plain Hugging Face objects.
+
+    `name_or_path` is a bundled name (`smollm2-135m`, `gemma3-270m`), a tiny test model
+    (`tiny-llama`, ...), or a local folder with config.json and safetensors weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    name = str(name_or_path)
+    if name in TINY_CONFIGS:
+        model = tiny_model(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_folder())
+    else:
+        if name in BUNDLED:
+            folder = dequantized_folder(BUNDLED[name])
+        elif Path(name).is_dir():
+            folder = Path(name)
+            _check_folder(folder)
+        elif Path(name).exists():
+            raise UnsupportedModelError(f"{name} is a file; pass a model folder or one of: {_available_line()}")
+        else:
+            raise UnknownModelError(f"unknown model {name!r}; available: {_available_line()}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:  # corrupt or partial files
+            raise UnsupportedModelError(f"could not load {folder}: {exc}") from exc
+        if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"{name} is a {model.config.model_type!r} model; the engine supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(target).eval(), tokenizer
+
+
+__all__ = ["load", "available_models", "MissingDependencyError"]

@@ -1,0 +1,1 @@
+"""The inference engine: decoder loop, KV cache, attention, sampling and `generate`."""

@@ -1,0 +1,89 @@
+"""Dense attention over the engine's cache, and the hook that routes HF attention modules to the engine.
+
+`dense_attention` makes the same kernel calls as transformers' SDPA path (enable_gqa without a mask,
+grouped queries for a masked single-token step, repeated K/V otherwise), so the full-cache engine
+reproduces Hugging Face's numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "squeezegen"
+
+
+def visibility_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Which keys each query may attend to, from absolute positions alone.
+
+    query_pos (B, Lq), key_pos (B, Hk, Lk) with -1 marking left padding -> bool (B, Hk, Lq, Lk).
+    A real query sees real keys at or before its position (within `window` if given); a padding
+    query sees only padding, which keeps its row finite without touching real rows.
+    """
+    q = query_pos[:, None, :, None]
+    k = key_pos[:, :, None, :]
+    visible = (k <= q) & ((k >= 0) | (q < 0))
+    if window is not None:
+        visible &= q - k < window
+    return visible
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, Hkv * groups, L, D), each KV head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA of query (B, H, Lq, D) over key/value (B, Hkv, Lk, D) -> (B, H, Lq, D).
+
+    `mask` is a bool (B, 1|Hkv, Lq, Lk) visibility mask; without one, `causal` selects causal attention.
+    """
+    b, h, n_q, d = query.shape
+    groups = h // key.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, is_causal=causal and n_q > 1, scale=scaling, enable_gqa=groups > 1
+        )
+    if n_q == 1:  # one token: attend per KV head with its query heads stacked, no K/V copies
+        packed = query.reshape(b, key.shape[1], groups, d)
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(b, h, 1, d)
+    if mask.shape[1] > 1:
+        mask = mask.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=scaling
+    )
+
+
+def _engine_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    sg_engine=None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    """Called by every HF attention module while the engine runs it: hand q, k, v to the engine."""
+    if sg_engine is None:
+        raise RuntimeError("the squeezegen attention runs only inside squeezegen's engine")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = sg_engine.attend(module.layer_idx, query, key, value, scaling, sliding_window)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _engine_attention)

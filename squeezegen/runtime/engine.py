@@ -1,0 +1,154 @@
+"""The inference engine: prefill and decode over a Hugging Face model's own decoder layers.
+
+The engine owns positions, masks and the KV cache, so a method can drop tokens between layers,
+replace a layer's attention or rewrite the cache between decode steps (see methods/base.py).
+One `Engine` serves one generation: `prefill` one or more chunks, then `decode` token by token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from squeezegen.methods.base import Method
+from squeezegen.runtime.attention import ATTENTION_NAME, dense_attention, visibility_mask
+from squeezegen.runtime.cache import KVCache
+from squeezegen.runtime.decoder import DecoderParts
+
+
+class Engine:
+    """State of one generation: the cache, token positions and the method's scratch space."""
+
+    def __init__(self, model: torch.nn.Module, method: Method | None = None, reserve: int = 0) -> None:
+        """`reserve`: decode tokens to leave room for in each layer's buffer (max_new_tokens)."""
+        self.model = model
+        self.parts = DecoderParts.of(model)
+        self.method = method if method is not None else Method()
+        self.cache = KVCache(len(self.parts.layers), reserve)
+        self.state: dict = {}  # the method's per-generation state
+        self.positions: torch.Tensor | None = None  # (B, L) positions of the tokens being run, -1 = padding
+        self.next_pos: torch.Tensor | None = None  # (B,) position the next token of each row takes
+        self.prompt_lengths: torch.Tensor | None = None  # (B,) real tokens per row after the prefill
+        self.decode_steps = 0
+        self._compress = False
+        self._masks: dict = {}
+        self._decode_hook = type(self.method).on_decode_attention is not Method.on_decode_attention
+
+    # --- the loop -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        compress: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Run a chunk of tokens (B, L), left-padded where `attention_mask` is 0; returns the
+        last position's logits (B, V). `compress=False` appends the chunk without letting the method
+        select or propagate (a question asked after a compressed context)."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        start = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        if self.next_pos is not None:
+            start = self.next_pos
+        positions = (start[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, -1)
+        self.next_pos = start + valid.sum(-1)
+        self.prompt_lengths = self.next_pos.clone()
+        self._compress = compress
+        return self._forward(self.parts.embed(input_ids), positions, progress)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one new token per row (B,); returns the logits (B, V) for the token after it."""
+        positions = self.next_pos[:, None]
+        self.next_pos = self.next_pos + 1
+        self._compress = False
+        logits = self._forward(self.parts.embed(tokens[:, None]), positions)
+        self.cache.note_peak()
+        self.method.on_decode_step(self, self.decode_steps)
+        self.decode_steps += 1
+        return logits
+
+    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        parts = self.parts
+        self.positions = positions
+        self._masks.clear()
+        rope = parts.rope(hidden, positions.clamp(min=0))
+        layers = tqdm(parts.layers, desc="prefill", unit="layer", leave=False) if progress else parts.layers
+        with self._routed_attention():
+            for i, layer in enumerate(layers):
+                hidden = layer(
+                    hidden,
+                    attention_mask=None,
+                    position_ids=positions,
+                    position_embeddings=rope[parts.layer_types[i]],
+                    sg_engine=self,
+                )
+                keep = self.method.propagate(self, i, hidden) if self._compress else None
+                if keep is not None:
+                    hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+                    positions = positions.gather(1, keep)
+                    self.positions = positions
+                    self._masks.clear()
+                    rope = parts.rope(hidden, positions.clamp(min=0))
+        return parts.logits(hidden[:, -1:])[:, -1]
+
+    # --- called by every attention module (runtime/attention.py) ---------------------------------
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Add this step's keys/values to the layer's cache and attend over all it holds."""
+        cache = self.cache.layers[layer]
+        cache.window = window
+        fresh = cache.length == 0
+        cache.append(key, value, self.positions)
+        keys, values, key_pos = cache.view()
+        if query.shape[2] == 1:
+            mask = None
+            if cache.padded or (window is not None and int(key_pos.min()) <= int(self.positions.max()) - window):
+                mask = visibility_mask(self.positions, key_pos[:, :1] if cache.shared_heads else key_pos, window)
+            out = dense_attention(query, keys, values, scaling, mask)
+            if self._decode_hook:
+                self.method.on_decode_attention(self, layer, query)
+            return out
+
+        causal = fresh and not cache.padded and (window is None or query.shape[2] <= window)
+        mask = None if causal else self._prefill_mask(cache, key_pos, fresh, window)
+        out = self.method.prefill_attention(self, layer, query, keys, values, mask, causal, scaling)
+        self.cache.note_peak()
+        if self._compress:
+            keep = self.method.select_cache(self, layer, query, keys, values)
+            if keep is not None:
+                cache.keep(keep)
+        if window is not None and cache.length >= window:
+            cache.drop_out_of_window()
+        return out
+
+    def _prefill_mask(self, cache, key_pos: torch.Tensor, fresh: bool, window: int | None) -> torch.Tensor:
+        """Masks of fresh layers depend only on this chunk's positions: build once per forward."""
+        if not (fresh and cache.shared_heads):
+            return visibility_mask(self.positions, key_pos[:, :1] if cache.shared_heads else key_pos, window)
+        if window not in self._masks:
+            self._masks[window] = visibility_mask(self.positions, self.positions[:, None], window)
+        return self._masks[window]
+
+    @contextmanager
+    def _routed_attention(self) -> Iterator[None]:
+        """Point the model's attention modules at the engine for the duration of a forward."""
+        configs = {id(layer.self_attn.config): layer.self_attn.config for layer in self.parts.layers}
+        saved = {key: config._attn_implementation_internal for key, config in configs.items()}
+        for config in configs.values():
+            config._attn_implementation_internal = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            for key, config in configs.items():
+                config._attn_implementation_internal = saved[key]

@@ -1,0 +1,51 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from squeezegen.errors import SqueezegenError
+
+
+@dataclass
+class Sampler:
+    """`temperature=0` is greedy (argmax); otherwise logits are divided by the temperature, cut to
+    the `top_k` best and to the smallest set whose probability reaches `top_p`, then sampled."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SqueezegenError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SqueezegenError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SqueezegenError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> token ids (B,)."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p (the best always stays)
+            drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= self.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        if self._generator is None:
+            self._generator = torch.Generator(device=logits.device)
+            if self.seed is not None:
+                self._generator.manual_seed(self.seed)
+            else:
+                self._generator.seed()
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self._generator)[:, 0]

@@ -1,0 +1,77 @@
+import math
+
+import torch
+
+from squeezegen.runtime.attention import dense_attention, repeat_kv, visibility_mask
+
+
+def test_visibility_mask_by_hand():
+    # row 0: two pads then positions 0..2; row 1: positions 0..4
+    qpos = torch.tensor([[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    mask = visibility_mask(qpos, qpos[:, None])
+    expected_row0 = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],  # a pad sees only pads
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],  # position 0 sees itself, not the pads
+            [0, 0, 1, 1, 0],
+            [0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert mask.shape == (2, 1, 5, 5)
+    assert torch.equal(mask[0, 0], expected_row0)
+    assert torch.equal(mask[1, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_visibility_mask_window_and_per_head_keys():
+    qpos = torch.tensor([[10]])
+    kpos = torch.tensor([[[3, 7, 8, 10], [0, 9, 10, -1]]])  # two KV heads kept different entries
+    mask = visibility_mask(qpos, kpos, window=3)  # sees positions 8, 9, 10
+    assert torch.equal(mask[0, :, 0], torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool))
+
+
+def naive_attention(q, k, v, scaling, mask):
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_dense_attention_matches_naive_with_gqa_mask_and_causal():
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 5, 8)
+    k = torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 8)
+    scale = 1 / math.sqrt(8)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    ref = naive_attention(q, k, v, scale, causal)
+    assert torch.allclose(dense_attention(q, k, v, scale, causal=True), ref, atol=1e-6)
+    assert torch.allclose(dense_attention(q, k, v, scale, mask=causal), ref, atol=1e-6)
+    # a per-KV-head mask (after per-head eviction) is expanded to that head's query heads
+    per_head = torch.rand(2, 2, 5, 5) > 0.3
+    per_head[..., 0] = True
+    assert torch.allclose(
+        dense_attention(q, k, v, scale, mask=per_head),
+        naive_attention(q, k, v, scale, per_head.repeat_interleave(3, 1)),
+        atol=1e-6,
+    )
+
+
+def test_dense_attention_single_query_grouped_path():
+    torch.manual_seed(1)
+    q = torch.randn(1, 6, 1, 8)
+    k = torch.randn(1, 2, 7, 8)
+    v = torch.randn(1, 2, 7, 8)
+    mask = torch.tensor([[[[0, 1, 1, 1, 1, 1, 1]], [[1, 1, 0, 1, 1, 1, 1]]]], dtype=torch.bool)
+    out = dense_attention(q, k, v, 0.5, mask=mask)
+    assert out.shape == (1, 6, 1, 8)
+    assert torch.allclose(out, naive_attention(q, k, v, 0.5, mask.repeat_interleave(3, 1)), atol=1e-6)
+
+
+def test_padding_query_rows_stay_finite():
+    qpos = torch.tensor([[-1, -1, 0, 1]])
+    mask = visibility_mask(qpos, qpos[:, None])
+    q, k, v = torch.randn(1, 2, 4, 4), torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    assert torch.isfinite(dense_attention(q, k, v, 0.5, mask=mask)).all()

@@ -1,0 +1,62 @@
+"""The full-cache engine must reproduce Hugging Face exactly: tokens, and logits on padded batches."""
+
+import pytest
+import torch
+
+import squeezegen as sg
+from squeezegen.runtime.engine import Engine
+
+from .conftest import TINY, tiny
+
+PROMPT = "The history of the printing press begins in the fifteenth century, when movable type"
+BATCH = [
+    "Short prompt about cats.",
+    "A much longer prompt that talks about the history of computing machines and the people who built them. " * 2,
+    "Medium length prompt on rivers, lakes and the sea.",
+]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_greedy_tokens_identical_to_hf_generate(name):
+    model, tok = tiny(name)
+    ids = tok(PROMPT, return_tensors="pt")
+    # 100 new tokens cross Gemma-3's 16-token sliding window and the cache's compaction slack
+    ref = model.generate(**ids, max_new_tokens=100, min_new_tokens=100, do_sample=False)
+    res = sg.generate(model, tok, PROMPT, max_new_tokens=100, ignore_eos=True)
+    assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
+    assert res.finish_reasons == ["length"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padded_batch_logits_match_hf_at_every_step(name):
+    model, tok = tiny(name)
+    res = sg.generate(model, tok, BATCH, max_new_tokens=12, ignore_eos=True, output_logits=True)
+    enc = tok(BATCH, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(
+        **enc, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    assert len(res.logits) == len(out.logits) == 12
+    for ours, theirs in zip(res.logits, out.logits, strict=True):
+        assert (ours - theirs).abs().max().item() < 1e-4
+    for row in range(len(BATCH)):
+        assert res.token_ids[row] == out.sequences[row, enc.input_ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_prefill_in_two_chunks_equals_one(name):
+    model, tok = tiny(name)
+    ids = tok(PROMPT * 2, return_tensors="pt").input_ids
+    whole = Engine(model).prefill(ids)
+    chunked = Engine(model)
+    chunked.prefill(ids[:, :20])
+    second = chunked.prefill(ids[:, 20:], compress=False)
+    assert torch.allclose(whole, second, atol=1e-5)
+    assert chunked.next_pos.tolist() == [ids.shape[1]]
+
+
+def test_model_generate_still_works_after_the_engine_ran():
+    model, tok = tiny("tiny-llama")
+    sg.generate(model, tok, PROMPT, max_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa"
+    ids = tok(PROMPT, return_tensors="pt")
+    model.generate(**ids, max_new_tokens=2, do_sample=False)

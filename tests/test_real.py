@@ -1,0 +1,64 @@
+"""Checks on the real bundled models (slow: run with `make test-real`)."""
+
+import pytest
+
+import squeezegen as sg
+from squeezegen.evals.corpus import prose
+from squeezegen.evals.needle import needle_sample
+
+from .conftest import smollm2
+
+pytestmark = pytest.mark.real
+
+
+@pytest.mark.parametrize("context", [0, 1500])
+def test_smollm2_greedy_identical_to_hf_generate(context):
+    model, tok = smollm2()
+    prompt = (prose(tok, context, seed=11) + "\n\n" if context else "") + "The capital of France is"
+    ids = tok(prompt, return_tensors="pt")
+    # both stop at EOS (HF's min_new_tokens would forbid EOS, which ignore_eos does not)
+    ref = model.generate(**ids, max_new_tokens=48, do_sample=False)
+    res = sg.generate(model, tok, prompt, max_new_tokens=48)
+    assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
+
+
+def test_smollm2_padded_batch_logits_match_hf():
+    model, tok = smollm2()
+    prompts = ["Water boils at", prose(tok, 300, seed=2) + "\n\nIn summary,", "The three primary colours are"]
+    res = sg.generate(model, tok, prompts, max_new_tokens=8, ignore_eos=True, output_logits=True)
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(
+        **enc, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    for ours, theirs in zip(res.logits, out.logits, strict=True):
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_smollm2_finds_a_needle_at_4k():
+    model, tok = smollm2()
+    found = 0
+    for seed in range(3):
+        sample = needle_sample(tok, 4000, seed=100 + seed)
+        res = sg.generate(model, tok, sample.prompt, max_new_tokens=24, chat=True)
+        assert res.prompt_lengths[0] > 3800
+        found += sample.is_correct(res.texts[0])
+    assert found == 3
+
+
+def test_cli_capital_of_france(capsys):
+    from squeezegen.cli import main
+
+    assert (
+        main(["generate", "--model", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "8"])
+        == 0
+    )
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_gemma3_greedy_identical_to_hf_generate():
+    model, tok = sg.load("gemma3-270m")
+    prompt = prose(tok, 700, seed=5) + "\n\nTo summarise the passage above,"  # longer than the 512 sliding window
+    ids = tok(prompt, return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=32, do_sample=False)
+    res = sg.generate(model, tok, prompt, max_new_tokens=32)
+    assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
