@@ -79,5 +79,6 @@ def main() -> None:
     print(f"| engine vs HF (median of per-pair ratios) | {prefill_ratio:.2f}x as fast | {decode_ratio:.2f}x |")
     print(f"tokens identical in every run: {same}")
 
+
 if __name__ == "__main__":
     main()

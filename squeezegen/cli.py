@@ -8,29 +8,7 @@ import sys
 from pathlib import Path
 
 from squeezegen.errors import SqueezegenError
-
-
-def _parse_value(text: str) -> object:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_method_args(pairs: list[str]) -> dict[str, object]:
-    """`["budget=512", "window=32"]` -> `{"budget": 512, "window": 32}`."""
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SqueezegenError(f"--method-arg takes key=value pairs, got {pair!r}")
-        params[key] = _parse_value(value)
-    return params
+from squeezegen.methods import parse_params
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -54,7 +32,7 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
 def _build_method(args: argparse.Namespace):
     from squeezegen.methods import method
 
-    return method(args.method, **parse_method_args(args.method_arg))
+    return method(args.method, **parse_params(args.method_arg))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -118,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 {
                     "model": args.model,
                     "method": args.method,
-                    "method_args": parse_method_args(args.method_arg),
+                    "method_args": parse_params(args.method_arg),
                     "text": res.texts[0],
                     "token_ids": res.token_ids[0],
                     "prompt_tokens": res.prompt_lengths[0],
@@ -139,6 +117,70 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"KV cache {res.kv_bytes / 2**20:.1f} MiB]",
         file=sys.stderr,
     )
+
+
+def _budget(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value > 1 else value
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from squeezegen.evals.report import markdown_tables, report_paths, summarize, write_report
+    from squeezegen.evals.runner import EvalConfig, MethodSpec, run_eval
+
+    config = EvalConfig(
+        tasks=args.tasks,
+        contexts=args.contexts,
+        methods=[MethodSpec.parse(m) for m in args.methods],
+        budgets=args.budgets,
+        samples=args.samples,
+        modes=args.modes,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+    )
+    paths = report_paths(args.out, args.overwrite)  # before hours of work, not after
+
+    import squeezegen as sg
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    records = run_eval(model, tok, config)
+    meta = {"model": args.model, "command": " ".join(sys.argv), **{k: v for k, v in vars(args).items() if k != "func"}}
+    write_report(records, paths, meta)
+    print(markdown_tables(summarize(records)))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from squeezegen.bench.runner import BenchConfig, markdown_table, plot_latency, run_bench
+    from squeezegen.evals.runner import MethodSpec
+
+    config = BenchConfig(
+        contexts=args.context,
+        methods=[MethodSpec.parse(m) for m in args.methods],
+        batch_sizes=args.batch,
+        budget=args.budget,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+    )
+    out = Path(args.out)
+    paths = {"table": out / "bench.md", "json": out / "bench.json", "plot": out / "latency_vs_context.png"}
+    taken = [p.name for p in paths.values() if p.exists()]
+    if taken and not args.overwrite:
+        raise SqueezegenError(f"{out} already holds {', '.join(taken)}: choose another --out or pass --overwrite")
+
+    import squeezegen as sg
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    rows = run_bench(model, tok, config)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    paths["table"].write_text(table + "\n")
+    meta = {k: v for k, v in vars(args).items() if k != "func"}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot_latency(rows, paths["plot"])
+    print(table)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -173,6 +215,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="RULER-style accuracy of methods x KV budgets x context lengths")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--tasks", nargs="+", default=["niah_number"], help="see squeezegen/evals/tasks.py")
+    p.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096], help="context lengths in tokens")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"],
+        help="NAME or NAME:key=value,key=value (full is always included)",
+    )
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=_budget,
+        default=[0.1, 0.25, 0.5, 0.75],
+        help="fractions of the context (<= 1) or token counts",
+    )
+    p.add_argument("--samples", type=int, default=20, help="seeded samples per task and context")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["seen", "unseen"],
+        help="seen: question inside the compressed prompt; unseen: asked after compression",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
+    p.add_argument("--out", default="results/eval", help="folder for records.json, table.md and the plot")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prefill, TTFT, decode speed and memory of methods, as ratios to full")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--context", nargs="+", type=int, default=[4096], help="context lengths in tokens")
+    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"],
+        help="NAME or NAME:key=value,... (full is always measured)",
+    )
+    p.add_argument("--budget", type=_budget, default=0.25, help="KV budget of methods not given one")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

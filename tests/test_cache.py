@@ -13,8 +13,9 @@ def entries(n, start=0, b=1, h=2, d=3):
 def test_append_grows_and_keeps_order():
     cache = LayerCache(reserve=2)
     cache.append(*entries(3))
-    assert cache.keys.shape[2] == 5  # 3 + reserve
+    assert cache.keys.shape[2] == 3  # the prefill's own tensors, no copy
     cache.append(*entries(2, start=3))
+    assert cache.keys.shape[2] == 3 + 2 + 2  # moved to a buffer with the reserve free
     cache.append(*entries(4, start=5))  # past the reserve: the buffer grows
     k, v, p = cache.view()
     assert cache.length == 9

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from squeezegen.cli import main, parse_method_args
+from squeezegen.cli import main
+from squeezegen.methods import parse_params
 
 
 def test_method_args_are_typed():
-    assert parse_method_args(["budget=512", "ratio=0.25", "pooling=max", "flag=true"]) == {
+    assert parse_params(["budget=512", "ratio=0.25", "pooling=max", "flag=true"]) == {
         "budget": 512,
         "ratio": 0.25,
         "pooling": "max",
@@ -62,7 +63,7 @@ def test_prompt_file(tmp_path, capsys):
         (["--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--model", "tiny-llama", "--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
         (["--model", "tiny-llama", "--prompt", "hi", "--method", "nope"], "unknown method 'nope'; available: full"),
-        (["--model", "tiny-llama", "--prompt", "hi", "--method-arg", "budget"], "key=value"),
+        (["--model", "tiny-llama", "--prompt", "hi", "--method-arg", "budget"], "key=value pairs"),
         (["--model", "tiny-llama", "--prompt", "hi", "--method-arg", "budget=3"], "has no parameter budget"),
     ],
 )

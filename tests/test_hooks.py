@@ -91,9 +91,9 @@ def test_select_cache_keeps_original_positions_and_decode_counts_on():
     engine.decode(torch.tensor([42]))
     assert engine.cache.layers[2].view()[2][0, 0].tolist() == list(range(n - 5, n + 1))
     assert engine.next_pos.tolist() == [n + 1]
-    # peak: the layer being filled held the whole prompt before selection
+    # the peak counts what layers hold between steps: 5 entries each, then 6 after the decode step
     per_entry = 2 * model.config.num_key_value_heads * model.config.head_dim * 4
-    assert engine.cache.peak_bytes == per_entry * (n + 5 * (model.config.num_hidden_layers - 1))
+    assert engine.cache.peak_bytes == per_entry * 6 * model.config.num_hidden_layers
 
 
 def test_propagated_tokens_carry_their_original_positions():

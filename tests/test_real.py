@@ -4,7 +4,7 @@ import pytest
 
 import squeezegen as sg
 from squeezegen.evals.corpus import prose
-from squeezegen.evals.needle import needle_sample
+from squeezegen.evals.tasks import make_sample
 
 from .conftest import smollm2
 
@@ -38,10 +38,10 @@ def test_smollm2_finds_a_needle_at_4k():
     model, tok = smollm2()
     found = 0
     for seed in range(3):
-        sample = needle_sample(tok, 4000, seed=100 + seed)
-        res = sg.generate(model, tok, sample.prompt, max_new_tokens=24, chat=True)
+        sample = make_sample("niah_number", tok, 4000, seed=100 + seed)
+        res = sg.generate(model, tok, sample.prompt, max_new_tokens=32, chat=True)
         assert res.prompt_lengths[0] > 3800
-        found += sample.is_correct(res.texts[0])
+        found += sample.score(res.texts[0])
     assert found == 3
 
 

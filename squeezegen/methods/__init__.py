@@ -9,8 +9,21 @@ import dataclasses
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
+from squeezegen.methods.full import Full
+from squeezegen.methods.h2o import H2O
+from squeezegen.methods.pyramidkv import PyramidKV
+from squeezegen.methods.snapkv import SnapKV
+from squeezegen.methods.streaming_llm import StreamingLLM
+from squeezegen.methods.tova import TOVA
 
-REGISTRY: dict[str, type[Method]] = {"full": Method}
+REGISTRY: dict[str, type[Method]] = {
+    "full": Full,
+    "streaming_llm": StreamingLLM,
+    "snapkv": SnapKV,
+    "pyramidkv": PyramidKV,
+    "h2o": H2O,
+    "tova": TOVA,
+}
 
 
 def methods() -> dict[str, dict[str, object]]:
@@ -19,6 +32,29 @@ def methods() -> dict[str, dict[str, object]]:
         name: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         for name, cls in REGISTRY.items()
     }
+
+
+def _parse_value(text: str) -> object:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(pairs: list[str]) -> dict[str, object]:
+    """`["budget=512", "window=32"]` -> `{"budget": 512, "window": 32}` (ints, floats, bools, strings)."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SqueezegenError(f"method parameters are key=value pairs, got {pair!r}")
+        params[key] = _parse_value(value)
+    return params
 
 
 def method(name: str, **params: object) -> Method:
@@ -37,4 +73,16 @@ def method(name: str, **params: object) -> Method:
         raise SqueezegenError(f"bad parameters for method {name!r}: {exc}") from exc
 
 
-__all__ = ["Method", "method", "methods", "REGISTRY"]
+__all__ = [
+    "parse_params",
+    "REGISTRY",
+    "H2O",
+    "TOVA",
+    "Full",
+    "Method",
+    "PyramidKV",
+    "SnapKV",
+    "StreamingLLM",
+    "method",
+    "methods",
+]

@@ -44,14 +44,18 @@ class LayerCache:
         b, h, n_new, _ = keys.shape
         pos = positions[:, None, :].expand(b, h, n_new)
         if self.keys is None:
-            self._realloc(n_new + self.reserve, keys, values, pos)
+            # Hold the prefill's tensors as they are: copying them into a bigger buffer now would
+            # interleave long-lived blocks with the forward's activations on the heap, and the
+            # fragmentation costs ~10% of a long prefill. The first decode step moves them.
+            self.keys, self.values, self.pos = keys, values, pos
+            self.length = n_new
             self.padded = bool((positions < 0).any())
             return
         if self.window is not None and self.length + n_new > self.keys.shape[2]:
             self.drop_out_of_window()
         if self.length + n_new > self.keys.shape[2]:
             k, v, p = self.view()
-            self._realloc(max(2 * self.keys.shape[2], self.length + n_new + self.reserve), k, v, p)
+            self._realloc(self.length + n_new + (self.reserve or self.length), k, v, p)
         end = self.length + n_new
         self.keys[:, :, self.length : end] = keys
         self.values[:, :, self.length : end] = values
@@ -79,6 +83,19 @@ class LayerCache:
         self.shared_heads = self.shared_heads and bool((kept_pos == kept_pos[:, :1]).all())
         self.padded = bool((kept_pos < 0).any())
 
+    def evict(self, slot: torch.Tensor) -> None:
+        """Remove one entry per row and KV head, `slot` (B, Hkv or 1), in O(1): the newest entry
+        moves into the hole. Order inside the cache carries no meaning, masks use positions."""
+        b, h = self.keys.shape[:2]
+        slot = slot.expand(b, h)
+        rows = torch.arange(b, device=slot.device)[:, None]
+        heads = torch.arange(h, device=slot.device)[None]
+        last = self.length - 1
+        for buf in (self.keys, self.values, self.pos):
+            buf[rows, heads, slot] = buf[:, :, last]
+        self.length = last
+        self.shared_heads = self.shared_heads and bool((slot == slot[:, :1]).all())
+
 
 class KVCache:
     """Per-layer caches plus the peak of what they held together (the KV memory a method needs)."""
@@ -87,14 +104,17 @@ class KVCache:
         self.layers = [LayerCache(reserve) for _ in range(num_layers)]
         self.peak_bytes = 0
 
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes of the keys and values one layer holds now (buffer slack not counted)."""
+        cache = self.layers[layer]
+        if cache.keys is None:
+            return 0
+        b, h, _, d = cache.keys.shape
+        return 2 * b * h * cache.length * d * cache.keys.element_size()
+
     def nbytes(self) -> int:
-        """Bytes of keys and values held now (buffer slack for future tokens not counted)."""
-        total = 0
-        for layer in self.layers:
-            if layer.keys is not None:
-                b, h, _, d = layer.keys.shape
-                total += 2 * b * h * layer.length * d * layer.keys.element_size()
-        return total
+        """Bytes of keys and values held now in all layers."""
+        return sum(self.layer_bytes(i) for i in range(len(self.layers)))
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.nbytes())

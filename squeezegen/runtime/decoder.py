@@ -64,6 +64,13 @@ class DecoderParts:
         table = self.rotary(hidden, positions)
         return {t: table for t in set(self.layer_types)}
 
+    def scaling(self, layer: int) -> float:
+        """The softmax scale of a layer's attention (Gemma-3 uses query_pre_attn_scalar, not head_dim)."""
+        return self.layers[layer].self_attn.scaling
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden)).float()
         if self.logit_softcap:

@@ -95,6 +95,29 @@ class Engine:
                     rope = parts.rope(hidden, positions.clamp(min=0))
         return parts.logits(hidden[:, -1:])[:, -1]
 
+    def fork(self, method: Method, state: dict, keep: dict[int, torch.Tensor | None]) -> Engine:
+        """A twin of this engine after its prefill, as if `method` had run that prefill itself:
+        each layer keeps the entries `keep[layer]` (None = all) and the method gets `state`.
+
+        Valid for methods that only select (no `propagate`, no own `prefill_attention`), whose
+        prefill computes exactly what the full cache computes; evaluations use it to share one
+        prefill among many methods and budgets.
+        """
+        twin = Engine(self.model, method, reserve=self.cache.layers[0].reserve)
+        twin.state = state
+        twin.next_pos = self.next_pos.clone()
+        twin.prompt_lengths = self.prompt_lengths.clone()
+        for layer, (src, dst) in enumerate(zip(self.cache.layers, twin.cache.layers, strict=True)):
+            dst.window = src.window
+            if src.keys is None:
+                continue
+            dst.shared_heads, dst.padded = src.shared_heads, src.padded
+            dst._realloc(src.length + dst.reserve, *src.view())  # own buffers: decoding writes in place
+            if keep.get(layer) is not None:
+                dst.keep(keep[layer])
+        twin.cache.note_peak()
+        return twin
+
     # --- called by every attention module (runtime/attention.py) ---------------------------------
     def attend(
         self,
@@ -123,13 +146,15 @@ class Engine:
         causal = fresh and not cache.padded and (window is None or query.shape[2] <= window)
         mask = None if causal else self._prefill_mask(cache, key_pos, fresh, window)
         out = self.method.prefill_attention(self, layer, query, keys, values, mask, causal, scaling)
-        self.cache.note_peak()
         if self._compress:
             keep = self.method.select_cache(self, layer, query, keys, values)
             if keep is not None:
                 cache.keep(keep)
         if window is not None and cache.length >= window:
             cache.drop_out_of_window()
+        # a layer's whole K/V before its selection is a transient of the forward, like any
+        # activation; the cache's peak is what layers hold between steps
+        self.cache.note_peak()
         return out
 
     def _prefill_mask(self, cache, key_pos: torch.Tensor, fresh: bool, window: int | None) -> torch.Tensor:

@@ -125,16 +125,21 @@ def topk_chunks_keep_window(scores: torch.Tensor, budget: int, window: int, chun
     return topk_keep_window(torch.cat([spread, scores[..., span:]], dim=-1), budget, window)
 
 
-def resolve_budget(budget: int | float, context: int) -> int:
-    """A float in (0, 1] is a fraction of the context, an int a token count."""
+def check_budget(budget: int | float) -> None:
+    """A budget is an int token count >= 1 or a float fraction in (0, 1]."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise SqueezegenError(f"budget must be a token count or a fraction in (0, 1], got {budget!r}")
-    if isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise SqueezegenError(f"a fractional budget must be in (0, 1], got {budget}; give a token count as an int")
-        return max(1, round(budget * context))
-    if budget < 1:
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        raise SqueezegenError(f"a fractional budget must be in (0, 1], got {budget}; give a token count as an int")
+    if isinstance(budget, int) and budget < 1:
         raise SqueezegenError(f"budget must be at least 1 token, got {budget}")
+
+
+def resolve_budget(budget: int | float, context: int) -> int:
+    """A float in (0, 1] is a fraction of the context, an int a token count."""
+    check_budget(budget)
+    if isinstance(budget, float):
+        return max(1, round(budget * context))
     if budget > context:
         raise SqueezegenError(
             f"budget of {budget} tokens is larger than the {context}-token context: lower it or pass a fraction"

@@ -1,0 +1,1 @@
+"""Latency, throughput and memory measurements, side by side."""

@@ -1,0 +1,160 @@
+"""`squeezegen bench`: latency, throughput and memory of methods side by side, as ratios to full.
+
+Every configuration (context length x batch size) runs all methods in a rotating order, several
+times after a warm-up; the medians are reported and each method is divided by the full cache
+measured in the same run, so machine noise falls on all methods alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.evals.corpus import prose
+from squeezegen.evals.runner import MethodSpec
+from squeezegen.methods import method
+from squeezegen.runtime.generate import generate
+
+
+@dataclass
+class BenchConfig:
+    contexts: list[int]
+    methods: list[MethodSpec]  # full is always measured too
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    budget: float | int = 0.25  # for every method that takes a budget and was given none
+    new_tokens: int = 64
+    repeats: int = 3
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the resident-set high-water mark of this process
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes since the last reset: GPU memory allocated on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _build(spec: MethodSpec, budget: float | int):
+    if spec.name == "full":
+        return method("full")
+    params = dict(spec.params)
+    if "budget" not in params:
+        params["budget"] = budget
+    return method(spec.name, **params)
+
+
+def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> list[dict]:
+    """One row per (context, batch, method): medians and ratios to full of the same run."""
+    device = next(model.parameters()).device
+    limit = model.config.max_position_embeddings
+    for context in config.contexts:
+        if context + config.new_tokens > limit:
+            raise SqueezegenError(f"context {context} + {config.new_tokens} new tokens exceeds the model's {limit}")
+    specs = [MethodSpec.parse("full")] + [s for s in config.methods if s.name != "full"]
+    methods = {s.label: _build(s, config.budget) for s in specs}
+    generate(model, tokenizer, prose(tokenizer, 256), max_new_tokens=4)  # warm-up
+    rows = []
+    steps = len(config.contexts) * len(config.batch_sizes) * config.repeats * len(methods)
+    bar = tqdm(total=steps, desc="bench", unit="run", disable=not progress)
+    for context in config.contexts:
+        for batch in config.batch_sizes:
+            prompts = [prose(tokenizer, context, seed=row) for row in range(batch)]
+            runs: dict[str, list[dict]] = {label: [] for label in methods}
+            labels = list(methods)
+            for repeat in range(config.repeats):
+                shift = repeat % len(labels)
+                for label in labels[shift:] + labels[:shift]:  # rotate who goes first
+                    _reset_peak_memory(device)
+                    res = generate(
+                        model,
+                        tokenizer,
+                        prompts,
+                        method=methods[label],
+                        max_new_tokens=config.new_tokens,
+                        ignore_eos=True,
+                    )
+                    t = res.timings
+                    runs[label].append(
+                        {
+                            "prefill_s": t.prefill_s,
+                            "ttft_s": t.first_token_s,
+                            "decode_tok_s": t.decode_tokens_per_s,
+                            "kv_bytes": res.kv_bytes,
+                            "peak_memory_bytes": _peak_memory(device),
+                            "prompt_tokens": max(res.prompt_lengths),
+                        }
+                    )
+                    bar.update(1)
+            medians = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
+            full = medians["full"]
+            for label, m in medians.items():
+                rows.append(
+                    {
+                        "context": context,
+                        "batch": batch,
+                        "method": label,
+                        **m,
+                        "prefill_speedup": full["prefill_s"] / m["prefill_s"],
+                        "decode_speedup": m["decode_tok_s"] / full["decode_tok_s"],
+                        "kv_fraction": m["kv_bytes"] / full["kv_bytes"],
+                    }
+                )
+    bar.close()
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| context | batch | method | prefill s | TTFT s | decode tok/s | peak KV MiB | peak memory MiB "
+        "| prefill vs full | decode vs full | KV vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['method']} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} "
+            f"| {r['decode_tok_s']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} "
+            f"| {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | {r['kv_fraction']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    """Prefill seconds and decode tokens/s against context length, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label in dict.fromkeys(r["method"] for r in rows):
+        for batch in sorted({r["batch"] for r in rows}):
+            points = sorted((r["context"], r) for r in rows if r["method"] == label and r["batch"] == batch)
+            name = label if len({r["batch"] for r in rows}) == 1 else f"{label} (batch {batch})"
+            left.plot([c for c, _ in points], [r["prefill_s"] for _, r in points], marker="o", label=name)
+            right.plot([c for c, _ in points], [r["decode_tok_s"] for _, r in points], marker="o", label=name)
+    left.set(xlabel="context tokens", ylabel="prefill s", title="prefill latency")
+    right.set(xlabel="context tokens", ylabel="tokens/s", title="decode throughput")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""Tables (markdown, JSON) and plots (accuracy vs KV budget) from evaluation records."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from squeezegen.errors import SqueezegenError
+
+
+def budget_label(budget: float | int | None) -> str:
+    if budget is None:
+        return "all"
+    return f"{budget:.0%}" if isinstance(budget, float) else f"{budget} tok"
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean score (in %) per task, context, mode, method and budget, with the sample count."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["context"], r["mode"], r["method"], r["budget"])].append(r["score"])
+    return [
+        {
+            "task": t,
+            "context": c,
+            "mode": m,
+            "method": meth,
+            "budget": b,
+            "accuracy": 100 * sum(s) / len(s),
+            "n": len(s),
+        }
+        for (t, c, m, meth, b), s in groups.items()
+    ]
+
+
+def markdown_tables(summary: list[dict]) -> str:
+    """One table per task and question mode: a row per method, a column per context x budget;
+    the full cache's accuracy heads each context's columns."""
+    out = []
+    for task in dict.fromkeys(s["task"] for s in summary):
+        for mode in dict.fromkeys(s["mode"] for s in summary):
+            rows = [s for s in summary if s["task"] == task and s["mode"] == mode]
+            contexts = sorted({s["context"] for s in rows})
+            budgets = sorted(
+                {s["budget"] for s in rows if s["budget"] is not None}, key=lambda b: (isinstance(b, int), b)
+            )
+            cell = {(s["method"], s["context"], s["budget"]): s for s in rows}
+            n = max(s["n"] for s in rows)
+            seen = "question inside the compressed prompt" if mode == "seen" else "question after compression"
+            out.append(f"**{task}**, {seen} ({n} samples)\n")
+            header = ["method"] + [f"{c} {budget_label(b)}" for c in contexts for b in budgets]
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "---|" * len(header))
+            full = ["full"] + [f"{cell[('full', c, None)]['accuracy']:.0f}" for c in contexts for _ in budgets]
+            out.append("| " + " | ".join(full) + " |")
+            for method in dict.fromkeys(s["method"] for s in rows if s["method"] != "full"):
+                values = [cell.get((method, c, b)) for c in contexts for b in budgets]
+                out.append("| " + " | ".join([method] + [f"{v['accuracy']:.0f}" if v else "-" for v in values]) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def plot_accuracy(summary: list[dict], path: Path) -> None:
+    """Accuracy vs KV budget, one panel per task x mode x context, the full cache dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(s["task"], s["mode"], s["context"]) for s in summary})
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (task, mode, context) in zip(axes.flat, panels, strict=False):
+        cell = [s for s in summary if (s["task"], s["mode"], s["context"]) == (task, mode, context)]
+        for method in dict.fromkeys(s["method"] for s in cell):
+            points = sorted((s["budget"], s["accuracy"]) for s in cell if s["method"] == method)
+            if method == "full":
+                ax.axhline(points[0][1], color="black", linestyle="--", label="full")
+            else:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_title(f"{task}, {context} tok, question {mode}", fontsize=9)
+        ax.set_xlabel("KV budget")
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(-5, 105)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Where the report goes; refuses to replace an earlier report unless `overwrite`."""
+    out = Path(out_dir)
+    paths = {
+        "records": out / "records.json",
+        "summary": out / "summary.json",
+        "table": out / "table.md",
+        "plot": out / "accuracy_vs_budget.png",
+    }
+    taken = [p.name for p in paths.values() if p.exists()]
+    if taken and not overwrite:
+        raise SqueezegenError(f"{out} already holds {', '.join(taken)}: choose another --out or pass --overwrite")
+    return paths
+
+
+def write_report(records: list[dict], paths: dict[str, Path], meta: dict | None = None) -> None:
+    """records.json, summary.json, table.md and accuracy_vs_budget.png (see `report_paths`)."""
+    paths["table"].parent.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    paths["records"].write_text(json.dumps({"meta": meta or {}, "records": records}, indent=1))
+    paths["summary"].write_text(json.dumps({"meta": meta or {}, "summary": summary}, indent=1))
+    paths["table"].write_text(markdown_tables(summary))
+    plot_accuracy(summary, paths["plot"])

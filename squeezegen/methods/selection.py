@@ -1,0 +1,119 @@
+"""What the score-and-keep methods share: budgets, pooling, GQA reduction, top-k with a kept
+window, chunked selection, and decode-time eviction to a fixed budget.
+
+A method subclasses `ScoredSelection` and writes one `score` function (kvpress style). Layers
+with a sliding window are left alone: they already hold a bounded window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.methods.base import Method
+from squeezegen.runtime.scoring import (
+    attention_probs,
+    check_budget,
+    pool1d,
+    reduce_gqa,
+    resolve_budget,
+    topk_chunks_keep_window,
+    topk_keep_window,
+)
+
+if TYPE_CHECKING:
+    from squeezegen.runtime.engine import Engine
+
+
+@dataclass
+class ScoredSelection(Method):
+    """Keep, per KV head, the last `window` entries and the `budget` best-scored ones in all.
+
+    budget: a token count (int) or a fraction of the context (float <= 1), counted at prefill.
+    kernel/pooling: smoothing of the scores along the sequence; gqa: how the query heads of a KV
+    group are combined ("mean", "sum", "max"); chunk > 0 keeps whole chunks of that many tokens.
+    """
+
+    budget: int | float = 0.25
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    gqa: str = "mean"
+    chunk: int = 0
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+        if self.window < 0 or self.chunk < 0:
+            raise SqueezegenError("window and chunk must be >= 0")
+        if self.pooling not in ("avg", "max"):
+            raise SqueezegenError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+        if self.gqa not in ("mean", "sum", "max"):
+            raise SqueezegenError(f"gqa must be 'mean', 'sum' or 'max', got {self.gqa!r}")
+
+    # --- what a method defines --------------------------------------------------------------------
+    def score(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Importance of every cached entry: (B, H, n) per query head, (B, Hkv, n) or (B, 1, n)."""
+        raise NotImplementedError
+
+    def layer_budget(self, engine: Engine, layer: int, context: int) -> int:
+        return resolve_budget(self.budget, context)
+
+    # --- shared ------------------------------------------------------------------------------------
+    def kv_scores(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """`score`, pooled along the sequence and reduced to one row per KV head (or one shared)."""
+        scores = pool1d(self.score(engine, layer, query, key), self.kernel, self.pooling)
+        if scores.shape[1] not in (1, key.shape[1]):
+            scores = reduce_gqa(scores, key.shape[1], self.gqa)
+        return scores
+
+    def choose(self, engine: Engine, layer: int, scores: torch.Tensor) -> torch.Tensor | None:
+        """Indices to keep given scores over the n cached entries; None when the budget holds all."""
+        n = scores.shape[-1]
+        budget = self.layer_budget(engine, layer, n)
+        engine.state.setdefault("budget", {})[layer] = budget
+        if budget >= n:
+            return None
+        window = min(self.window, budget)
+        if self.chunk:
+            return topk_chunks_keep_window(scores, budget, window, self.chunk)
+        return topk_keep_window(scores, budget, window)
+
+    def select_cache(self, engine, layer, query, key, value):
+        if engine.parts.is_sliding(layer):
+            return None
+        if self.layer_budget(engine, layer, key.shape[2]) >= key.shape[2]:
+            engine.state.setdefault("budget", {})[layer] = key.shape[2]
+            return None
+        return self.choose(engine, layer, self.kv_scores(engine, layer, query, key))
+
+
+def query_key_positions(engine: Engine, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the queries being run and of the layer's cached keys."""
+    return engine.positions, engine.cache.layers[layer].view()[2]
+
+
+def decode_attention(engine: Engine, layer: int, query: torch.Tensor) -> torch.Tensor:
+    """The new token's attention (B, H, n) over the layer's whole cache, fp32."""
+    keys = engine.cache.layers[layer].view()[0]
+    q_pos, k_pos = query_key_positions(engine, layer)
+    return attention_probs(query, keys, q_pos, k_pos, engine.parts.scaling(layer))[:, :, 0]
+
+
+def over_budget(engine: Engine, layer: int) -> bool:
+    """Has decoding grown this layer past its cap? The cap is the prefill budget, or the length
+    the layer had when decoding began if a question was appended uncompressed after the context."""
+    budget = engine.state.get("budget", {}).get(layer)
+    if budget is None:
+        return False
+    length = engine.cache.layers[layer].length
+    cap = engine.state.setdefault("decode_cap", {}).setdefault(layer, max(budget, length - 1))
+    return length > cap
+
+
+def protect_recent(scores: torch.Tensor, key_pos: torch.Tensor, current: torch.Tensor, recent: int) -> torch.Tensor:
+    """Scores with the entries of the last `recent` positions (and padding) made unevictable."""
+    newest = current[:, None, None] - key_pos < recent
+    return scores.masked_fill(newest | (key_pos < 0), float("inf"))

@@ -1,0 +1,103 @@
+"""Hand-computed checks of the shared selection pieces."""
+
+import math
+
+import pytest
+import torch
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.runtime.scoring import (
+    attention_probs,
+    column_sums,
+    pool1d,
+    reduce_gqa,
+    resolve_budget,
+    topk_chunks_keep_window,
+    topk_keep_window,
+    window_scores,
+)
+
+
+def positions(n, b=1, h=1):
+    p = torch.arange(n)[None].expand(b, n)
+    return p, p[:, None].expand(b, h, n)
+
+
+def test_window_scores_by_hand():
+    # one head, D = 1: key values 0, 0, ln 3, 0 ; queries all 1 (scaling 1) -> scores = key values
+    key = torch.tensor([0.0, 0.0, math.log(3), 0.0]).view(1, 1, 4, 1)
+    query = torch.ones(1, 1, 4, 1)
+    qpos, kpos = positions(4)
+    s = window_scores(query, key, qpos, kpos, window=2, scaling=1.0)
+    # query 2 sees keys 0..2: weights 1/5, 1/5, 3/5 ; query 3 sees all: 1/6, 1/6, 3/6, 1/6
+    expected = torch.tensor([1 / 5 + 1 / 6, 1 / 5 + 1 / 6, 3 / 5 + 3 / 6, 1 / 6])
+    assert torch.allclose(s[0, 0], expected, atol=1e-6)
+
+
+def test_attention_probs_groups_query_heads_onto_their_kv_head():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 6, 3, 4), torch.randn(2, 2, 5, 4)
+    qpos = torch.tensor([[2, 3, 4], [2, 3, 4]])
+    _, kpos = positions(5, b=2, h=2)
+    probs = attention_probs(q, k, qpos, kpos, 0.5)
+    head = 4  # query head 4 uses KV head 1
+    ref = ((q[:, head] @ k[:, 1].transpose(-1, -2)) * 0.5).masked_fill(
+        torch.arange(5)[None, None] > qpos[:, :, None], float("-inf")
+    )
+    assert torch.allclose(probs[:, head], ref.softmax(-1), atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 6, 3))
+
+
+def test_column_sums_equal_the_full_matrix_sum_in_any_block_size():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8)
+    qpos, kpos = positions(10, h=2)
+    whole = attention_probs(q, k, qpos, kpos, 0.3).sum(2)
+    assert torch.allclose(column_sums(q, k, qpos, kpos, 0.3, block=3), whole, atol=1e-6)
+    assert torch.allclose(whole.sum(-1), torch.full((1, 4), 10.0))  # every query spends weight 1
+
+
+def test_pooling_by_hand():
+    s = torch.tensor([[[0.0, 3.0, 0.0, 0.0, 6.0]]])
+    assert torch.allclose(pool1d(s, 3, "avg"), torch.tensor([[[1.0, 1.0, 1.0, 2.0, 2.0]]]))  # zero padding counts
+    assert torch.equal(pool1d(s, 3, "max"), torch.tensor([[[3.0, 3.0, 3.0, 6.0, 6.0]]]))
+    assert torch.equal(pool1d(s, 1, "max"), s)
+    with pytest.raises(SqueezegenError, match="odd"):
+        pool1d(s, 4)
+
+
+def test_gqa_reduction_by_hand():
+    s = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 0.0], [1.0, 1.0]]])  # 4 query heads, 2 KV heads
+    assert torch.equal(reduce_gqa(s, 2, "sum"), torch.tensor([[[4.0, 6.0], [6.0, 1.0]]]))
+    assert torch.equal(reduce_gqa(s, 2, "mean"), torch.tensor([[[2.0, 3.0], [3.0, 0.5]]]))
+    assert torch.equal(reduce_gqa(s, 2, "max"), torch.tensor([[[3.0, 4.0], [5.0, 1.0]]]))
+
+
+def test_topk_keeps_the_window_and_the_best_per_head():
+    s = torch.tensor([[[5.0, 1.0, 4.0, 2.0, 0.0, 0.0], [0.0, 9.0, 1.0, 8.0, 0.0, 0.0]]])
+    idx = topk_keep_window(s, budget=4, window=2)
+    assert idx.tolist() == [[[0, 2, 4, 5], [1, 3, 4, 5]]]
+    assert topk_keep_window(s, budget=6, window=2).tolist() == [[list(range(6))] * 2]
+
+
+def test_chunked_selection_keeps_whole_chunks():
+    # chunks of 2 over the first 6 positions: sums 1.5, 10, 2 ; window = last 2 positions
+    s = torch.tensor([[[1.5, 0.0, 0.0, 10.0, 1.0, 1.0, 0.0, 0.0]]])
+    assert topk_chunks_keep_window(s, budget=4, window=2, chunk=2).tolist() == [[[2, 3, 6, 7]]]
+    assert topk_chunks_keep_window(s, budget=6, window=2, chunk=2).tolist() == [[[2, 3, 4, 5, 6, 7]]]
+    # plain top-k would take the single best tokens instead
+    assert topk_keep_window(s, budget=4, window=2).tolist() == [[[0, 3, 6, 7]]]
+
+
+def test_budget_resolution_and_errors():
+    assert resolve_budget(0.25, 4000) == 1000
+    assert resolve_budget(1.0, 4000) == 4000
+    assert resolve_budget(512, 4000) == 512
+    for bad, message in [
+        (5000, "larger than the 4000-token context"),
+        (1.5, r"\(0, 1\]"),
+        (0, "at least 1"),
+        ("big", "token count"),
+    ]:
+        with pytest.raises(SqueezegenError, match=message):
+            resolve_budget(bad, 4000)
