@@ -119,7 +119,10 @@ def _niah(kind: str, n_keys: int = 1, n_values: int = 1, n_queries: int = 1) -> 
         for i, key in enumerate(keys):
             for _ in range(n_values if i == 0 else 1):
                 value = _value(rng, kind)
-                needles.append(f"One of the special magic {kind}s for {key} is: {value}.")
+                if n_values > 1 and i == 0:
+                    needles.append(f"One of the special magic {kind}s for the {key} is {value}.")
+                else:
+                    needles.append(f"The special magic {kind} for the {key} is {value}.")
                 if key in asked:
                     answers.append(value)
         rng.shuffle(needles)
@@ -129,15 +132,12 @@ def _niah(kind: str, n_keys: int = 1, n_values: int = 1, n_queries: int = 1) -> 
         )
         context = _hide(rng, tokenizer, tokens - 60, seed, needles, intro)
         if n_values > 1:
-            question = f"What are all the special magic {kind}s for {asked[0]} mentioned in the provided text?"
+            question = f"What are all the special magic {kind}s for the {asked[0]}? List every one of them."
         elif n_queries > 1:
-            names = ", ".join(asked[:-1]) + f" and {asked[-1]}"
-            question = f"What are the special magic {kind}s for {names} mentioned in the provided text?"
+            names = ", the ".join(asked[:-1]) + f" and the {asked[-1]}"
+            question = f"What are the special magic {kind}s for the {names}?"
         else:
-            question = (
-                f"What is the special magic {kind} for {asked[0]} mentioned in the provided text? "
-                f"Answer with the {kind} only."
-            )
+            question = f"What is the special magic {kind} for the {asked[0]}? Answer with the {kind} only."
         return context, question, tuple(answers)
 
     return make
