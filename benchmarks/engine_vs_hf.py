@@ -14,29 +14,41 @@ import statistics
 import time
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import squeezegen as sg
 from squeezegen.evals.corpus import prose
 
 
+class Clock(LogitsProcessor):
+    """Stamps the time whenever HF has new logits: first after the prefill, then once per step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def hf_run(model, ids, new_tokens):
-    """Prefill time (one forward that HF's generate would run) and decode tok/s of model.generate."""
-    mask = torch.ones_like(ids)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    prefill = time.perf_counter() - start
+    """Prefill seconds and decode tokens/s inside one `model.generate` call."""
+    clock = Clock()
     start = time.perf_counter()
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
     )
-    total = time.perf_counter() - start
-    # generate = one prefill + (new_tokens - 1) decode steps
-    return prefill, (new_tokens - 1) / max(total - prefill, 1e-9), out[0, ids.shape[1] :].tolist()
+    prefill = clock.stamps[0] - start
+    decode = (len(clock.stamps) - 1) / (clock.stamps[-1] - clock.stamps[0])
+    return prefill, decode, out[0, ids.shape[1] :].tolist()
 
 
 def engine_run(model, tok, prompt, new_tokens):
-    res = sg.generate(model, tok, prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    res = sg.generate(model, tok, prompt, max_new_tokens=new_tokens)
     return res.timings.prefill_s, res.timings.decode_tokens_per_s, res.token_ids[0]
 
 

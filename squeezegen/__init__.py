@@ -6,7 +6,7 @@ res = sg.generate(model, tok, ["prompt text"], max_new_tokens=16)
 """
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods import Method
+from squeezegen.methods import Method, method, methods
 from squeezegen.models import available_models, load
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import GenerationResult, Timings, generate
@@ -22,4 +22,6 @@ __all__ = [
     "available_models",
     "generate",
     "load",
+    "method",
+    "methods",
 ]

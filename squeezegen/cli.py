@@ -151,6 +151,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from squeezegen.evals.perplexity import run_perplexity
+    from squeezegen.evals.runner import MethodSpec
+    from squeezegen.methods import method
+
+    specs = [MethodSpec.parse(m) for m in args.methods]
+    labelled = {"full": method("full")}
+    for spec in specs:
+        for budget in [spec.params["budget"]] if "budget" in spec.params else args.budgets:
+            labelled[f"{spec.label}@{budget}"] = method(spec.name, **{**spec.params, "budget": budget})
+    out = Path(args.out) if args.out else None
+    if out and out.exists() and not args.overwrite:
+        raise SqueezegenError(f"{out} exists: choose another --out or pass --overwrite")
+
+    import squeezegen as sg
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    ppl = run_perplexity(model, tok, labelled, args.context, args.continuation, args.texts)
+    lines = [
+        f"perplexity of {args.continuation} tokens after {args.context} ({args.texts} held-out passages)",
+        "",
+        "| method | budget | perplexity | vs full |",
+        "|---|---|---|---|",
+    ]
+    for label, value in ppl.items():
+        name, _, budget = label.partition("@")
+        lines.append(f"| {name} | {budget or 'all'} | {value:.2f} | {value / ppl['full']:.3f}x |")
+    print("\n".join(lines))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": {k: v for k, v in vars(args).items() if k != "func"}, "perplexity": ppl}))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from squeezegen.bench.runner import BenchConfig, markdown_table, plot_latency, run_bench
     from squeezegen.evals.runner import MethodSpec
@@ -246,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/eval", help="folder for records.json, table.md and the plot")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("perplexity", help="perplexity of held-out text with each method's compression applied")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--methods", nargs="+", default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"])
+    p.add_argument("--budgets", nargs="+", type=_budget, default=[0.1, 0.25, 0.5])
+    p.add_argument("--context", type=int, default=2048, help="tokens prefilled (and compressed) first")
+    p.add_argument("--continuation", type=int, default=256, help="tokens scored after the context")
+    p.add_argument("--texts", type=int, default=2, help="held-out passages")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill, TTFT, decode speed and memory of methods, as ratios to full")
     _add_model_args(p, default="smollm2-135m")

@@ -145,3 +145,17 @@ def test_bad_parameters_are_named():
     with pytest.raises(SqueezegenError, match="larger than the"):
         __import__("squeezegen").generate(model, tok, "short prompt", method=method("snapkv", budget=4096))
     assert math.isclose(SCALE, 0.25)
+
+
+def test_public_method_api():
+    import squeezegen as sg
+
+    listing = sg.methods()
+    assert set(listing) == {"full", "streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"}
+    assert listing["snapkv"]["window"] == 32 and listing["pyramidkv"]["beta"] == 20
+    model, tok = tiny("tiny-llama")
+    res = sg.generate(model, tok, "word " * 200, method=sg.method("snapkv", budget=0.25), max_new_tokens=3)
+    n = res.prompt_lengths[0]
+    assert res.cache_lengths == [round(0.25 * n) + 2] * 4
+    counted = sg.generate(model, tok, "word " * 200, method=sg.method("snapkv", budget=64), max_new_tokens=3)
+    assert counted.cache_lengths == [64 + 2] * 4

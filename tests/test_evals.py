@@ -144,3 +144,9 @@ def test_eval_cli_writes_report(tmp_path, capsys):
     assert main(argv) == 2
     assert "already holds" in capsys.readouterr().err
     assert main(argv[:-2] + ["--out", str(tmp_path / "x"), "--methods", "bogus"]) == 2
+
+
+def test_context_beyond_the_model_is_refused(capsys):
+    argv = ["eval", "--model", "tiny-llama", "--contexts", "9000", "--samples", "1", "--out", "/tmp/never-written"]
+    assert main(argv) == 2
+    assert "beyond what the model takes" in capsys.readouterr().err

@@ -74,8 +74,9 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True) -> lis
                 (chunks,) = encode(tokenizer, [sample.question], [sample.context], config.chat)
                 methods = {("full", None): Full()}
                 for spec in config.methods:
-                    for budget in config.budgets:
-                        methods[(spec.label, budget)] = method(spec.name, **{"budget": budget, **spec.params})
+                    # a spec that names its own budget runs at that budget only
+                    for budget in [spec.params["budget"]] if "budget" in spec.params else config.budgets:
+                        methods[(spec.label, budget)] = method(spec.name, **{**spec.params, "budget": budget})
                 labelled = {f"{label}@{budget}": m for (label, budget), m in methods.items()}
                 for mode in config.modes:
                     results = answer_all(model, tokenizer, chunks, labelled, decoding, MODES[mode])

@@ -63,11 +63,23 @@ class ScoredSelection(Method):
 
     # --- shared ------------------------------------------------------------------------------------
     def kv_scores(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """`score`, pooled along the sequence and reduced to one row per KV head (or one shared)."""
-        scores = pool1d(self.score(engine, layer, query, key), self.kernel, self.pooling)
-        if scores.shape[1] not in (1, key.shape[1]):
-            scores = reduce_gqa(scores, key.shape[1], self.gqa)
-        return scores
+        """`score`, pooled along the sequence and reduced to one row per KV head (or one shared).
+
+        Scores do not depend on the budget or chunking: configurations that differ only there
+        (an evaluation sweeping budgets over one prefill) compute them once per layer.
+        """
+        memo_key = (type(self), self.window, self.kernel, self.pooling, self.gqa, *self.score_params())
+        memo = engine.layer_memo(layer)
+        if memo_key not in memo:
+            scores = pool1d(self.score(engine, layer, query, key), self.kernel, self.pooling)
+            if scores.shape[1] not in (1, key.shape[1]):
+                scores = reduce_gqa(scores, key.shape[1], self.gqa)
+            memo[memo_key] = scores
+        return memo[memo_key]
+
+    def score_params(self) -> tuple:
+        """Parameters besides the shared ones that change `score` (none for most methods)."""
+        return ()
 
     def choose(self, engine: Engine, layer: int, scores: torch.Tensor) -> torch.Tensor | None:
         """Indices to keep given scores over the n cached entries; None when the budget holds all."""
@@ -97,9 +109,15 @@ def query_key_positions(engine: Engine, layer: int) -> tuple[torch.Tensor, torch
 
 def decode_attention(engine: Engine, layer: int, query: torch.Tensor) -> torch.Tensor:
     """The new token's attention (B, H, n) over the layer's whole cache, fp32."""
-    keys = engine.cache.layers[layer].view()[0]
-    q_pos, k_pos = query_key_positions(engine, layer)
-    return attention_probs(query, keys, q_pos, k_pos, engine.parts.scaling(layer))[:, :, 0]
+    cache = engine.cache.layers[layer]
+    keys, _, k_pos = cache.view()
+    if cache.padded or cache.window is not None:
+        return attention_probs(query, keys, engine.positions, k_pos, engine.parts.scaling(layer))[:, :, 0]
+    # every cached entry is visible to the newest token: no mask needed
+    b, h, _, d = query.shape
+    grouped = query.float().reshape(b, keys.shape[1], h // keys.shape[1], d)
+    scores = grouped @ keys.float().transpose(-1, -2) * engine.parts.scaling(layer)
+    return scores.softmax(dim=-1).reshape(b, h, -1)
 
 
 def over_budget(engine: Engine, layer: int) -> bool:

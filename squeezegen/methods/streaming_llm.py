@@ -16,6 +16,9 @@ class StreamingLLM(ScoredSelection):
     window: int = 0
     kernel: int = 1
 
+    def score_params(self):
+        return (self.sinks,)
+
     def score(self, engine, layer, query, key):
         pos = engine.cache.layers[layer].view()[2].float()
         return torch.where(pos < self.sinks, float("inf"), pos)  # newest score highest

@@ -35,6 +35,7 @@ class Engine:
         self.decode_steps = 0
         self._compress = False
         self._masks: dict = {}
+        self._memo: tuple[int, dict] = (-1, {})
         self._decode_hook = type(self.method).on_decode_attention is not Method.on_decode_attention
 
     # --- the loop -------------------------------------------------------------------------------
@@ -45,10 +46,12 @@ class Engine:
         attention_mask: torch.Tensor | None = None,
         compress: bool = True,
         progress: bool = False,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Run a chunk of tokens (B, L), left-padded where `attention_mask` is 0; returns the
-        last position's logits (B, V). `compress=False` appends the chunk without letting the method
-        select or propagate (a question asked after a compressed context)."""
+        last position's logits (B, V), or every position's (B, L, V) with `all_logits`.
+        `compress=False` appends the chunk without letting the method select or propagate (a
+        question asked after a compressed context, or text scored by teacher forcing)."""
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         start = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         if self.next_pos is not None:
@@ -57,7 +60,7 @@ class Engine:
         self.next_pos = start + valid.sum(-1)
         self.prompt_lengths = self.next_pos.clone()
         self._compress = compress
-        return self._forward(self.parts.embed(input_ids), positions, progress)
+        return self._forward(self.parts.embed(input_ids), positions, progress, all_logits)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,13 @@ class Engine:
         self.decode_steps += 1
         return logits
 
-    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def _forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, progress: bool = False, all_logits: bool = False
+    ) -> torch.Tensor:
         parts = self.parts
         self.positions = positions
         self._masks.clear()
+        self._memo = (-1, {})
         rope = parts.rope(hidden, positions.clamp(min=0))
         layers = tqdm(parts.layers, desc="prefill", unit="layer", leave=False) if progress else parts.layers
         with self._routed_attention():
@@ -93,7 +99,13 @@ class Engine:
                     self.positions = positions
                     self._masks.clear()
                     rope = parts.rope(hidden, positions.clamp(min=0))
-        return parts.logits(hidden[:, -1:])[:, -1]
+        return parts.logits(hidden) if all_logits else parts.logits(hidden[:, -1:])[:, -1]
+
+    def layer_memo(self, layer: int) -> dict:
+        """Scratch space shared by everything that scores this layer during the current forward."""
+        if self._memo[0] != layer:
+            self._memo = (layer, {})
+        return self._memo[1]
 
     def fork(self, method: Method, state: dict, keep: dict[int, torch.Tensor | None]) -> Engine:
         """A twin of this engine after its prefill, as if `method` had run that prefill itself:
