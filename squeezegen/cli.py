@@ -153,17 +153,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from squeezegen.evals.perplexity import run_perplexity
-    from squeezegen.evals.runner import MethodSpec
-    from squeezegen.methods import method
+    from squeezegen.evals.report import claim
+    from squeezegen.evals.runner import MethodSpec, expand
 
-    specs = [MethodSpec.parse(m) for m in args.methods]
-    labelled = {"full": method("full")}
-    for spec in specs:
-        for budget in [spec.params["budget"]] if "budget" in spec.params else args.budgets:
-            labelled[f"{spec.label}@{budget}"] = method(spec.name, **{**spec.params, "budget": budget})
+    methods = expand([MethodSpec.parse(m) for m in args.methods], args.budgets)
+    labelled = {label if budget is None else f"{label}@{budget}": m for (label, budget), m in methods.items()}
     out = Path(args.out) if args.out else None
-    if out and out.exists() and not args.overwrite:
-        raise SqueezegenError(f"{out} exists: choose another --out or pass --overwrite")
+    if out:
+        claim({"json": out}, args.overwrite)
 
     import squeezegen as sg
 
@@ -186,6 +183,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from squeezegen.bench.runner import BenchConfig, markdown_table, plot_latency, run_bench
+    from squeezegen.evals.report import claim
     from squeezegen.evals.runner import MethodSpec
 
     config = BenchConfig(
@@ -198,9 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     out = Path(args.out)
     paths = {"table": out / "bench.md", "json": out / "bench.json", "plot": out / "latency_vs_context.png"}
-    taken = [p.name for p in paths.values() if p.exists()]
-    if taken and not args.overwrite:
-        raise SqueezegenError(f"{out} already holds {', '.join(taken)}: choose another --out or pass --overwrite")
+    claim(paths, args.overwrite)
 
     import squeezegen as sg
 

@@ -114,7 +114,7 @@ def test_run_eval_records_and_tables():
 
 def test_report_refuses_to_overwrite(tmp_path):
     (tmp_path / "table.md").write_text("an earlier result")
-    with pytest.raises(SqueezegenError, match="already holds table.md"):
+    with pytest.raises(SqueezegenError, match="table.md already exist"):
         report_paths(tmp_path)
     assert report_paths(tmp_path, overwrite=True)["table"].name == "table.md"
 
@@ -142,7 +142,7 @@ def test_eval_cli_writes_report(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
     assert {s["method"] for s in summary} == {"full", "tova"}
     assert main(argv) == 2
-    assert "already holds" in capsys.readouterr().err
+    assert "already exist" in capsys.readouterr().err
     assert main(argv[:-2] + ["--out", str(tmp_path / "x"), "--methods", "bogus"]) == 2
 
 

@@ -99,4 +99,4 @@ def test_perplexity_and_bench_cli(tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert (bench / "latency_vs_context.png").exists() and "snapkv" in (bench / "bench.md").read_text()
-    assert main(argv) == 2 and "already holds" in capsys.readouterr().err
+    assert main(argv) == 2 and "already exist" in capsys.readouterr().err

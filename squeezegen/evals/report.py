@@ -101,9 +101,14 @@ def report_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, Path
         "table": out / "table.md",
         "plot": out / "accuracy_vs_budget.png",
     }
-    taken = [p.name for p in paths.values() if p.exists()]
+    return claim(paths, overwrite)
+
+
+def claim(paths: dict[str, Path], overwrite: bool = False) -> dict[str, Path]:
+    """Refuse, before any work is done, to replace files a user already has."""
+    taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not overwrite:
-        raise SqueezegenError(f"{out} already holds {', '.join(taken)}: choose another --out or pass --overwrite")
+        raise SqueezegenError(f"{', '.join(taken)} already exist: choose another --out or pass --overwrite")
     return paths
 
 

@@ -31,6 +31,22 @@ class MethodSpec:
         method(name, **params)  # fail early on an unknown name or parameter
         return cls(text, name, params)
 
+    def budgets(self, sweep: list[float | int]) -> list[float | int]:
+        """The budgets this spec runs at: its own if it names one, else the sweep's."""
+        return [self.params["budget"]] if "budget" in self.params else list(sweep)
+
+    def build(self, budget: float | int):
+        return method(self.name, **{**self.params, "budget": budget})
+
+
+def expand(specs: list[MethodSpec], budgets: list[float | int]) -> dict[tuple[str, float | int | None], object]:
+    """Every (label, budget) to run, with its configured method; the full cache first."""
+    methods = {("full", None): Full()}
+    for spec in specs:
+        for budget in spec.budgets(budgets):
+            methods[(spec.label, budget)] = spec.build(budget)
+    return methods
+
 
 @dataclass
 class EvalConfig:
@@ -72,11 +88,7 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True) -> lis
             for i in range(config.samples):
                 sample = make_sample(task, tokenizer, context, config.seed + i)
                 (chunks,) = encode(tokenizer, [sample.question], [sample.context], config.chat)
-                methods = {("full", None): Full()}
-                for spec in config.methods:
-                    # a spec that names its own budget runs at that budget only
-                    for budget in [spec.params["budget"]] if "budget" in spec.params else config.budgets:
-                        methods[(spec.label, budget)] = method(spec.name, **{**spec.params, "budget": budget})
+                methods = expand(config.methods, config.budgets)
                 labelled = {f"{label}@{budget}": m for (label, budget), m in methods.items()}
                 for mode in config.modes:
                     results = answer_all(model, tokenizer, chunks, labelled, decoding, MODES[mode])

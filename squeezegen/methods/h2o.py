@@ -17,10 +17,14 @@ from squeezegen.runtime.scoring import column_sums, reduce_gqa
 
 @dataclass
 class H2O(ScoredSelection):
-    """`window` recent tokens are always kept (the original splits the budget half and half)."""
+    """As in the original, half of the budget holds the most recent tokens and half the heavy
+    hitters; `window` sets the recent part to a fixed count instead."""
 
-    window: int = 32
+    window: int | None = None
     kernel: int = 1
+
+    def recent(self, budget):
+        return budget // 2 if self.window is None else min(self.window, budget)
 
     def score(self, engine, layer, query, key):
         q_pos, k_pos = query_key_positions(engine, layer)
@@ -45,7 +49,8 @@ class H2O(ScoredSelection):
         held = torch.cat([held, new.new_zeros(*new.shape[:2], new.shape[2] - held.shape[2])], dim=-1)
         held = held.expand_as(new) + new
         if over_budget(engine, layer):
-            slot = protect_recent(held, cache.view()[2], engine.positions[:, -1], self.window).argmin(dim=-1)
+            recent = self.recent(engine.state["budget"][layer])
+            slot = protect_recent(held, cache.view()[2], engine.positions[:, -1], recent).argmin(dim=-1)
             cache.evict(slot)
             # mirror the cache: the newest entry's score moves into the freed slot
             held = held.scatter(2, slot[..., None], held[..., -1:])[..., :-1]

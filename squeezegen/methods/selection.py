@@ -46,8 +46,10 @@ class ScoredSelection(Method):
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        if self.window < 0 or self.chunk < 0:
+        if (self.window is not None and self.window < 0) or self.chunk < 0:
             raise SqueezegenError("window and chunk must be >= 0")
+        if self.kernel < 1 or (self.kernel > 1 and self.kernel % 2 == 0):
+            raise SqueezegenError(f"pooling kernel must be 1 (off) or odd, got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise SqueezegenError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
         if self.gqa not in ("mean", "sum", "max"):
@@ -60,6 +62,10 @@ class ScoredSelection(Method):
 
     def layer_budget(self, engine: Engine, layer: int, context: int) -> int:
         return resolve_budget(self.budget, context)
+
+    def recent(self, budget: int) -> int:
+        """How many of the newest entries are kept whatever their score."""
+        return min(self.window, budget)
 
     # --- shared ------------------------------------------------------------------------------------
     def kv_scores(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ class ScoredSelection(Method):
         engine.state.setdefault("budget", {})[layer] = budget
         if budget >= n:
             return None
-        window = min(self.window, budget)
+        window = self.recent(budget)
         if self.chunk:
             return topk_chunks_keep_window(scores, budget, window, self.chunk)
         return topk_keep_window(scores, budget, window)
