@@ -86,8 +86,13 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
         ax.set_ylim(-5, 105)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    legend_rows = -(-len(handles) // 3)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.5, 0.065 * legend_rows / rows), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
