@@ -56,7 +56,11 @@ def markdown_tables(summary: list[dict]) -> str:
             out.append("| " + " | ".join(full) + " |")
             for method in dict.fromkeys(s["method"] for s in rows if s["method"] != "full"):
                 values = [cell.get((method, c, b)) for c in contexts for b in budgets]
-                out.append("| " + " | ".join([method] + [f"{v['accuracy']:.0f}" if v else "-" for v in values]) + " |")
+                shown = [
+                    "-" if v is None else f"{v['accuracy']:.0f}" + ("" if v["n"] == n else f" (n={v['n']})")
+                    for v in values
+                ]
+                out.append("| " + " | ".join([method, *shown]) + " |")
             out.append("")
     return "\n".join(out)
 
