@@ -76,6 +76,8 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
     cols = min(len(panels), 4)
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "full"]
+    color = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(others)}  # same colour in every panel
     for ax, (task, mode, context) in zip(axes.flat, panels, strict=False):
         cell = [s for s in summary if (s["task"], s["mode"], s["context"]) == (task, mode, context)]
         for method in dict.fromkeys(s["method"] for s in cell):
@@ -83,7 +85,7 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
             if method == "full":
                 ax.axhline(points[0][1], color="black", linestyle="--", label="full")
             else:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method, color=color[method])
         ax.set_title(f"{task}, {context} tok, question {mode}", fontsize=9)
         ax.set_xlabel("KV budget")
         ax.set_ylabel("accuracy %")
