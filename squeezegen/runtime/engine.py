@@ -124,8 +124,10 @@ class Engine:
             if src.keys is None:
                 continue
             dst.shared_heads, dst.padded = src.shared_heads, src.padded
-            dst._realloc(src.length + dst.reserve, *src.view())  # own buffers: decoding writes in place
-            if keep.get(layer) is not None:
+            if keep.get(layer) is None:
+                dst._realloc(src.length + dst.reserve, *src.view())  # own buffers: decoding writes in place
+            else:  # `keep` gathers into new buffers and leaves the source untouched
+                dst.keys, dst.values, dst.pos, dst.length = src.keys, src.values, src.pos, src.length
                 dst.keep(keep[layer])
         twin.cache.note_peak()
         return twin
