@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from squeezegen.errors import MissingDependencyError, SqueezegenError, UnknownModelError, UnsupportedModelError
+from squeezegen.errors import SqueezegenError, UnknownModelError, UnsupportedModelError
 from squeezegen.models.bundled import BUNDLED, bundled_tokenizer_folder, dequantized_folder
 from squeezegen.models.tiny import TINY_CONFIGS, tiny_model
 
@@ -93,6 +93,3 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(target).eval(), tokenizer
-
-
-__all__ = ["load", "available_models", "MissingDependencyError"]
