@@ -19,7 +19,8 @@ from squeezegen.runtime.generate import Decoding, GenerationResult, _left_pad, d
 
 def select_only(method: Method) -> bool:
     kind = type(method)
-    return kind.propagate is Method.propagate and kind.prefill_attention is Method.prefill_attention
+    hooks = ("propagate", "prefill_attention", "refill")
+    return all(getattr(kind, hook) is getattr(Method, hook) for hook in hooks)
 
 
 class _FanOut(Method):

@@ -9,7 +9,9 @@ import dataclasses
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
+from squeezegen.methods.fastkv import FastKV
 from squeezegen.methods.full import Full
+from squeezegen.methods.gemfilter import GemFilter
 from squeezegen.methods.h2o import H2O
 from squeezegen.methods.pyramidkv import PyramidKV
 from squeezegen.methods.snapkv import SnapKV
@@ -23,6 +25,8 @@ REGISTRY: dict[str, type[Method]] = {
     "pyramidkv": PyramidKV,
     "h2o": H2O,
     "tova": TOVA,
+    "fastkv": FastKV,
+    "gemfilter": GemFilter,
 }
 
 
@@ -77,6 +81,8 @@ __all__ = [
     "parse_params",
     "REGISTRY",
     "H2O",
+    "FastKV",
+    "GemFilter",
     "TOVA",
     "Full",
     "Method",

@@ -7,6 +7,7 @@ defaults below are the full cache, so a method overrides only what it changes:
 - `select_cache`: after a layer's prefill attention, which cached entries to keep per KV head
   (SnapKV, PyramidKV, FastKV...);
 - `propagate`: after a layer, which token positions go on to the next layers (FastKV's TSP);
+- `refill`: after a layer, which prompt tokens to run the whole prefill again with (GemFilter);
 - `on_decode_attention` / `on_decode_step`: per layer inside a decode step, then once after it
   (RPC, H2O, TOVA evict here).
 
@@ -55,6 +56,11 @@ class Method:
 
     def propagate(self, engine: Engine, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Indices (B, T') of the tokens passed on to the next layer, ascending; None passes all."""
+        return None
+
+    def refill(self, engine: Engine, layer: int) -> torch.Tensor | None:
+        """Indices (B, k) of prompt tokens to prefill again from the first layer, alone and
+        renumbered 0..k-1, instead of finishing this pass; None finishes it."""
         return None
 
     def on_decode_attention(self, engine: Engine, layer: int, query: torch.Tensor) -> None:

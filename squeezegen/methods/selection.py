@@ -71,7 +71,7 @@ class ScoredSelection(Method):
     def kv_scores(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """`score`, pooled along the sequence and reduced to one row per KV head (or one shared).
 
-        Scores do not depend on the budget or chunking: configurations that differ only there
+        Left padding scores -inf. Scores do not depend on the budget or chunking: configurations that differ only there
         (an evaluation sweeping budgets over one prefill) compute them once per layer.
         """
         memo_key = (type(self), self.window, self.kernel, self.pooling, self.gqa, *self.score_params())
@@ -80,7 +80,8 @@ class ScoredSelection(Method):
             scores = pool1d(self.score(engine, layer, query, key), self.kernel, self.pooling)
             if scores.shape[1] not in (1, key.shape[1]):
                 scores = reduce_gqa(scores, key.shape[1], self.gqa)
-            memo[memo_key] = scores
+            padding = engine.cache.layers[layer].view()[2] < 0  # never spend the budget on padding
+            memo[memo_key] = torch.where(padding, float("-inf"), scores) if padding.any() else scores
         return memo[memo_key]
 
     def score_params(self) -> tuple:
@@ -141,3 +142,16 @@ def protect_recent(scores: torch.Tensor, key_pos: torch.Tensor, current: torch.T
     """Scores with the entries of the last `recent` positions (and padding) made unevictable."""
     newest = current[:, None, None] - key_pos < recent
     return scores.masked_fill(newest | (key_pos < 0), float("inf"))
+
+
+def middle_layer(engine: Engine, layer: int | None, fraction: float) -> int:
+    """`layer` if given (checked), else the global-attention layer nearest `fraction` of the depth:
+    a sliding-window layer's scores cannot see far back, so a whole-prompt decision avoids them."""
+    count = len(engine.parts.layers)
+    if layer is not None:
+        if not 0 <= layer < count:
+            raise SqueezegenError(f"layer {layer} is out of range for a {count}-layer model (0..{count - 1})")
+        return layer
+    target = round(fraction * count)
+    candidates = [i for i in range(count) if not engine.parts.is_sliding(i)] or list(range(count))
+    return min(candidates, key=lambda i: (abs(i - target), i))

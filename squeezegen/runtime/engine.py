@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
 from squeezegen.runtime.attention import ATTENTION_NAME, dense_attention, visibility_mask
 from squeezegen.runtime.cache import KVCache
@@ -34,6 +35,7 @@ class Engine:
         self.prompt_lengths: torch.Tensor | None = None  # (B,) real tokens per row after the prefill
         self.decode_steps = 0
         self._compress = False
+        self._refill: torch.Tensor | None = None
         self._masks: dict = {}
         self._memo: tuple[int, dict] = (-1, {})
         self._decode_hook = type(self.method).on_decode_attention is not Method.on_decode_attention
@@ -60,7 +62,19 @@ class Engine:
         self.next_pos = start + valid.sum(-1)
         self.prompt_lengths = self.next_pos.clone()
         self._compress = compress
-        return self._forward(self.parts.embed(input_ids), positions, progress, all_logits)
+        logits = self._forward(self.parts.embed(input_ids), positions, progress, all_logits)
+        if logits is not None:
+            return logits
+        # the method stopped this pass and chose a shorter prompt to prefill instead (GemFilter)
+        if bool((start > 0).any()):
+            raise SqueezegenError(
+                f"{type(self.method).__name__} prefills a shortened prompt from scratch, so it can only compress "
+                "the first prefill chunk"
+            )
+        keep, self._refill = self._refill, None
+        self.cache = KVCache(len(self.parts.layers), self.cache.layers[0].reserve)
+        self.next_pos = None
+        return self.prefill(input_ids.gather(1, keep), valid.gather(1, keep).long(), False, progress, all_logits)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -76,7 +90,8 @@ class Engine:
 
     def _forward(
         self, hidden: torch.Tensor, positions: torch.Tensor, progress: bool = False, all_logits: bool = False
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        """Run every layer; None if the method asked for a refill (its indices in `_refill`)."""
         parts = self.parts
         self.positions = positions
         self._masks.clear()
@@ -92,7 +107,14 @@ class Engine:
                     position_embeddings=rope[parts.layer_types[i]],
                     sg_engine=self,
                 )
-                keep = self.method.propagate(self, i, hidden) if self._compress else None
+                if not self._compress:
+                    continue
+                self._refill = self.method.refill(self, i)
+                if self._refill is not None:
+                    if progress:
+                        layers.close()
+                    return None
+                keep = self.method.propagate(self, i, hidden)
                 if keep is not None:
                     hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
                     positions = positions.gather(1, keep)
