@@ -45,6 +45,17 @@ def test_smollm2_finds_a_needle_at_4k():
     assert found == 3
 
 
+def test_smollm2_fastkv_at_full_rates_is_full_and_keeps_10_percent_by_default():
+    model, tok = smollm2()
+    prompt = prose(tok, 2000, seed=12) + "\n\nIn summary,"
+    full = sg.generate(model, tok, prompt, max_new_tokens=24, ignore_eos=True)
+    same = sg.generate(model, tok, prompt, sg.method("fastkv", tsp_rate=1.0, retain_rate=1.0), 24, ignore_eos=True)
+    assert same.token_ids == full.token_ids
+    fast = sg.generate(model, tok, prompt, sg.method("fastkv"), 24, ignore_eos=True)
+    n = full.prompt_lengths[0]
+    assert fast.cache_lengths == [round(0.1 * n) + 23] * model.config.num_hidden_layers
+
+
 def test_cli_capital_of_france(capsys):
     from squeezegen.cli import main
 
