@@ -71,8 +71,9 @@ class ScoredSelection(Method):
     def kv_scores(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """`score`, pooled along the sequence and reduced to one row per KV head (or one shared).
 
-        Left padding scores -inf. Scores do not depend on the budget or chunking: configurations that differ only there
-        (an evaluation sweeping budgets over one prefill) compute them once per layer.
+        Left padding scores -inf. Scores do not depend on the budget or chunking: configurations
+        that differ only there (an evaluation sweeping budgets over one prefill) compute them once
+        per layer.
         """
         memo_key = (type(self), self.window, self.kernel, self.pooling, self.gqa, *self.score_params())
         memo = engine.layer_memo(layer)
