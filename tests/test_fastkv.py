@@ -240,6 +240,17 @@ def test_gemfilter_prefills_the_selected_tokens_alone():
     assert ours.cache_lengths == [20 + 9] * 4
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_gemfilter_equals_the_full_model_on_the_kept_tokens_for_every_architecture(name):
+    model, tok = tiny(name)
+    ids = token_ids(tok, 90, seed=10)
+    engine = Engine(model, RecordingGemFilter(budget=0.5))
+    logits = engine.prefill(ids)
+    keep = engine.state["kept"]
+    assert keep.shape == (1, 45)
+    assert torch.allclose(logits, Engine(model).prefill(ids[:, keep[0]]), atol=1e-5)
+
+
 def test_gemfilter_compresses_only_a_first_chunk():
     model, tok = tiny("tiny-llama")
     ids = token_ids(tok, 40, seed=9)
