@@ -35,6 +35,10 @@ def test_tsp_sums_kv_heads_and_keeps_the_window():
     # summed over KV heads: [0, 5, 3, 2, 1, 0, 0, 0]; 2 best of positions 0..5 plus window {6, 7}
     assert tsp_index(scores, count=4, window=2).tolist() == [[1, 2, 6, 7]]
     assert tsp_index(scores, count=5, window=2).tolist() == [[1, 2, 3, 6, 7]]
+    # with chunk=2 the chunks {0,1}: 5, {2,3}: 5, {4,5}: 1 tie; whole chunks are taken
+    chunked = torch.tensor([[[0, 5, 0, 0, 1, 0, 0, 0], [0, 0, 1, 4, 0, 0, 0, 0.0]]])
+    assert tsp_index(chunked, count=6, window=2, chunk=2).tolist() == [[0, 1, 2, 3, 6, 7]]
+    assert tsp_index(chunked, count=4, window=2).tolist() == [[1, 3, 6, 7]]
     # per row of a batch
     batch = torch.stack([scores[0], scores[0].flip(0)])
     assert tsp_index(batch, count=3, window=1).tolist() == [[1, 2, 7], [1, 2, 7]]

@@ -15,7 +15,7 @@ import torch
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.selection import middle_layer
 from squeezegen.methods.snapkv import SnapKV
-from squeezegen.runtime.scoring import resolve_budget, topk_keep_window
+from squeezegen.runtime.scoring import resolve_budget, topk_chunks_keep_window, topk_keep_window
 
 TSP_DEPTH = 15 / 32  # the reference's layer 15 of 32 (also its 17/36 and 19/40)
 
@@ -28,7 +28,8 @@ class FastKV(SnapKV):
     budget / retain_rate: KV entries kept per layer as a fraction of the prompt ("proportional"
     mode; layers after the TSP layer keep the same count, out of their propagated tokens);
     max_capacity: the same as a token count ("constant" mode). tsp_rate / tsp_len: tokens
-    propagated, as a fraction or a count; never fewer than the cache keeps.
+    propagated, as a fraction or a count; never fewer than the cache keeps. chunk > 0 keeps and
+    propagates whole chunks of that many tokens (ChunkKV-style), an option of ours.
     """
 
     budget: int | float = 0.1
@@ -82,10 +83,13 @@ class FastKV(SnapKV):
         if scores is None:
             return None
         n = hidden.shape[1]
-        return tsp_index(scores[..., -n:], self.propagated(n), self.window)
+        return tsp_index(scores[..., -n:], self.propagated(n), self.window, self.chunk)
 
 
-def tsp_index(scores: torch.Tensor, count: int, window: int) -> torch.Tensor:
+def tsp_index(scores: torch.Tensor, count: int, window: int, chunk: int = 0) -> torch.Tensor:
     """Tokens (B, count) that go on, ascending: the last `window` and the best of the rest by
-    their scores (B, Hkv, n) summed over KV heads."""
-    return topk_keep_window(scores.sum(dim=1, keepdim=True), count, min(window, count))[:, 0]
+    their scores (B, Hkv, n) summed over KV heads (by whole chunks of `chunk` tokens if > 0)."""
+    total, window = scores.sum(dim=1, keepdim=True), min(window, count)
+    if chunk:
+        return topk_chunks_keep_window(total, count, window, chunk)[:, 0]
+    return topk_keep_window(total, count, window)[:, 0]
