@@ -96,10 +96,11 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    legend_rows = -(-len(handles) // 3)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    ncol = 3 if cols > 1 else 1
+    legend_rows = -(-len(handles) // ncol)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, min(0.5, 0.065 * legend_rows / rows), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
