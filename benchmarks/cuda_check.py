@@ -47,7 +47,8 @@ def methods_run(tok, device: str) -> None:
     prompt = PROMPT * 20
     full = sg.generate(model, tok, prompt, max_new_tokens=16, ignore_eos=True)
     for name in REGISTRY:
-        m = method(name) if name == "full" else method(name, budget=0.25)
+        params = {"full": {}, "rpc": {"P": 16, "R": 4}}.get(name, {"budget": 0.25})
+        m = method(name, **params)
         res = sg.generate(model, tok, prompt, method=m, max_new_tokens=16, ignore_eos=True)
         print(f"method {name:14s} kv {res.kv_bytes / full.kv_bytes:6.1%} of full, lengths {res.cache_lengths}")
 

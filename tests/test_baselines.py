@@ -148,7 +148,7 @@ def test_public_method_api():
     import squeezegen as sg
 
     listing = sg.methods()
-    assert set(listing) == {"full", "streaming_llm", "snapkv", "pyramidkv", "h2o", "tova", "fastkv", "gemfilter"}
+    assert set(listing) == {"full", "streaming_llm", "snapkv", "pyramidkv", "h2o", "tova", "fastkv", "gemfilter", "rpc"}
     assert listing["fastkv"]["tsp_rate"] == 0.2 and listing["fastkv"]["window"] == 8
     assert listing["snapkv"]["window"] == 32 and listing["pyramidkv"]["beta"] == 20
     model, tok = tiny("tiny-llama")

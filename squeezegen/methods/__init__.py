@@ -14,6 +14,7 @@ from squeezegen.methods.full import Full
 from squeezegen.methods.gemfilter import GemFilter
 from squeezegen.methods.h2o import H2O
 from squeezegen.methods.pyramidkv import PyramidKV
+from squeezegen.methods.rpc import RPC
 from squeezegen.methods.snapkv import SnapKV
 from squeezegen.methods.streaming_llm import StreamingLLM
 from squeezegen.methods.tova import TOVA
@@ -27,6 +28,7 @@ REGISTRY: dict[str, type[Method]] = {
     "tova": TOVA,
     "fastkv": FastKV,
     "gemfilter": GemFilter,
+    "rpc": RPC,
 }
 
 
@@ -83,6 +85,7 @@ __all__ = [
     "H2O",
     "FastKV",
     "GemFilter",
+    "RPC",
     "TOVA",
     "Full",
     "Method",

@@ -1,0 +1,91 @@
+"""RPC (Reasoning Path Compression): every P generated tokens, keep the part of the generated path
+that the last R queries attend to most.
+
+The prompt and the newest R tokens stay whole. After the m-th compression the generated part holds
+m·P/c selected entries plus the recent ones; earlier survivors are scored again each time, and
+positions keep counting every token seen, so RoPE and masks stay true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.methods.base import Method
+from squeezegen.runtime.scoring import pool1d
+
+
+@dataclass
+class RPC(Method):
+    """P: compress every P generated tokens (first after P + R); R: selector window and the newest
+    entries kept whole; c: the generated path keeps 1/c of itself; aggregation: "all" heads share
+    one selection, "group" selects per KV head; kernel: average pooling of the scores."""
+
+    P: int = 1024
+    R: int = 32
+    c: int = 4
+    aggregation: str = "all"
+    kernel: int = 7
+
+    def __post_init__(self) -> None:
+        if min(self.P, self.R, self.c) < 1:
+            raise SqueezegenError(f"P, R and c must be >= 1, got P={self.P}, R={self.R}, c={self.c}")
+        if self.P % self.c:
+            raise SqueezegenError(f"P ({self.P}) must be a multiple of c ({self.c})")
+        if self.aggregation not in ("all", "group"):
+            raise SqueezegenError(f"aggregation must be 'all' or 'group', got {self.aggregation!r}")
+        if self.kernel < 1 or (self.kernel > 1 and self.kernel % 2 == 0):
+            raise SqueezegenError(f"pooling kernel must be 1 (off) or odd, got {self.kernel}")
+
+    def on_decode_attention(self, engine, layer, query):
+        if engine.parts.is_sliding(layer):
+            return
+        state = engine.state
+        state.setdefault("rpc_start", {}).setdefault(layer, engine.cache.layers[layer].length - 1)
+        queries = state.setdefault("rpc_queries", {})
+        held = queries.get(layer)
+        queries[layer] = query if held is None else torch.cat([held, query], dim=2)[:, :, -self.R :]
+
+    def on_decode_step(self, engine, step):
+        generated = step + 1  # tokens the decode steps have added to the cache
+        if generated < self.P + self.R or (generated - self.R) % self.P:
+            return
+        kept = (generated - self.R) // self.P * (self.P // self.c)
+        for layer, cache in enumerate(engine.cache.layers):
+            if engine.parts.is_sliding(layer):
+                continue
+            start, end = engine.state["rpc_start"][layer], cache.length - self.R
+            if end - start <= kept:
+                continue
+            keys = cache.view()[0]
+            scores = selector_scores(
+                engine.state["rpc_queries"][layer], keys[:, :, start:end], engine.parts.scaling(layer)
+            )
+            cache.keep(self.index(scores, keys.shape[1], start, end, cache.length, kept))
+
+    def index(self, scores: torch.Tensor, kv_heads: int, start: int, end: int, length: int, kept: int) -> torch.Tensor:
+        """Entries to keep (B, 1|Hkv, start + kept + R): the prompt, the best `kept` of the span
+        scored (B, H, end - start), the newest."""
+        b, h, _ = scores.shape
+        if self.aggregation == "all":
+            scores = scores.mean(dim=1, keepdim=True)
+        else:
+            scores = scores.view(b, kv_heads, h // kv_heads, -1).mean(dim=2)
+        scores = pool1d(scores, self.kernel, "avg")
+        top = scores.topk(kept, dim=-1).indices.sort(dim=-1).values + start
+        shape = (*top.shape[:2], -1)
+        prompt = torch.arange(start, device=top.device).expand(*shape)
+        recent = torch.arange(end, length, device=top.device).expand(*shape)
+        return torch.cat([prompt, top, recent], dim=-1)
+
+
+def selector_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of the selector queries (B, H, R, D) to the compressible keys (B, Hkv, S, D),
+    softmax renormalised over those S keys in fp32, summed over the R queries: (B, H, S)."""
+    b, h, r, d = queries.shape
+    h_kv = keys.shape[1]
+    grouped = queries.float().reshape(b, h_kv, h // h_kv * r, d)
+    probs = (grouped @ keys.float().transpose(-1, -2) * scaling).softmax(dim=-1)
+    return probs.view(b, h, r, -1).sum(dim=2)
