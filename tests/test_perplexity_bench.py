@@ -38,20 +38,23 @@ def test_bench_reports_ratios_to_full_and_kv_fractions():
     model, tok = tiny("tiny-llama")
     config = BenchConfig(
         contexts=[200],
-        methods=[MethodSpec.parse("snapkv"), MethodSpec.parse("tova")],
+        methods=[MethodSpec.parse("snapkv"), MethodSpec.parse("tova"), MethodSpec.parse("rpc:P=4,R=2,kernel=1")],
         budget=0.25,
-        new_tokens=8,
+        new_tokens=12,
         repeats=2,
     )
     rows = run_bench(model, tok, config, progress=False)
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"full", "snapkv", "tova"}
+    assert set(by) == {"full", "snapkv", "tova", "rpc:P=4,R=2,kernel=1"}
     assert by["full"]["kv_fraction"] == 1.0 and by["full"]["decode_speedup"] == 1.0
-    # 25% of the prompt kept, plus the 7 decoded tokens, over the full prompt plus the same 7
+    # 25% of the prompt kept, plus the 11 decoded tokens, over the full prompt plus the same 11
     n = by["full"]["prompt_tokens"]
-    expected = (round(0.25 * n) + 7) / (n + 7)
+    expected = (round(0.25 * n) + 11) / (n + 11)
     assert abs(by["snapkv"]["kv_fraction"] - expected) < 1e-6
     assert by["tova"]["kv_fraction"] < by["snapkv"]["kv_fraction"]  # TOVA stays at its budget
+    # RPC (P=4, R=2, c=4; no budget of its own) compresses at 6 and 10 generated tokens; it peaks
+    # just before the second: the prompt, 1 survivor, 2 recent and 4 new entries
+    assert abs(by["rpc:P=4,R=2,kernel=1"]["kv_fraction"] - (n + 7) / (n + 11)) < 1e-6
     assert all(r["peak_memory_bytes"] > 0 and r["ttft_s"] >= r["prefill_s"] for r in rows)
     assert "| 200 | 1 | snapkv |" in markdown_table(rows)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
 from squeezegen.evals.runner import MethodSpec
-from squeezegen.methods import method
+from squeezegen.methods import method, methods
 from squeezegen.runtime.generate import generate
 
 
@@ -58,7 +58,7 @@ def _build(spec: MethodSpec, budget: float | int):
     if spec.name == "full":
         return method("full")
     params = dict(spec.params)
-    if "budget" not in params:
+    if "budget" not in params and "budget" in methods().get(spec.name, {}):  # RPC sizes itself
         params["budget"] = budget
     return method(spec.name, **params)
 
