@@ -6,7 +6,7 @@ res = sg.generate(model, tok, ["prompt text"], max_new_tokens=16)
 """
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods import Method, method, methods
+from squeezegen.methods import Compose, Method, method, methods
 from squeezegen.models import available_models, load
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import GenerationResult, Timings, generate
@@ -14,6 +14,7 @@ from squeezegen.runtime.generate import GenerationResult, Timings, generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compose",
     "Engine",
     "GenerationResult",
     "Method",

@@ -88,3 +88,13 @@ def test_bad_parameters():
         sg.method("rpc", P=10, c=4)
     with pytest.raises(SqueezegenError, match="aggregation"):
         sg.method("rpc", aggregation="heads")
+
+
+def test_fastkv_prefill_composes_with_rpc_decode():
+    both = sg.Compose(prefill=sg.method("fastkv", max_capacity=8, tsp_len=12, window=4), decode=RPC(P=8, R=2))
+    engine, lengths = run(both, prompt_len=30, generated=10)
+    # FastKV leaves 8 prompt entries per layer; RPC then keeps them whole and compresses what follows
+    assert lengths[:9] == [8 + g for g in range(1, 10)]
+    assert lengths[9] == 8 + 2 + 2
+    assert engine.cache.lengths() == [12] * 4
+    assert engine.next_pos.tolist() == [40]

@@ -9,6 +9,7 @@ import dataclasses
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
+from squeezegen.methods.compose import Compose
 from squeezegen.methods.fastkv import FastKV
 from squeezegen.methods.full import Full
 from squeezegen.methods.gemfilter import GemFilter
@@ -85,6 +86,7 @@ __all__ = [
     "H2O",
     "FastKV",
     "GemFilter",
+    "Compose",
     "RPC",
     "TOVA",
     "Full",

@@ -1,0 +1,33 @@
+"""One method for the prompt, another for the generation (e.g. FastKV's prefill with RPC's
+periodic compression of the generated path): the prefill hooks go to the first, the decode hooks
+to the second. The two share `engine.state`, under their own keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from squeezegen.methods.base import Method
+
+
+@dataclass
+class Compose(Method):
+    prefill: Method
+    decode: Method
+
+    def prefill_attention(self, engine, layer, query, key, value, mask, causal, scaling):
+        return self.prefill.prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
+
+    def select_cache(self, engine, layer, query, key, value):
+        return self.prefill.select_cache(engine, layer, query, key, value)
+
+    def propagate(self, engine, layer, hidden):
+        return self.prefill.propagate(engine, layer, hidden)
+
+    def refill(self, engine, layer):
+        return self.prefill.refill(engine, layer)
+
+    def on_decode_attention(self, engine, layer, query):
+        self.decode.on_decode_attention(engine, layer, query)
+
+    def on_decode_step(self, engine, step):
+        self.decode.on_decode_step(engine, step)
