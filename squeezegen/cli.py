@@ -174,7 +174,8 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     ]
     for label, value in ppl.items():
         name, _, budget = label.partition("@")
-        lines.append(f"| {name} | {budget or 'all'} | {value:.2f} | {value / ppl['full']:.3f}x |")
+        budget = budget or ("all" if name == "full" else "own")  # RPC sizes its cache itself
+        lines.append(f"| {name} | {budget} | {value:.2f} | {value / ppl['full']:.3f}x |")
     print("\n".join(lines))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

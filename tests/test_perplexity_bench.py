@@ -69,6 +69,7 @@ def test_perplexity_and_bench_cli(tmp_path, capsys):
                 "tiny-llama",
                 "--methods",
                 "snapkv",
+                "rpc:P=8,R=2",
                 "--budgets",
                 "0.5",
                 "--context",
@@ -83,7 +84,8 @@ def test_perplexity_and_bench_cli(tmp_path, capsys):
         )
         == 0
     )
-    assert set(json.loads(out.read_text())["perplexity"]) == {"full", "snapkv@0.5"}
+    assert set(json.loads(out.read_text())["perplexity"]) == {"full", "snapkv@0.5", "rpc:P=8,R=2"}
+    assert "| rpc:P=8,R=2 | own |" in capsys.readouterr().out
     bench = tmp_path / "bench"
     argv = [
         "bench",

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.fanout import answer_all
 from squeezegen.evals.tasks import TASKS, make_sample
-from squeezegen.methods import method, parse_params
+from squeezegen.methods import method, methods, parse_params
 from squeezegen.methods.full import Full
 from squeezegen.runtime.generate import Decoding, encode
 
@@ -31,12 +31,19 @@ class MethodSpec:
         method(name, **params)  # fail early on an unknown name or parameter
         return cls(text, name, params)
 
-    def budgets(self, sweep: list[float | int]) -> list[float | int]:
-        """The budgets this spec runs at: its own if it names one, else the sweep's."""
+    def budgets(self, sweep: list[float | int]) -> list[float | int | None]:
+        """The budgets this spec runs at: its own if it names one, else the sweep's; [None] for a
+        method that sizes its cache itself (RPC)."""
+        if "budget" not in methods()[self.name]:
+            return [None]
         return [self.params["budget"]] if "budget" in self.params else list(sweep)
 
-    def build(self, budget: float | int):
-        return method(self.name, **{**self.params, "budget": budget})
+    def build(self, budget: float | int | None):
+        return (
+            method(self.name, **self.params)
+            if budget is None
+            else method(self.name, **{**self.params, "budget": budget})
+        )
 
 
 def expand(specs: list[MethodSpec], budgets: list[float | int]) -> dict[tuple[str, float | int | None], object]:
