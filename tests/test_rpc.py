@@ -98,3 +98,21 @@ def test_fastkv_prefill_composes_with_rpc_decode():
     assert lengths[9] == 8 + 2 + 2
     assert engine.cache.lengths() == [12] * 4
     assert engine.next_pos.tolist() == [40]
+
+
+def test_reasoning_needle_forces_the_path_through_the_decode_schedule():
+    from squeezegen.evals.reasoning import answer_after_path, make_reasoning_sample
+
+    model, tok = tiny("tiny-llama")
+    sample = make_reasoning_sample(tok, 120, seed=1)
+    assert sample.answer in sample.path and sample.path.index(sample.answer) < len(sample.path) // 2
+    assert make_reasoning_sample(tok, 120, seed=1) == sample and make_reasoning_sample(tok, 120, seed=2) != sample
+    full, engine_full = answer_after_path(model, tok, sample, max_new_tokens=6)
+    same, _ = answer_after_path(model, tok, sample, sg.method("rpc", P=16, R=4, c=1), max_new_tokens=6)
+    assert same == full
+    _, engine = answer_after_path(model, tok, sample, sg.method("rpc", P=16, R=4, c=4), max_new_tokens=6)
+    pos = engine.cache.layers[0].view()[2][0, 0]
+    generated = engine.decode_steps
+    m = (generated - 4) // 16
+    expected = engine_full.cache.lengths()[0] - generated + m * 4 + 4 + (generated - 4 - 16 * m)
+    assert engine.cache.lengths() == [expected] * 4 and int(pos.max()) == engine.next_pos.item() - 1
