@@ -5,8 +5,9 @@ import torch
 
 import squeezegen as sg
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.rpc import RPC, selector_scores
+from squeezegen.methods.rpc import RPC
 from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.scoring import window_scores
 
 from .conftest import TINY, tiny
 from .test_fastkv import token_ids
@@ -62,7 +63,8 @@ def test_selection_by_hand():
     keys[0, :, :, 0] = a
     queries = torch.zeros(1, H, 2, D)
     queries[..., 0] = D**0.5
-    scores = selector_scores(queries, keys, D**-0.5)
+    span_pos, query_pos = torch.arange(6)[None, None], torch.tensor([[6, 7]])
+    scores = window_scores(queries, keys, query_pos, span_pos, 2, D**-0.5)
     assert torch.allclose(scores[0, 0], 2 * a[0].softmax(-1))
     grouped = RPC(P=8, R=2, c=4, kernel=1, aggregation="group").index(scores, HKV, 5, 11, 13, 2)
     assert grouped.tolist() == [[[0, 1, 2, 3, 4, 6, 9, 11, 12], [0, 1, 2, 3, 4, 5, 10, 11, 12]]]

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from squeezegen.evals.corpus import prose
-from squeezegen.evals.tasks import _keys, _value
+from squeezegen.evals.tasks import needle_keys, needle_value
 from squeezegen.methods.base import Method
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import Decoding, decode_loop, encode, prefill_rows
@@ -36,7 +36,7 @@ class ReasoningSample:
 def make_reasoning_sample(tokenizer, path_tokens: int, seed: int) -> ReasoningSample:
     """Sample `seed`: about `path_tokens` tokens of real prose with a note near its start."""
     rng = random.Random(f"reasoning-{seed}")
-    key, value = _keys(rng, 1)[0], _value(rng, "number")
+    key, value = needle_keys(rng, 1)[0], needle_value(rng, "number")
     paragraphs = prose(tokenizer, path_tokens, seed).split("\n\n")
     paragraphs.insert(
         rng.randint(0, max(1, len(paragraphs) // 10)), f"Note: the special magic number for the {key} is {value}."

@@ -88,12 +88,12 @@ def _corpus_words() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-def _keys(rng: random.Random, n: int) -> list[str]:
+def needle_keys(rng: random.Random, n: int) -> list[str]:
     pairs = rng.sample([(a, b) for a in _ADJECTIVES for b in _NOUNS], n)
     return [f"{a} {b}" for a, b in pairs]
 
 
-def _value(rng: random.Random, kind: str) -> str:
+def needle_value(rng: random.Random, kind: str) -> str:
     if kind == "number":
         return str(rng.randint(1_000_000, 9_999_999))
     if kind == "word":
@@ -113,12 +113,12 @@ def _hide(rng: random.Random, tokenizer, tokens: int, seed: int, needles: list[s
 def _niah(kind: str, n_keys: int = 1, n_values: int = 1, n_queries: int = 1) -> Callable:
     def make(tokenizer, tokens: int, seed: int) -> tuple[str, str, tuple[str, ...]]:
         rng = random.Random(f"niah-{kind}-{n_keys}-{n_values}-{n_queries}-{seed}")
-        keys = _keys(rng, max(n_keys, n_queries))
+        keys = needle_keys(rng, max(n_keys, n_queries))
         asked = keys[:n_queries]
         needles, answers = [], []
         for i, key in enumerate(keys):
             for _ in range(n_values if i == 0 else 1):
-                value = _value(rng, kind)
+                value = needle_value(rng, kind)
                 if n_values > 1 and i == 0:
                     needles.append(f"One of the special magic {kind}s for the {key} is {value}.")
                 else:

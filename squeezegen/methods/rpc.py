@@ -14,7 +14,7 @@ import torch
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
-from squeezegen.runtime.scoring import pool1d
+from squeezegen.runtime.scoring import pool1d, window_scores
 
 
 @dataclass
@@ -42,27 +42,30 @@ class RPC(Method):
     def on_decode_attention(self, engine, layer, query):
         if engine.parts.is_sliding(layer):
             return
-        state = engine.state
-        state.setdefault("rpc_start", {}).setdefault(layer, engine.cache.layers[layer].length - 1)
-        queries = state.setdefault("rpc_queries", {})
-        held = queries.get(layer)
-        queries[layer] = query if held is None else torch.cat([held, query], dim=2)[:, :, -self.R :]
+        if engine.decode_steps == 0:  # where the generated part of this layer's cache begins
+            engine.state.setdefault("rpc_start", {})[layer] = engine.cache.layers[layer].length - 1
+            engine.state.setdefault("rpc_queries", {})[layer] = query.new_zeros(
+                *query.shape[:2], self.R, query.shape[3]
+            )
+        # a ring of the last R queries: their order does not matter to the summed scores
+        engine.state["rpc_queries"][layer][:, :, engine.decode_steps % self.R] = query[:, :, 0]
 
     def on_decode_step(self, engine, step):
         generated = step + 1  # tokens the decode steps have added to the cache
         if generated < self.P + self.R or (generated - self.R) % self.P:
             return
         kept = (generated - self.R) // self.P * (self.P // self.c)
+        newest = engine.next_pos[:, None] - self.R + torch.arange(self.R, device=engine.next_pos.device)
         for layer, cache in enumerate(engine.cache.layers):
             if engine.parts.is_sliding(layer):
                 continue
             start, end = engine.state["rpc_start"][layer], cache.length - self.R
             if end - start <= kept:
                 continue
-            keys = cache.view()[0]
-            scores = selector_scores(
-                engine.state["rpc_queries"][layer], keys[:, :, start:end], engine.parts.scaling(layer)
-            )
+            keys, _, pos = cache.view()
+            # every span key precedes every selector query, so the softmax runs over the span alone
+            queries, scaling = engine.state["rpc_queries"][layer], engine.parts.scaling(layer)
+            scores = window_scores(queries, keys[:, :, start:end], newest, pos[:, :, start:end], self.R, scaling)
             cache.keep(self.index(scores, keys.shape[1], start, end, cache.length, kept))
 
     def index(self, scores: torch.Tensor, kv_heads: int, start: int, end: int, length: int, kept: int) -> torch.Tensor:
@@ -79,13 +82,3 @@ class RPC(Method):
         prompt = torch.arange(start, device=top.device).expand(*shape)
         recent = torch.arange(end, length, device=top.device).expand(*shape)
         return torch.cat([prompt, top, recent], dim=-1)
-
-
-def selector_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of the selector queries (B, H, R, D) to the compressible keys (B, Hkv, S, D),
-    softmax renormalised over those S keys in fp32, summed over the R queries: (B, H, S)."""
-    b, h, r, d = queries.shape
-    h_kv = keys.shape[1]
-    grouped = queries.float().reshape(b, h_kv, h // h_kv * r, d)
-    probs = (grouped @ keys.float().transpose(-1, -2) * scaling).softmax(dim=-1)
-    return probs.view(b, h, r, -1).sum(dim=2)
