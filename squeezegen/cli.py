@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -152,34 +153,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
-    from squeezegen.evals.perplexity import run_perplexity
+    from squeezegen.evals.perplexity import perplexity, plot_nll, run_nll
     from squeezegen.evals.report import claim
     from squeezegen.evals.runner import MethodSpec, expand
 
     methods = expand([MethodSpec.parse(m) for m in args.methods], args.budgets)
     labelled = {label if budget is None else f"{label}@{budget}": m for (label, budget), m in methods.items()}
     out = Path(args.out) if args.out else None
-    if out:
-        claim({"json": out}, args.overwrite)
+    paths = {"json": out, "plot": out.with_suffix(".png")} if out else {}
+    claim(paths, args.overwrite)
 
     import squeezegen as sg
 
     model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
-    ppl = run_perplexity(model, tok, labelled, args.context, args.continuation, args.texts)
+    nll = run_nll(model, tok, labelled, args.context, args.continuation, args.texts)
+    ppl = {label: perplexity([x for text in per_text for x in text]) for label, per_text in nll.items()}
     lines = [
         f"perplexity of {args.continuation} tokens after {args.context} ({args.texts} held-out passages)",
         "",
-        "| method | budget | perplexity | vs full |",
-        "|---|---|---|---|",
+        "| method | budget | mean NLL | perplexity | vs full |",
+        "|---|---|---|---|---|",
     ]
     for label, value in ppl.items():
         name, _, budget = label.partition("@")
         budget = budget or ("all" if name == "full" else "own")  # RPC sizes its cache itself
-        lines.append(f"| {name} | {budget} | {value:.2f} | {value / ppl['full']:.3f}x |")
+        lines.append(f"| {name} | {budget} | {math.log(value):.4f} | {value:.2f} | {value / ppl['full']:.3f}x |")
     print("\n".join(lines))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": {k: v for k, v in vars(args).items() if k != "func"}, "perplexity": ppl}))
+        meta = {k: v for k, v in vars(args).items() if k != "func"}
+        out.write_text(json.dumps({"meta": meta, "perplexity": ppl, "nll": nll}))
+        plot_nll(nll, args.context, paths["plot"])
+        print(f"wrote {out}, {paths['plot']}")
+
+
+def _write_rows(paths: dict[str, Path], args: argparse.Namespace, rows: list[dict], table: str, plot) -> None:
+    """A benchmark's table (markdown), rows with the command's arguments (JSON) and plot."""
+    paths["table"].parent.mkdir(parents=True, exist_ok=True)
+    paths["table"].write_text(table + "\n")
+    meta = {k: v for k, v in vars(args).items() if k != "func"}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, paths["plot"])
+    print(table)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -203,13 +219,59 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
     rows = run_bench(model, tok, config)
+    _write_rows(paths, args, rows, markdown_table(rows), plot_latency)
+
+
+def cmd_bench_long(args: argparse.Namespace) -> None:
+    from squeezegen.bench.long_generation import (
+        LongGenerationConfig,
+        markdown_table,
+        plot_throughput,
+        run_long_generation,
+    )
+    from squeezegen.evals.report import claim
+    from squeezegen.evals.runner import MethodSpec
+
+    config = LongGenerationConfig(
+        lengths=args.lengths,
+        batch_sizes=args.batch,
+        methods=[MethodSpec.parse(m) for m in args.methods],
+        prompt_tokens=args.prompt_tokens,
+        kv_budget=args.kv_budget,
+    )
+    out = Path(args.out)
+    paths = {"table": out / "bench_long.md", "json": out / "bench_long.json", "plot": out / "throughput.png"}
+    claim(paths, args.overwrite)
+
+    import squeezegen as sg
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    rows = run_long_generation(model, tok, config)
+    _write_rows(paths, args, rows, markdown_table(rows), plot_throughput)
+
+
+def cmd_reasoning_needle(args: argparse.Namespace) -> None:
+    from squeezegen.evals.reasoning import accuracy_table, run_reasoning_needle
+    from squeezegen.evals.report import claim
+    from squeezegen.evals.runner import MethodSpec
+
+    specs = [MethodSpec.parse(m) for m in args.methods]
+    out = Path(args.out)
+    paths = claim({"table": out / "table.md", "json": out / "records.json"}, args.overwrite)
+
+    import squeezegen as sg
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    records, budget = run_reasoning_needle(
+        model, tok, specs, args.path_tokens, args.samples, args.batch_size, args.seed, kv_budget=args.kv_budget
+    )
+    table = accuracy_table(records)
+    header = f"needle in a {args.path_tokens}-token forced reasoning path, {args.samples} samples, budget {budget}"
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
-    paths["table"].write_text(table + "\n")
-    meta = {k: v for k, v in vars(args).items() if k != "func"}
-    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    plot_latency(rows, paths["plot"])
-    print(table)
+    paths["table"].write_text(f"{header}\n\n{table}\n")
+    meta = {"kv_budget_used": budget, **{k: v for k, v in vars(args).items() if k != "func"}}
+    paths["json"].write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    print(header, table, sep="\n\n")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
@@ -304,6 +366,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/bench")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-long", help="throughput and KV memory of long generations (decode-time compression)")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7168], help="generated tokens per row")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="batch sizes")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["rpc", "h2o", "tova", "streaming_llm"],
+        help="NAME or NAME:key=value,... (full is always measured)",
+    )
+    p.add_argument("--prompt-tokens", type=int, default=128, help="tokens of the (real text) prompt")
+    p.add_argument(
+        "--kv-budget",
+        type=int,
+        default=None,
+        help="token cap of the budgeted methods (default: RPC's peak cache over the longest length)",
+    )
+    p.add_argument("--out", default="results/bench-long")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.set_defaults(func=cmd_bench_long)
+
+    p = sub.add_parser("reasoning-needle", help="recall of a fact stated early in a long forced generation")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--path-tokens", type=int, default=2048, help="tokens of forced 'reasoning' before the question")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=20, help="samples decoded together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["rpc", "h2o", "tova", "streaming_llm"],
+        help="NAME or NAME:key=value,... (full is always run)",
+    )
+    p.add_argument(
+        "--kv-budget", type=int, default=None, help="token cap of budgeted methods (default: RPC's peak cache)"
+    )
+    p.add_argument("--out", default="results/reasoning-needle")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.set_defaults(func=cmd_reasoning_needle)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

@@ -84,7 +84,9 @@ def test_perplexity_and_bench_cli(tmp_path, capsys):
         )
         == 0
     )
-    assert set(json.loads(out.read_text())["perplexity"]) == {"full", "snapkv@0.5", "rpc:P=8,R=2"}
+    saved = json.loads(out.read_text())
+    assert set(saved["perplexity"]) == {"full", "snapkv@0.5", "rpc:P=8,R=2"}
+    assert [len(text) for text in saved["nll"]["rpc:P=8,R=2"]] == [20] and out.with_suffix(".png").exists()
     assert "| rpc:P=8,R=2 | own |" in capsys.readouterr().out
     bench = tmp_path / "bench"
     argv = [

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
 from squeezegen.evals.runner import MethodSpec
-from squeezegen.methods import method, methods
 from squeezegen.runtime.generate import generate
 
 
@@ -54,15 +53,6 @@ def _peak_memory(device: torch.device) -> int:
     return 0
 
 
-def _build(spec: MethodSpec, budget: float | int):
-    if spec.name == "full":
-        return method("full")
-    params = dict(spec.params)
-    if "budget" not in params and "budget" in methods().get(spec.name, {}):  # RPC sizes itself
-        params["budget"] = budget
-    return method(spec.name, **params)
-
-
 def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> list[dict]:
     """One row per (context, batch, method): medians and ratios to full of the same run."""
     device = next(model.parameters()).device
@@ -71,7 +61,7 @@ def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> l
         if context + config.new_tokens > limit:
             raise SqueezegenError(f"context {context} + {config.new_tokens} new tokens exceeds the model's {limit}")
     specs = [MethodSpec.parse("full")] + [s for s in config.methods if s.name != "full"]
-    methods = {s.label: _build(s, config.budget) for s in specs}
+    methods = {s.label: s.build(config.budget) for s in specs}
     generate(model, tokenizer, prose(tokenizer, 256), max_new_tokens=4)  # warm-up
     rows = []
     steps = len(config.contexts) * len(config.batch_sizes) * config.repeats * len(methods)

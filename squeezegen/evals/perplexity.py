@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
@@ -18,13 +19,6 @@ from squeezegen.methods.base import Method
 from squeezegen.runtime.engine import Engine
 
 HELD_OUT_SEED = 10_000  # haystacks of the tasks use small seeds; this text starts elsewhere
-
-
-def evicts_while_decoding(method: Method) -> bool:
-    kind = type(method)
-    return (
-        kind.on_decode_attention is not Method.on_decode_attention or kind.on_decode_step is not Method.on_decode_step
-    )
 
 
 def held_out_ids(tokenizer, tokens: int, seed: int = HELD_OUT_SEED) -> list[int]:
@@ -44,8 +38,9 @@ def continuation_nll(model, ids: list[int], context: int, method: Method | None 
     engine = Engine(model, method, reserve=len(ids) - context)
     logits = [engine.prefill(tokens[:, :context])[:, None]]  # predicts token `context`
     rest = tokens[:, context:-1]
-    if evicts_while_decoding(engine.method):
-        logits += [engine.decode(rest[:, i])[:, None] for i in range(rest.shape[1])]
+    if engine.method.compresses_while_decoding():
+        steps = tqdm(range(rest.shape[1]), desc=f"forcing ({type(engine.method).__name__})", unit="tok", leave=False)
+        logits += [engine.decode(rest[:, i])[:, None] for i in steps]
     elif rest.shape[1]:
         logits.append(engine.prefill(rest, compress=False, all_logits=True))
     logits = torch.cat(logits, dim=1)[0].float()
@@ -56,13 +51,38 @@ def perplexity(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
+def run_nll(
+    model, tokenizer, methods: dict[str, Method], context: int, continuation: int, texts: int = 2
+) -> dict[str, list[list[float]]]:
+    """Per-token NLL of `continuation` tokens after `context` tokens, per labelled method, for each
+    of `texts` held-out passages."""
+    passages = [held_out_ids(tokenizer, context + continuation, HELD_OUT_SEED + i) for i in range(texts)]
+    return {label: [continuation_nll(model, ids, context, m) for ids in passages] for label, m in methods.items()}
+
+
 def run_perplexity(
     model, tokenizer, methods: dict[str, Method], context: int, continuation: int, texts: int = 2
-) -> dict:
-    """Perplexity of `continuation` tokens after `context` tokens, per labelled method, over
-    `texts` held-out passages (NLL pooled over all of them)."""
-    passages = [held_out_ids(tokenizer, context + continuation, HELD_OUT_SEED + i) for i in range(texts)]
-    return {
-        label: perplexity([x for ids in passages for x in continuation_nll(model, ids, context, m)])
-        for label, m in methods.items()
-    }
+) -> dict[str, float]:
+    """Perplexity per labelled method, NLL pooled over the passages of `run_nll`."""
+    nll = run_nll(model, tokenizer, methods, context, continuation, texts)
+    return {label: perplexity([x for text in per_text for x in text]) for label, per_text in nll.items()}
+
+
+def plot_nll(nll: dict[str, list[list[float]]], context: int, path, window: int = 256) -> None:
+    """Mean NLL per window of `window` forced tokens against the position, one line per method:
+    where along a long generation a compressor starts to lose what it needs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, per_text in nll.items():
+        per_token = torch.tensor(per_text).mean(dim=0)
+        means = per_token[: len(per_token) // window * window].view(-1, window).mean(dim=1)
+        ax.plot([context + window * (i + 0.5) for i in range(len(means))], means.tolist(), label=label)
+    ax.set(xlabel="position of the forced token", ylabel=f"mean NLL per {window} tokens (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -38,12 +38,12 @@ class MethodSpec:
             return [None]
         return [self.params["budget"]] if "budget" in self.params else list(sweep)
 
-    def build(self, budget: float | int | None):
-        return (
-            method(self.name, **self.params)
-            if budget is None
-            else method(self.name, **{**self.params, "budget": budget})
-        )
+    def build(self, budget: float | int | None = None):
+        """The configured method; `budget` applies if the method takes one and the spec set none."""
+        params = dict(self.params)
+        if budget is not None and "budget" in methods()[self.name] and "budget" not in params:
+            params["budget"] = budget
+        return method(self.name, **params)
 
 
 def expand(specs: list[MethodSpec], budgets: list[float | int]) -> dict[tuple[str, float | int | None], object]:

@@ -68,3 +68,12 @@ class Method:
 
     def on_decode_step(self, engine: Engine, step: int) -> None:
         """Runs after each decode step, when every layer's cache holds the new token."""
+
+    def compresses_while_decoding(self) -> bool:
+        """Does the cache change between decode steps? Then forced text must go token by token,
+        and a token budget may exceed the prompt: the cache grows to it while decoding."""
+        kind = type(self)
+        return (
+            kind.on_decode_attention is not Method.on_decode_attention
+            or kind.on_decode_step is not Method.on_decode_step
+        )

@@ -31,3 +31,6 @@ class Compose(Method):
 
     def on_decode_step(self, engine, step):
         self.decode.on_decode_step(engine, step)
+
+    def compresses_while_decoding(self) -> bool:
+        return self.decode.compresses_while_decoding()

@@ -66,7 +66,20 @@ class RPC(Method):
             # every span key precedes every selector query, so the softmax runs over the span alone
             queries, scaling = engine.state["rpc_queries"][layer], engine.parts.scaling(layer)
             scores = window_scores(queries, keys[:, :, start:end], newest, pos[:, :, start:end], self.R, scaling)
-            cache.keep(self.index(scores, keys.shape[1], start, end, cache.length, kept))
+            # room for the P tokens until the next compression, so the dropped entries' memory goes
+            cache.keep(self.index(scores, keys.shape[1], start, end, cache.length, kept), room=self.P)
+
+    def generated_held(self, generated: int) -> int:
+        """Generated entries a global layer holds after `generated` decode steps (compressed)."""
+        if generated < self.P + self.R:
+            return generated
+        m = (generated - self.R) // self.P
+        return m * (self.P // self.c) + generated - m * self.P
+
+    def peak_generated(self, generated: int) -> int:
+        """The most generated entries held at once within `generated` decode steps: a step's
+        token joins the cache before that step's compression runs."""
+        return max((self.generated_held(n - 1) + 1 for n in range(1, generated + 1)), default=0)
 
     def index(self, scores: torch.Tensor, kv_heads: int, start: int, end: int, length: int, kept: int) -> torch.Tensor:
         """Entries to keep (B, 1|Hkv, start + kept + R): the prompt, the best `kept` of the span

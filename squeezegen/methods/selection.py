@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 class ScoredSelection(Method):
     """Keep, per KV head, the last `window` entries and the `budget` best-scored ones in all.
 
-    budget: a token count (int) or a fraction of the context (float <= 1), counted at prefill.
+    budget: a token count (int) or a fraction of the context (float <= 1), counted at prefill;
+    methods that evict while decoding take a token count above the prompt's length as a cap.
     kernel/pooling: smoothing of the scores along the sequence; gqa: how the query heads of a KV
     group are combined ("mean", "sum", "max"); chunk > 0 keeps whole chunks of that many tokens.
     """
@@ -61,6 +62,8 @@ class ScoredSelection(Method):
         raise NotImplementedError
 
     def layer_budget(self, engine: Engine, layer: int, context: int) -> int:
+        if isinstance(self.budget, int) and self.budget >= context and self.compresses_while_decoding():
+            return self.budget  # the prompt fits: decoding fills the cache up to the budget
         return resolve_budget(self.budget, context)
 
     def recent(self, budget: int) -> int:
@@ -104,8 +107,9 @@ class ScoredSelection(Method):
     def select_cache(self, engine, layer, query, key, value):
         if engine.parts.is_sliding(layer):
             return None
-        if self.layer_budget(engine, layer, key.shape[2]) >= key.shape[2]:
-            engine.state.setdefault("budget", {})[layer] = key.shape[2]
+        budget = self.layer_budget(engine, layer, key.shape[2])
+        if budget >= key.shape[2]:
+            engine.state.setdefault("budget", {})[layer] = budget
             return None
         return self.choose(engine, layer, self.kv_scores(engine, layer, query, key))
 

@@ -71,15 +71,16 @@ class LayerCache:
         self._realloc(keep + WINDOW_SLACK, k[:, :, n - keep :], v[:, :, n - keep :], p[:, :, n - keep :])
         self.padded = bool((self.pos[:, :, :keep] < 0).any())
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Retain only the entries at `index` (B, Hkv or 1, T'), sorted ascending per head."""
+    def keep(self, index: torch.Tensor, room: int | None = None) -> None:
+        """Retain only the entries at `index` (B, Hkv or 1, T'), sorted ascending per head, in a
+        buffer with `room` free slots (default: the reserve), so what is dropped is freed."""
         k, v, p = self.view()
         b, h, _, d = k.shape
         index = index.expand(b, h, index.shape[-1])
         kept_pos = p.gather(2, index)
         kept_k = k.gather(2, index[..., None].expand(-1, -1, -1, d))
         kept_v = v.gather(2, index[..., None].expand(-1, -1, -1, d))
-        self._realloc(index.shape[-1] + self.reserve, kept_k, kept_v, kept_pos)
+        self._realloc(index.shape[-1] + (self.reserve if room is None else room), kept_k, kept_v, kept_pos)
         self.shared_heads = self.shared_heads and bool((kept_pos == kept_pos[:, :1]).all())
         self.padded = bool((kept_pos < 0).any())
 
