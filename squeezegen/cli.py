@@ -275,6 +275,52 @@ def cmd_reasoning_needle(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+def cmd_bench_tsa(args: argparse.Namespace) -> None:
+    from squeezegen.bench.sparse_prefill import markdown_report, run_sparse_prefill
+    from squeezegen.evals.report import claim
+    from squeezegen.methods import method
+
+    out = Path(args.out)
+    paths = claim({"table": out / "bench_tsa.md", "json": out / "bench_tsa.json"}, args.overwrite)
+    params = {"min_tokens": args.min_tokens, "window": args.window}
+    if args.layers:
+        params["layers"] = args.layers
+    configs = [method("token_sparse", tau=tau, **params) for tau in args.taus]
+
+    import squeezegen as sg
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    results = [run_sparse_prefill(model, tok, n, tsa, args.repeats) for n in args.context for tsa in configs]
+    report = "\n\n".join(markdown_report(r) for r in results)
+    out.mkdir(parents=True, exist_ok=True)
+    paths["table"].write_text(f"{args.model}\n\n{report}\n")
+    meta = {k: v for k, v in vars(args).items() if k != "func"}
+    paths["json"].write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(report)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def cmd_profile_layers(args: argparse.Namespace) -> None:
+    import torch
+
+    import squeezegen as sg
+    from squeezegen.evals.corpus import prose
+    from squeezegen.methods.layer_profile import choose_sparse, measure_drift, save_profile
+
+    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+    ids = tok(prose(tok, args.tokens + 2048, seed=args.seed)).input_ids[: args.tokens]
+    drift = measure_drift(model, torch.tensor([ids], device=next(model.parameters()).device))
+    sliding = [t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or [""] * len(drift)]
+    layers = choose_sparse(drift, sliding, args.delta)
+    top = max(drift)
+    for i, d in enumerate(drift):
+        kind = "sliding" if sliding[i] else ("sparse" if i in layers else "dense")
+        print(f"layer {i:3d}  drift {d:.4f}  {'#' * round(30 * d / top):30s}  {kind}")
+    meta = {"model": args.model, "tokens": len(ids), "delta": args.delta}
+    path = save_profile(model, drift, layers, meta, Path(args.out) if args.out else None)
+    print(f"sparse layers: {','.join(map(str, layers))}\nwrote {path} (token_sparse uses it for this architecture)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from squeezegen.demo import run_demo
 
@@ -406,6 +452,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/reasoning-needle")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_reasoning_needle)
+
+    p = sub.add_parser("bench-tsa", help="Token Sparse Attention vs dense: attention time in sparse layers, prefill")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--context", nargs="+", type=int, default=[8192], help="prompt lengths in tokens")
+    p.add_argument("--taus", nargs="+", type=float, default=[0.005])
+    p.add_argument("--min-tokens", type=int, default=1024)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--layers", default=None, help="sparse layers, e.g. 15-29 (default: the saved profile)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default="results/bench-tsa")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.set_defaults(func=cmd_bench_tsa)
+
+    p = sub.add_parser("profile-layers", help="choose Token Sparse Attention's layers by inter-layer drift")
+    _add_model_args(p, default="smollm2-135m")
+    p.add_argument("--tokens", type=int, default=8192, help="length of the real-text prompt profiled")
+    p.add_argument("--delta", type=float, default=0.5, help="layers at or below this drift quantile are sparse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the profile (default: the user cache, used by default)")
+    p.set_defaults(func=cmd_profile_layers)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

@@ -75,3 +75,16 @@ def test_padding_query_rows_stay_finite():
     mask = visibility_mask(qpos, qpos[:, None])
     q, k, v = torch.randn(1, 2, 4, 4), torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
     assert torch.isfinite(dense_attention(q, k, v, 0.5, mask=mask)).all()
+
+
+def test_banded_sliding_attention_equals_the_masked_dense_one():
+    from squeezegen.runtime.attention import banded_attention
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, h, 50, 8, generator=g) for h in (4, 2, 2))
+    # ascending positions with gaps (a propagated subset), different per row
+    positions = torch.stack([torch.arange(50) * 2, torch.arange(50) + torch.arange(50) // 7])
+    for window in (5, 12):
+        mask = visibility_mask(positions, positions[:, None], window)
+        dense = dense_attention(query, key, value, 0.3, mask)
+        assert torch.allclose(banded_attention(query, key, value, 0.3, positions, window), dense, atol=1e-6)

@@ -148,7 +148,19 @@ def test_public_method_api():
     import squeezegen as sg
 
     listing = sg.methods()
-    assert set(listing) == {"full", "streaming_llm", "snapkv", "pyramidkv", "h2o", "tova", "fastkv", "gemfilter", "rpc"}
+    assert set(listing) == {
+        "full",
+        "streaming_llm",
+        "snapkv",
+        "pyramidkv",
+        "h2o",
+        "tova",
+        "fastkv",
+        "gemfilter",
+        "rpc",
+        "token_sparse",
+    }
+    assert "kernel_fn" not in listing["token_sparse"] and listing["token_sparse"]["tau"] == 0.005
     assert listing["fastkv"]["tsp_rate"] == 0.2 and listing["fastkv"]["window"] == 8
     assert listing["snapkv"]["window"] == 32 and listing["pyramidkv"]["beta"] == 20
     model, tok = tiny("tiny-llama")

@@ -18,6 +18,7 @@ from squeezegen.methods.pyramidkv import PyramidKV
 from squeezegen.methods.rpc import RPC
 from squeezegen.methods.snapkv import SnapKV
 from squeezegen.methods.streaming_llm import StreamingLLM
+from squeezegen.methods.token_sparse import TokenSparse
 from squeezegen.methods.tova import TOVA
 
 REGISTRY: dict[str, type[Method]] = {
@@ -30,13 +31,18 @@ REGISTRY: dict[str, type[Method]] = {
     "fastkv": FastKV,
     "gemfilter": GemFilter,
     "rpc": RPC,
+    "token_sparse": TokenSparse,
 }
 
 
 def methods() -> dict[str, dict[str, object]]:
     """Every method name with its parameters and their defaults."""
     return {
-        name: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        name: {
+            f.name: f.default
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING and not f.metadata.get("api_only")
+        }
         for name, cls in REGISTRY.items()
     }
 
@@ -89,6 +95,7 @@ __all__ = [
     "Compose",
     "RPC",
     "TOVA",
+    "TokenSparse",
     "Full",
     "Method",
     "PyramidKV",

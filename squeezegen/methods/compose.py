@@ -1,6 +1,7 @@
 """One method for the prompt, another for the generation (e.g. FastKV's prefill with RPC's
 periodic compression of the generated path): the prefill hooks go to the first, the decode hooks
-to the second. The two share `engine.state`, under their own keys."""
+to the second, and the prefill attention itself to a third if given (Token Sparse Attention in
+front of any cache method). They share `engine.state`, under their own keys."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from squeezegen.methods.base import Method
 class Compose(Method):
     prefill: Method
     decode: Method
+    attention: Method | None = None
 
     def prefill_attention(self, engine, layer, query, key, value, mask, causal, scaling):
-        return self.prefill.prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
+        attention = self.attention or self.prefill
+        return attention.prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
 
     def select_cache(self, engine, layer, query, key, value):
         return self.prefill.select_cache(engine, layer, query, key, value)

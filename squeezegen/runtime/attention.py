@@ -66,6 +66,34 @@ def dense_attention(
     )
 
 
+def banded_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    positions: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Sliding-window prefill attention in blocks of `window` queries, each over the keys that can
+    fall in its window: O(L x window) instead of an L x L mask. query (B, H, L, D), keys the same L
+    tokens (B, Hkv, L, D) at ascending `positions` (B, L)."""
+    n = query.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    out = torch.empty_like(query)
+    for start in range(0, n, window):
+        end = min(start + window, n)
+        first = max(0, start - window + 1)  # positions ascend, so nothing earlier is in view
+        mask = visibility_mask(positions[:, start:end], positions[:, None, first:end], window)
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            repeat_kv(key[:, :, first:end], groups),
+            repeat_kv(value[:, :, first:end], groups),
+            attn_mask=mask,
+            scale=scaling,
+        )
+    return out
+
+
 def _engine_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

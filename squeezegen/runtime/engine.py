@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
-from squeezegen.runtime.attention import ATTENTION_NAME, dense_attention, visibility_mask
+from squeezegen.runtime.attention import ATTENTION_NAME, banded_attention, dense_attention, visibility_mask
 from squeezegen.runtime.cache import KVCache
 from squeezegen.runtime.decoder import DecoderParts
 
@@ -179,9 +179,14 @@ class Engine:
                 self.method.on_decode_attention(self, layer, query)
             return out
 
-        causal = fresh and not cache.padded and (window is None or query.shape[2] <= window)
-        mask = None if causal else self._prefill_mask(cache, key_pos, fresh, window)
-        out = self.method.prefill_attention(self, layer, query, keys, values, mask, causal, scaling)
+        if window is not None and fresh and not cache.padded and query.shape[2] > 2 * window:
+            # a long prompt in a sliding-window layer: attend band by band (methods leave these
+            # layers alone, their attention is local by construction)
+            out = banded_attention(query, keys, values, scaling, self.positions, window)
+        else:
+            causal = fresh and not cache.padded and (window is None or query.shape[2] <= window)
+            mask = None if causal else self._prefill_mask(cache, key_pos, fresh, window)
+            out = self.method.prefill_attention(self, layer, query, keys, values, mask, causal, scaling)
         if self._compress:
             keep = self.method.select_cache(self, layer, query, keys, values)
             if keep is not None:
