@@ -73,3 +73,36 @@ def test_gemma3_greedy_identical_to_hf_generate():
     ref = model.generate(**ids, max_new_tokens=32, do_sample=False)
     res = sg.generate(model, tok, prompt, max_new_tokens=32)
     assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
+
+
+def test_gemma3_long_prompt_through_banded_sliding_layers_matches_hf():
+    model, tok = sg.load("gemma3-270m")
+    prompt = prose(tok, 1400, seed=6) + "\n\nTo summarise the passage above,"  # > 2 x the 512 window
+    ids = tok(prompt, return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    res = sg.generate(model, tok, prompt, max_new_tokens=16)
+    assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
+
+
+def test_smollm2_rpc_c1_is_full_and_follows_its_schedule():
+    model, tok = smollm2()
+    prompt = prose(tok, 300, seed=13) + "\n\nIn summary,"
+    full = sg.generate(model, tok, prompt, max_new_tokens=200, ignore_eos=True)
+    same = sg.generate(model, tok, prompt, sg.method("rpc", P=64, R=8, c=1), 200, ignore_eos=True)
+    assert same.token_ids == full.token_ids
+    rpc = sg.method("rpc", P=64, R=8, c=4)
+    squeezed = sg.generate(model, tok, prompt, rpc, 200, ignore_eos=True)
+    assert squeezed.cache_lengths == [full.prompt_lengths[0] + rpc.generated_held(199)] * 30
+
+
+def test_smollm2_token_sparse_tau0_is_full_and_drops_tokens_at_tau():
+    model, tok = smollm2()
+    prompt = prose(tok, 2500, seed=14) + "\n\nIn summary,"
+    full = sg.generate(model, tok, prompt, max_new_tokens=16, ignore_eos=True)
+    same = sg.generate(model, tok, prompt, sg.method("token_sparse", tau=0.0), 16, ignore_eos=True)
+    assert same.token_ids == full.token_ids
+    engine = sg.Engine(model, sg.method("token_sparse"))
+    engine.prefill(tok(prompt, return_tensors="pt").input_ids)
+    kept = {layer: s["kept"] for layer, s in engine.state["tsa"].items()}
+    assert set(kept) == {3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 16, 17, 25, 26}  # the shipped profile
+    assert min(kept.values()) < 1.0

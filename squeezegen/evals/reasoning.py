@@ -67,15 +67,18 @@ def answer_after_paths(
     max_new_tokens: int = 12,
     progress: bool = False,
 ) -> tuple[list[str], Engine]:
-    """Prefill the prompt, force each row's path and question token by token (one batch, one
-    decode step per token), generate the answers."""
+    """Prefill the prompt, force each row's path and question (one batch; token by token for a
+    method that compresses while decoding), generate the answers."""
     forced = torch.tensor(forced_rows(tokenizer, samples))
     engine = Engine(model, method, reserve=forced.shape[1] + max_new_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logits = prefill_rows(engine, encode(tokenizer, [PROMPT] * len(samples), None, chat=True), pad)
     forced = forced.to(logits.device)
-    for i in tqdm(range(forced.shape[1]), desc="forcing", unit="tok", leave=False, disable=not progress):
-        logits = engine.decode(forced[:, i])
+    if engine.method.compresses_while_decoding():  # one decode step per token, as in generation
+        for i in tqdm(range(forced.shape[1]), desc="forcing", unit="tok", leave=False, disable=not progress):
+            logits = engine.decode(forced[:, i])
+    else:  # the cache changes only by appending: one chunk computes the same
+        logits = engine.prefill(forced, compress=False)
     result = decode_loop(engine, tokenizer, logits, Decoding(max_new_tokens), prefill_s=0.0)
     return result.texts, engine
 
