@@ -163,3 +163,20 @@ def test_drift_matches_hidden_states_of_hugging_face():
         before, after = states[layer], states[layer + 1]
         expected = ((after - before).norm(dim=-1) / before.norm(dim=-1)).mean()
         assert abs(drift[layer] - float(expected)) < 1e-4
+
+
+def test_bench_and_profile_cli(tmp_path, capsys):
+    from squeezegen.bench.sparse_prefill import run_sparse_prefill
+    from squeezegen.cli import main
+
+    model, tok = tiny("tiny-llama")
+    result = run_sparse_prefill(model, tok, 300, TokenSparse(tau=0.2, min_tokens=32, window=16, layers="1-3"))
+    assert [r["layer"] for r in result["layers"]] == [1, 2, 3]
+    assert all(0 < r["dropped"] < 1 and r["dense_s"] > 0 and 0 < r["overhead_share"] < 1 for r in result["layers"])
+    assert result["attention_speedup"] == result["attention_dense_s"] / result["attention_tsa_s"]
+    assert main(["profile-layers", "--model", "tiny-llama", "--tokens", "120", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "llama-l4-h64-v49152.json").read_text())
+    assert len(saved["drift"]) == 4 and saved["sparse_layers"] and "sparse layers:" in capsys.readouterr().out
+    argv = ["bench-tsa", "--model", "tiny-llama", "--context", "300", "--min-tokens", "32", "--window", "16"]
+    assert main([*argv, "--layers", "2", "--out", str(tmp_path / "b")]) == 0
+    assert "| 2 |" in (tmp_path / "b" / "bench_tsa.md").read_text()
