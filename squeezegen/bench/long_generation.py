@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from squeezegen.bench.runner import plot_panels
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
 from squeezegen.evals.runner import MethodSpec
 from squeezegen.methods.rpc import RPC
 from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.generate import synchronize
 
 RECENT_STEPS = 512  # the "at length" throughput: the decode steps just before a checkpoint
 
@@ -45,11 +47,6 @@ def _prompts(tokenizer, batch: int, tokens: int, device: torch.device) -> torch.
     """`batch` different real passages of exactly `tokens` tokens each (no padding)."""
     rows = [tokenizer(prose(tokenizer, tokens + 1024, seed=row)).input_ids[:tokens] for row in range(batch)]
     return torch.tensor(rows, device=device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_long_generation(model, tokenizer, config: LongGenerationConfig, progress: bool = True) -> list[dict]:
@@ -80,7 +77,7 @@ def run_long_generation(model, tokenizer, config: LongGenerationConfig, progress
             for label in labels[shift:] + labels[:shift]:
                 start = time.perf_counter()
                 tokens[label] = engines[label].decode(tokens[label]).argmax(-1)
-                _sync(device)
+                synchronize(device)
                 elapsed[label].append(elapsed[label][-1] + time.perf_counter() - start)
             bar.update(1)
             if step + 1 not in checkpoints:
@@ -132,22 +129,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_throughput(rows: list[dict], path: Path) -> None:
-    """Throughput and peak KV against generated length, one line per method and batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label in dict.fromkeys(r["method"] for r in rows):
-        for batch in sorted({r["batch"] for r in rows}):
-            points = sorted((r["generated"], r) for r in rows if r["method"] == label and r["batch"] == batch)
-            name = f"{label} (batch {batch})"
-            left.plot([g for g, _ in points], [r["tok_s"] for _, r in points], marker="o", label=name)
-            right.plot([g for g, _ in points], [r["kv_bytes"] / 2**20 for _, r in points], marker="o", label=name)
-    left.set(xlabel="generated tokens per row", ylabel="tokens/s", title="decode throughput (whole generation)")
-    right.set(xlabel="generated tokens per row", ylabel="MiB", title="peak KV cache")
-    left.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Throughput and peak KV against generated length."""
+    panels = [
+        (lambda r: r["tok_s"], "tokens/s", "decode throughput (whole generation)"),
+        (lambda r: r["kv_bytes"] / 2**20, "MiB", "peak KV cache"),
+    ]
+    plot_panels(rows, "generated", "generated tokens per row", panels, path)

@@ -128,23 +128,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_latency(rows: list[dict], path: Path) -> None:
-    """Prefill seconds and decode tokens/s against context length, one line per method."""
+def plot_panels(rows: list[dict], x: str, xlabel: str, panels: list[tuple], path: Path) -> None:
+    """Side-by-side line plots against `x`, one line per method (and batch size when there are
+    several); `panels` holds (value of a row, y label, title) per panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    batches = sorted({r["batch"] for r in rows})
     for label in dict.fromkeys(r["method"] for r in rows):
-        for batch in sorted({r["batch"] for r in rows}):
-            points = sorted((r["context"], r) for r in rows if r["method"] == label and r["batch"] == batch)
-            name = label if len({r["batch"] for r in rows}) == 1 else f"{label} (batch {batch})"
-            left.plot([c for c, _ in points], [r["prefill_s"] for _, r in points], marker="o", label=name)
-            right.plot([c for c, _ in points], [r["decode_tok_s"] for _, r in points], marker="o", label=name)
-    left.set(xlabel="context tokens", ylabel="prefill s", title="prefill latency")
-    right.set(xlabel="context tokens", ylabel="tokens/s", title="decode throughput")
-    left.legend(fontsize=7)
+        for batch in batches:
+            points = sorted((r[x], r) for r in rows if r["method"] == label and r["batch"] == batch)
+            name = label if len(batches) == 1 else f"{label} (batch {batch})"
+            for ax, (value, _, _) in zip(axes, panels, strict=True):
+                ax.plot([p for p, _ in points], [value(r) for _, r in points], marker="o", label=name)
+    for ax, (_, ylabel, title) in zip(axes, panels, strict=True):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    """Prefill seconds and decode tokens/s against context length."""
+    panels = [
+        (lambda r: r["prefill_s"], "prefill s", "prefill latency"),
+        (lambda r: r["decode_tok_s"], "tokens/s", "decode throughput"),
+    ]
+    plot_panels(rows, "context", "context tokens", panels, path)

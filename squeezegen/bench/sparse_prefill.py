@@ -19,6 +19,7 @@ from squeezegen.evals.corpus import prose
 from squeezegen.methods.base import Method
 from squeezegen.methods.token_sparse import TokenSparse
 from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.generate import synchronize
 
 PHASES = ("score_s", "gather_s", "attend_s", "scatter_s")
 
@@ -34,8 +35,7 @@ class TimedDense(Method):
             return super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
         start = time.perf_counter()
         out = super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)
+        synchronize(out.device)
         engine.state.setdefault("dense_s", {})[layer] = time.perf_counter() - start
         return out
 
@@ -44,8 +44,7 @@ def _prefill(model, ids: torch.Tensor, method: Method) -> tuple[float, dict]:
     engine = Engine(model, method)
     start = time.perf_counter()
     engine.prefill(ids)
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize(ids.device)
+    synchronize(ids.device)
     return time.perf_counter() - start, engine.state
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
 from squeezegen.methods.layer_profile import saved_sparse_layers
+from squeezegen.runtime.generate import synchronize
 from squeezegen.runtime.scoring import attention_probs, pool1d
 
 # The kernel run on the compact tensors: (q, k, v) of shape (B, H, n, D), all heads alike, causal.
@@ -188,8 +189,7 @@ class _Clock:
     def lap(self, name: str) -> None:
         if not self.enabled:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.laps[f"{name}_s"] = now - self.last
         self.last = now

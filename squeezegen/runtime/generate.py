@@ -122,7 +122,8 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer reads real time (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -208,7 +209,7 @@ def decode_loop(
         token = take(engine.decode(token))
         bar.update(1)
     bar.close()
-    _sync(device)
+    synchronize(device)
     decode_s = time.perf_counter() - start
 
     texts = []
@@ -289,7 +290,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     logits = prefill_rows(engine, rows, pad_id, progress)
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     return decode_loop(
         engine, tokenizer, logits, decoding, prefill_s, stream, progress and stream is None, output_logits
