@@ -3,17 +3,36 @@
 import squeezegen as sg
 model, tok = sg.load("smollm2-135m")
 res = sg.generate(model, tok, ["prompt text"], max_new_tokens=16)
+sg.binarize_(model, sg.BinaryMoSConfig(experts=4)); sg.save(model, tok, "out"); sg.load("out")
 """
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods import Compose, Method, method, methods
 from squeezegen.models import available_models, load
+from squeezegen.quant import (
+    BinaryMoSConfig,
+    OneBitConfig,
+    SignConfig,
+    binarize_,
+    bits_per_weight,
+    pack_,
+    save,
+    stored_bytes,
+)
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import GenerationResult, Timings, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BinaryMoSConfig",
+    "OneBitConfig",
+    "SignConfig",
+    "binarize_",
+    "bits_per_weight",
+    "pack_",
+    "save",
+    "stored_bytes",
     "Compose",
     "Engine",
     "GenerationResult",

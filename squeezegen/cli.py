@@ -305,20 +305,66 @@ def cmd_profile_layers(args: argparse.Namespace) -> None:
 
     import squeezegen as sg
     from squeezegen.evals.corpus import prose
-    from squeezegen.methods.layer_profile import choose_sparse, measure_drift, save_profile
+    from squeezegen.methods.layer_profile import choose_sparse, measure_drift, measure_sensitivity, save_profile
 
     model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
     ids = tok(prose(tok, args.tokens + 2048, seed=args.seed)).input_ids[: args.tokens]
-    drift = measure_drift(model, torch.tensor([ids], device=next(model.parameters()).device))
-    sliding = [t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or [""] * len(drift)]
-    layers = choose_sparse(drift, sliding, args.delta)
-    top = max(drift)
-    for i, d in enumerate(drift):
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    if args.criterion == "drift":
+        score = measure_drift(model, input_ids)
+    else:
+        score = measure_sensitivity(model, input_ids, tau=args.tau)
+    sliding = [t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or [""] * len(score)]
+    values = [0.0 if s is None else s for s in score]
+    layers = choose_sparse(values, sliding, args.delta)
+    top = max(values) or 1.0
+    for i, d in enumerate(values):
         kind = "sliding" if sliding[i] else ("sparse" if i in layers else "dense")
-        print(f"layer {i:3d}  drift {d:.4f}  {'#' * round(30 * d / top):30s}  {kind}")
-    meta = {"model": args.model, "tokens": len(ids), "delta": args.delta}
-    path = save_profile(model, drift, layers, meta, Path(args.out) if args.out else None)
+        print(f"layer {i:3d}  {args.criterion} {d:.4f}  {'#' * round(30 * d / top):30s}  {kind}")
+    meta = {"model": args.model, "tokens": len(ids), "delta": args.delta, "criterion": args.criterion}
+    if args.criterion == "sensitivity":
+        meta["tau"] = args.tau
+    path = save_profile(model, values, layers, meta, Path(args.out) if args.out else None)
     print(f"sparse layers: {','.join(map(str, layers))}\nwrote {path} (token_sparse uses it for this architecture)")
+
+
+def cmd_binarize(args: argparse.Namespace) -> None:
+    from squeezegen.quant.api import BinaryMoSConfig, OneBitConfig, SignConfig
+    from squeezegen.quant.distill import DistillConfig
+    from squeezegen.quant.pipeline import binarize_model, summary_lines
+
+    config = {"binarymos": lambda: BinaryMoSConfig(experts=args.experts), "onebit": OneBitConfig, "sign": SignConfig}
+    steps = args.steps
+    if args.method == "sign" and steps:
+        print("sign is the untrained floor: no distillation")
+        steps = 0
+    if steps < 0 or args.batch < 1 or args.block < 2:
+        raise SqueezegenError("--steps must be >= 0, --batch >= 1 and --block >= 2")
+    train = DistillConfig(
+        steps=steps,
+        batch=args.batch,
+        block=args.block,
+        lr=args.lr,
+        hidden_weight=args.hidden_weight,
+        checkpointing=not args.no_checkpointing,
+        bf16=args.bf16,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+    report = binarize_model(
+        args.model,
+        config[args.method](),
+        train,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        decode_tokens=args.decode_tokens,
+        eval_blocks=args.eval_blocks,
+        device=args.device,
+    )
+    if report is not None:
+        print("\n".join(summary_lines(report)))
+        print(f"wrote {args.out} (load it with sg.load) and {args.out}/binarize_report.json")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -468,10 +514,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile-layers", help="choose Token Sparse Attention's layers by inter-layer drift")
     _add_model_args(p, default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=8192, help="length of the real-text prompt profiled")
-    p.add_argument("--delta", type=float, default=0.5, help="layers at or below this drift quantile are sparse")
+    p.add_argument("--delta", type=float, default=0.5, help="layers at or below this quantile are sparse")
+    p.add_argument(
+        "--criterion",
+        default="sensitivity",
+        choices=["sensitivity", "drift"],
+        help="sensitivity: KL of the output when the layer alone is sparse (one prefill per layer); "
+        "drift: the paper's ||h_out - h_in|| / ||h_in||",
+    )
+    p.add_argument("--tau", type=float, default=0.005, help="tau used to measure sensitivity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the profile (default: the user cache, used by default)")
     p.set_defaults(func=cmd_profile_layers)
+
+    p = sub.add_parser("binarize", help="1-bit weights (BinaryMoS, OneBit, plain sign), distilled from the float model")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, tiny test model, or local HF folder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    p.add_argument("--method", default="binarymos", choices=["binarymos", "onebit", "sign"])
+    p.add_argument("--experts", type=int, default=4, help="BinaryMoS scaling experts")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps (0: binarize only)")
+    p.add_argument("--batch", type=int, default=2, help="blocks per step and process")
+    p.add_argument("--block", type=int, default=256, help="tokens per block (training and held-out)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--hidden-weight", type=float, default=10.0, help="weight of the hidden-state MSE")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast")
+    p.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    p.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored (default: all)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens timed for decode speed (0: skip)")
+    p.add_argument("--out", required=True, help="folder for the packed model")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=cmd_binarize)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

@@ -110,6 +110,11 @@ def test_run_eval_records_and_tables():
     assert {r["method"] for r in records} == {"full", "snapkv:window=8"}
     table = markdown_tables(summarize(records))
     assert "| full |" in table and "| snapkv:window=8 |" in table and "300 50%" in table
+    budgetless = [
+        {**s, "budget": None, "method": "token_sparse"} if s["method"] != "full" else s for s in summarize(records)
+    ]
+    lines = markdown_tables(budgetless).splitlines()
+    assert "300 all" in lines[2] and lines[5].startswith("| token_sparse | ") and "-" not in lines[5]
 
 
 def test_report_refuses_to_overwrite(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import squeezegen as sg
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.layer_profile import choose_sparse, measure_drift, profile_key
+from squeezegen.methods.layer_profile import choose_sparse, measure_drift, measure_sensitivity, profile_key
 from squeezegen.methods.token_sparse import (
     TokenSparse,
     coverage_index,
@@ -165,6 +165,17 @@ def test_drift_matches_hidden_states_of_hugging_face():
         assert abs(drift[layer] - float(expected)) < 1e-4
 
 
+def test_sensitivity_is_the_output_change_of_one_sparse_layer():
+    model, tok = tiny("tiny-gemma3")
+    ids = token_ids(tok, 300, seed=3)
+    scores = measure_sensitivity(model, ids, tau=0.3, window=16, min_tokens=32)
+    engine = Engine(model)
+    assert [s is None for s in scores] == [engine.parts.is_sliding(i) for i in range(len(scores))]
+    assert all(s > 0 for s in scores if s is not None)  # dropping 30% of the mass moves the output
+    dense = measure_sensitivity(model, ids, tau=0.0, window=16, min_tokens=32)
+    assert all(s == 0 for s in dense if s is not None)  # tau 0 is dense attention, token for token
+
+
 def test_bench_and_profile_cli(tmp_path, capsys):
     from squeezegen.bench.sparse_prefill import run_sparse_prefill
     from squeezegen.cli import main
@@ -174,9 +185,12 @@ def test_bench_and_profile_cli(tmp_path, capsys):
     assert [r["layer"] for r in result["layers"]] == [1, 2, 3]
     assert all(0 < r["dropped"] < 1 and r["dense_s"] > 0 and 0 < r["overhead_share"] < 1 for r in result["layers"])
     assert result["attention_speedup"] == result["attention_dense_s"] / result["attention_tsa_s"]
-    assert main(["profile-layers", "--model", "tiny-llama", "--tokens", "120", "--out", str(tmp_path)]) == 0
-    saved = json.loads((tmp_path / "llama-l4-h64-v49152.json").read_text())
-    assert len(saved["drift"]) == 4 and saved["sparse_layers"] and "sparse layers:" in capsys.readouterr().out
+    for criterion in ("drift", "sensitivity"):
+        argv = ["profile-layers", "--model", "tiny-llama", "--tokens", "120", "--criterion", criterion]
+        assert main([*argv, "--out", str(tmp_path)]) == 0
+        saved = json.loads((tmp_path / "llama-l4-h64-v49152.json").read_text())
+        assert saved["criterion"] == criterion and len(saved["scores"]) == 4 and saved["sparse_layers"]
+        assert "sparse layers:" in capsys.readouterr().out
     argv = ["bench-tsa", "--model", "tiny-llama", "--context", "300", "--min-tokens", "32", "--window", "16"]
     assert main([*argv, "--layers", "2", "--out", str(tmp_path / "b")]) == 0
     assert "| 2 |" in (tmp_path / "b" / "bench_tsa.md").read_text()

@@ -10,6 +10,8 @@ import random
 import re
 from functools import lru_cache
 
+import torch
+
 
 @lru_cache(maxsize=1)
 def pydoc_paragraphs() -> tuple[str, ...]:
@@ -45,3 +47,21 @@ def prose(tokenizer, n_tokens: int, seed: int = 0) -> str:
         if i - start > len(paragraphs):
             raise ValueError(f"the corpus holds fewer than {n_tokens} tokens")
     return "\n\n".join(out)
+
+
+def split_text(part: str, held_out: float = 0.1) -> str:
+    """The corpus cut once into a training part and a held-out tail (`part` = "train" or "test")."""
+    paragraphs = pydoc_paragraphs()
+    cut = round(len(paragraphs) * (1 - held_out))
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be train or test, got {part!r}")
+    return "\n\n".join(paragraphs[:cut] if part == "train" else paragraphs[cut:])
+
+
+def token_blocks(tokenizer, text: str, block: int) -> torch.Tensor:
+    """`text` tokenized once and cut into (N, block) consecutive blocks (the tail is dropped)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    count = len(ids) // block
+    if count == 0:
+        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one block of {block}")
+    return torch.tensor(ids[: count * block]).view(count, block)

@@ -42,9 +42,10 @@ def markdown_tables(summary: list[dict]) -> str:
         for mode in dict.fromkeys(s["mode"] for s in summary):
             rows = [s for s in summary if s["task"] == task and s["mode"] == mode]
             contexts = sorted({s["context"] for s in rows})
+            # methods without a budget (token_sparse, rpc) show their one result under every budget
             budgets = sorted(
                 {s["budget"] for s in rows if s["budget"] is not None}, key=lambda b: (isinstance(b, int), b)
-            )
+            ) or [None]
             cell = {(s["method"], s["context"], s["budget"]): s for s in rows}
             n = max(s["n"] for s in rows)
             seen = "question inside the compressed prompt" if mode == "seen" else "question after compression"
@@ -55,7 +56,7 @@ def markdown_tables(summary: list[dict]) -> str:
             full = ["full"] + [f"{cell[('full', c, None)]['accuracy']:.0f}" for c in contexts for _ in budgets]
             out.append("| " + " | ".join(full) + " |")
             for method in dict.fromkeys(s["method"] for s in rows if s["method"] != "full"):
-                values = [cell.get((method, c, b)) for c in contexts for b in budgets]
+                values = [cell.get((method, c, b)) or cell.get((method, c, None)) for c in contexts for b in budgets]
                 shown = [
                     "-" if v is None else f"{v['accuracy']:.0f}" + ("" if v["n"] == n else f" (n={v['n']})")
                     for v in values

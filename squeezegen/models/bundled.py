@@ -6,6 +6,7 @@ safetensors folder in the squeezegen cache; later loads read that folder in abou
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -82,19 +83,28 @@ def _built_once(target: Path, gguf: Path, build: Callable[[Path], None]) -> Path
     """
     stamp = _source_stamp(gguf)
     stamp_file = target / "squeezegen-source.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+
+    def current() -> bool:
+        return stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp
+
+    if current():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / "squeezegen-source.json").write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # processes started together (parallel evaluations) build once: the others wait, then reuse it
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(tmp)
+            (tmp / "squeezegen-source.json").write_text(json.dumps(stamp))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -61,7 +61,8 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device:
     """Load a causal LM and its tokenizer: `(model, tokenizer)`, both plain Hugging Face objects.
 
     `name_or_path` is a bundled name (`smollm2-135m`, `gemma3-270m`), a tiny test model
-    (`tiny-llama`, ...), or a local folder with config.json and safetensors weights.
+    (`tiny-llama`, ...), a local folder with config.json and safetensors weights, or a folder
+    written by `sg.save` (a binarized model, rebuilt with packed 1-bit layers).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +77,11 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device:
             folder = dequantized_folder(BUNDLED[name])
         elif Path(name).is_dir():
             folder = Path(name)
+            from squeezegen.quant.checkpoint import is_binary_folder, load_binary
+
+            if is_binary_folder(folder):
+                model, tokenizer = load_binary(folder, torch_dtype)
+                return model.to(target), tokenizer
             _check_folder(folder)
         elif Path(name).exists():
             raise UnsupportedModelError(f"{name} is a file; pass a model folder or one of: {_available_line()}")

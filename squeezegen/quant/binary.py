@@ -1,0 +1,159 @@
+"""Binary linear layers: one core (sign(W) with a straight-through estimator, or packed signs when
+deployed) and three ways to scale it.
+
+- `SignLinear`: sign(W) times the mean |W| of each output row (XNOR-style), no training: the floor.
+- `OneBitLinear`: static input and output scales from a rank-1 factorisation of |W| (SVID),
+  output through a LayerNorm without affine parameters (OneBit).
+- `BinaryMoSLinear`: E scaling experts mixed per token by a router (BinaryMoS); with E = 1 it is
+  OneBit's scaled product without the LayerNorm.
+
+Training updates the latent full-precision weight through sign(); `pack_()` replaces it by the
+signs at one bit per weight and the scales by 16-bit copies, which is what a checkpoint stores and
+what the forward pass then unpacks, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from squeezegen.quant.packing import pack_signs, unpack_signs
+
+STORED_DTYPE = torch.float16  # scales, router and bias in the deployed format
+
+
+def round_to_stored_(tensor: torch.Tensor) -> None:
+    """Round in place to what the checkpoint stores (16-bit), keeping the compute dtype."""
+    tensor.data = tensor.data.to(STORED_DTYPE).to(tensor.dtype)
+
+
+class SignSTE(torch.autograd.Function):
+    """sign(w) forward (0 counts as +1); backward passes the gradient where |w| < 1."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        return grad * (weight.abs() < 1).to(grad.dtype)
+
+
+def rank1_abs(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """|W| ~ outer(out_scale, in_scale) from its leading singular pair, both made non-negative."""
+    u, s, vh = torch.linalg.svd(weight.detach().float().abs(), full_matrices=False)
+    root = s[0].sqrt()
+    return (u[:, 0] * root).abs(), (vh[0] * root).abs()
+
+
+class BinaryLinear(nn.Module):
+    """The shared core: a latent weight seen through sign(), or packed signs once deployed.
+
+    Subclasses define `scaled(x, signs)`; `scale_names` lists their stored tensors.
+    """
+
+    scale_names: tuple[str, ...] = ()
+
+    def __init__(self, linear: nn.Linear, latent: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach() if latent is None else latent
+        self.weight: nn.Parameter | None = nn.Parameter(weight.clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.register_buffer("packed", None)
+
+    @property
+    def is_packed(self) -> bool:
+        return self.weight is None
+
+    def signs(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.is_packed:
+            return unpack_signs(self.packed, self.in_features, dtype)
+        return SignSTE.apply(self.weight).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.scaled(x, self.signs(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The 16-bit tensors the deployed layer keeps besides the signs (scales, router, bias)."""
+        named = [getattr(self, n) for n in self.scale_names]
+        tensors = [t.weight if isinstance(t, nn.Linear) else t for t in named]
+        return tensors + ([self.bias] if self.bias is not None else [])
+
+    @torch.no_grad()
+    def pack_(self) -> None:
+        """Deploy: signs at one bit per weight, scales/router/bias rounded to 16-bit values."""
+        if self.is_packed:
+            return
+        self.packed = pack_signs(self.weight)
+        self.weight = None
+        for tensor in self.stored_tensors():
+            round_to_stored_(tensor)
+
+    def stored_bits(self) -> int:
+        signs = self.out_features * -(-self.in_features // 8) * 8
+        return signs + sum(t.numel() * 16 for t in self.stored_tensors())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.is_packed}"
+
+
+def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+class SignLinear(BinaryLinear):
+    scale_names = ("out_scale",)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        self.out_scale = nn.Parameter(linear.weight.detach().abs().mean(dim=1))
+
+    def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        return (x @ signs.T) * _cast(self.out_scale, x)
+
+
+class OneBitLinear(BinaryLinear):
+    scale_names = ("in_scale", "out_scale")
+
+    def __init__(self, linear: nn.Linear, layernorm: bool = True) -> None:
+        # OneBit's latent weights start small, at sign(W) * 0.01, so signs flip easily in training
+        super().__init__(linear, latent=torch.where(linear.weight.detach() >= 0, 0.01, -0.01))
+        out_scale, in_scale = rank1_abs(linear.weight)
+        self.in_scale, self.out_scale = nn.Parameter(in_scale), nn.Parameter(out_scale)
+        self.layernorm = layernorm
+
+    def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        y = ((x * _cast(self.in_scale, x)) @ signs.T) * _cast(self.out_scale, x)
+        return F.layer_norm(y, (self.out_features,)) if self.layernorm else y
+
+
+class BinaryMoSLinear(BinaryLinear):
+    scale_names = ("in_scales", "out_scales", "router")
+
+    def __init__(self, linear: nn.Linear, experts: int = 4) -> None:
+        super().__init__(linear)
+        out_scale, in_scale = rank1_abs(linear.weight)
+        self.experts = experts
+        self.in_scales = nn.Parameter(in_scale.repeat(experts, 1))  # (E, d_in)
+        self.out_scales = nn.Parameter(out_scale.repeat(experts, 1))  # (E, d_out)
+        self.router = nn.Linear(self.in_features, experts, bias=False, dtype=linear.weight.dtype)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token mixture weights (..., E), softmax in fp32."""
+        return F.softmax(F.linear(x, _cast(self.router.weight, x)), dim=-1, dtype=torch.float32).to(x.dtype)
+
+    def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        g = self.gates(x)
+        s_in, s_out = g @ _cast(self.in_scales, x), g @ _cast(self.out_scales, x)
+        return ((x * s_in) @ signs.T) * s_out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.experts}"
