@@ -367,6 +367,23 @@ def cmd_binarize(args: argparse.Namespace) -> None:
         print(f"wrote {args.out} (load it with sg.load) and {args.out}/binarize_report.json")
 
 
+def cmd_bench_binary(args: argparse.Namespace) -> None:
+    import squeezegen as sg
+    from squeezegen.bench.binary_decode import compare_decode, markdown_table
+
+    model, tok = sg.load(args.model)
+    models = {args.model: model}
+    for folder in args.binary:
+        if not Path(folder).is_dir():
+            raise SqueezegenError(f"{folder} is not a folder: pass folders written by `squeezegen binarize`")
+        models[Path(folder).name] = sg.load(folder)[0]
+    table = markdown_table(compare_decode(models, tok, args.tokens, args.rounds), reference=args.model)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from squeezegen.demo import run_demo
 
@@ -547,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_binarize)
+
+    p = sub.add_parser("bench-binary", help="decode tokens/s of packed 1-bit models beside the float model")
+    p.add_argument("--model", default="smollm2-135m", help="the float model")
+    p.add_argument("--binary", nargs="+", required=True, help="folders written by `squeezegen binarize`")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--out", default=None, help="markdown file for the table")
+    p.set_defaults(func=cmd_bench_binary)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

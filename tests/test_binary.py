@@ -254,6 +254,11 @@ def test_binarize_cli_distills_saves_and_refuses_to_overwrite(tmp_path):
     assert sg.bits_per_weight(model) > 1 and (out / "binarize_report.json").is_file()
     assert (tmp_path / "bin.ckpt" / "checkpoint.pt").is_file()
     assert main(args) == 2  # the saved model is kept
+    table = tmp_path / "decode.md"
+    bench = ["bench-binary", "--model", "tiny-llama", "--binary", str(out), "--tokens", "3", "--rounds", "1"]
+    assert main([*bench, "--out", str(table)]) == 0
+    rows = table.read_text().splitlines()
+    assert rows[2].startswith("| tiny-llama |") and rows[2].endswith("| 1.00x |") and rows[3].startswith("| bin |")
 
 
 def test_distillation_runs_under_torchrun_with_two_processes(tmp_path):

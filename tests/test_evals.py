@@ -155,3 +155,17 @@ def test_context_beyond_the_model_is_refused(capsys):
     argv = ["eval", "--model", "tiny-llama", "--contexts", "9000", "--samples", "1", "--out", "/tmp/never-written"]
     assert main(argv) == 2
     assert "beyond what the model takes" in capsys.readouterr().err
+
+
+def test_swept_parameter_names_the_one_varying_numeric_parameter():
+    from squeezegen.evals.report import swept_parameter
+
+    labels = ["token_sparse:tau=0.005", "token_sparse:tau=0.05,window=128", "token_sparse:tau=0.05,window=128"]
+    assert swept_parameter(labels[:1] + ["token_sparse:tau=0.01"]) == (
+        "token_sparse",
+        "tau",
+        {"token_sparse:tau=0.005": 0.005, "token_sparse:tau=0.01": 0.01},
+    )
+    assert swept_parameter(labels) is None  # two parameters vary
+    assert swept_parameter(["token_sparse:tau=0.005", "rpc"]) is None  # two methods
+    assert swept_parameter(["token_sparse:tau=0.005"]) is None  # nothing swept

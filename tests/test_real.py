@@ -106,3 +106,22 @@ def test_smollm2_token_sparse_tau0_is_full_and_drops_tokens_at_tau():
     kept = {layer: s["kept"] for layer, s in engine.state["tsa"].items()}
     assert set(kept) == {3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 16, 17, 25, 26}  # the shipped profile
     assert min(kept.values()) < 1.0
+
+
+def test_smollm2_binarymos_packs_to_under_1_25th_and_round_trips(tmp_path):
+    import copy
+
+    import torch
+
+    float_model, tok = smollm2()
+    model = sg.binarize_(copy.deepcopy(float_model), sg.BinaryMoSConfig(experts=4))
+    assert sg.bits_per_weight(model) <= 32 / 25  # the linear layers: <= 1/25 of their float32 bytes
+    sg.pack_(model)
+    folder = sg.save(model, tok, tmp_path / "smollm2-binarymos")
+    loaded, _ = sg.load(folder)
+    ids = tok("The interpreter reads each statement and", return_tensors="pt").input_ids
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    linear = sg.stored_bytes(loaded)
+    assert linear["float32_linear"] / linear["binary_linear"] >= 25
+    # on disk: packed linear layers plus 16-bit embeddings and norms, a quarter of the float model or less
+    assert (folder / "model.safetensors").stat().st_size < 0.25 * sum(p.numel() * 4 for p in float_model.parameters())

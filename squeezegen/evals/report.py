@@ -66,6 +66,28 @@ def markdown_tables(summary: list[dict]) -> str:
     return "\n".join(out)
 
 
+def swept_parameter(labels: list[str]) -> tuple[str, str, dict[str, float]] | None:
+    """(method, key, value per label) when budget-less labels are one method differing in one
+    numeric parameter (a tau sweep of token_sparse), else None."""
+    from squeezegen.methods import parse_params
+
+    labels = list(dict.fromkeys(labels))
+    specs = [
+        (label.partition(":")[0], parse_params([p for p in label.partition(":")[2].split(",") if p]))
+        for label in labels
+    ]
+    if len(labels) < 2 or len({name for name, _ in specs}) != 1:
+        return None
+    varying = {k for _, params in specs for k in params if len({str(p.get(k)) for _, p in specs}) > 1}
+    if len(varying) != 1:
+        return None
+    key = varying.pop()
+    values = {label: params.get(key) for label, (_, params) in zip(labels, specs, strict=True)}
+    if not all(isinstance(v, (int, float)) for v in values.values()):
+        return None
+    return specs[0][0], key, values
+
+
 def plot_accuracy(summary: list[dict], path: Path) -> None:
     """Accuracy vs KV budget, one panel per task x mode x context, the full cache dashed."""
     import matplotlib
@@ -79,16 +101,26 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "full"]
     color = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(others)}  # same colour in every panel
+    sweep = swept_parameter([s["method"] for s in summary if s["budget"] is None and s["method"] != "full"])
     for ax, (task, mode, context) in zip(axes.flat, panels, strict=False):
         cell = [s for s in summary if (s["task"], s["mode"], s["context"]) == (task, mode, context)]
         for method in dict.fromkeys(s["method"] for s in cell):
             points = sorted((s["budget"], s["accuracy"]) for s in cell if s["method"] == method)
             if method == "full":
                 ax.axhline(points[0][1], color="black", linestyle="--", label="full")
-            else:
+            elif points[0][0] is not None:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method, color=color[method])
+            elif sweep is None:  # a method without a budget: one level across the axis
+                ax.axhline(points[0][1], linestyle=":", label=method, color=color[method])
+        if sweep is not None:
+            name, key, values = sweep
+            points = sorted((values[s["method"]], s["accuracy"]) for s in cell if s["method"] in values)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} by {key}")
+            ax.set_xscale("log")
+            ax.set_xticks([p[0] for p in points], [f"{p[0]:g}" for p in points])
+            ax.minorticks_off()
         ax.set_title(f"{task}, {context} tok, question {mode}", fontsize=9)
-        ax.set_xlabel("KV budget")
+        ax.set_xlabel("KV budget" if sweep is None else key)
         ax.set_ylabel("accuracy %")
         ax.set_ylim(-5, 105)
     for ax in axes.flat[len(panels) :]:

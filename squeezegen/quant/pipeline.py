@@ -1,7 +1,8 @@
 """`squeezegen binarize`: binarize a model, distill it from its float self, measure, save packed.
 
 The training text is the first 90% of the bundled corpus; perplexity is measured on the held-out
-10%. Decode speed of the packed model and the float model is measured side by side in one run.
+10%. Decode speed of the packed model and the float model is measured side by side in one run
+(interleaved rounds, medians).
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ import os
 import time
 from pathlib import Path
 
+from squeezegen.bench.binary_decode import compare_decode
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.api import BinaryConfig, binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
 from squeezegen.quant.checkpoint import save
 from squeezegen.quant.distill import DistillConfig, distill
-
-DECODE_PROMPT = "The interpreter reads each statement, checks it, and then"
-
-
-def decode_speed(model, tokenizer, tokens: int) -> float:
-    """Decode tokens/s of one greedy generation (after a short warm-up)."""
-    import squeezegen as sg
-
-    sg.generate(model, tokenizer, DECODE_PROMPT, max_new_tokens=2)
-    result = sg.generate(model, tokenizer, DECODE_PROMPT, max_new_tokens=tokens, ignore_eos=True)
-    return result.timings.decode_tokens_per_s
 
 
 def binarize_model(
@@ -72,15 +63,22 @@ def binarize_model(
         "perplexity_binary": block_perplexity(student, held_out),
         "bits_per_weight": bits_per_weight(student),
         "bytes": stored_bytes(student),
-        "float_model_bytes": sum(p.numel() * p.element_size() for p in teacher.parameters()),
+        "float_model_bytes": resident_bytes(teacher),
+        "binary_model_resident_bytes": resident_bytes(student),
         "history": history,
     }
     if decode_tokens > 0:
-        report["decode_tok_s_float"] = decode_speed(teacher, tok, decode_tokens)
-        report["decode_tok_s_binary"] = decode_speed(student, tok, decode_tokens)
+        speeds = compare_decode({"float": teacher, "binary": student}, tok, decode_tokens)
+        report["decode_tok_s_float"], report["decode_tok_s_binary"] = speeds["float"], speeds["binary"]
     save(student, tok, out, overwrite=overwrite)
     (out / "binarize_report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def resident_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers in memory, as it runs."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _world() -> int:
@@ -88,7 +86,8 @@ def _world() -> int:
 
 
 def summary_lines(report: dict) -> list[str]:
-    b = report["bytes"]
+    b, mib = report["bytes"], 2**20
+    resident, float_bytes = report["binary_model_resident_bytes"] / mib, report["float_model_bytes"] / mib
     lines = [
         f"method            {report['binarization']}",
         f"distillation      {report['train']['steps']} steps, {report['train']['tokens']:,} tokens, "
@@ -98,9 +97,10 @@ def summary_lines(report: dict) -> list[str]:
         f"bits per weight   {report['bits_per_weight']:.3f} (binarized linear layers, scales and router included)",
         f"linear layers     {b['binary_linear'] / 2**20:.1f} MiB packed vs {b['float32_linear'] / 2**20:.1f} MiB "
         f"float32 (1/{b['float32_linear'] / b['binary_linear']:.1f})",
-        f"whole model       {b['total'] / 2**20:.1f} MiB packed vs {report['float_model_bytes'] / 2**20:.1f} MiB float",
+        f"whole model       {b['total'] / mib:.1f} MiB on disk; in memory {resident:.1f} MiB packed vs "
+        f"{float_bytes:.1f} MiB float",
     ]
     if "decode_tok_s_float" in report:
         f, q = report["decode_tok_s_float"], report["decode_tok_s_binary"]
-        lines.append(f"decode tokens/s   float {f:.1f}  packed binary {q:.1f}  ({q / f:.2f}x, one run)")
+        lines.append(f"decode tokens/s   float {f:.1f}  packed binary {q:.1f}  ({q / f:.2f}x, interleaved in one run)")
     return lines
