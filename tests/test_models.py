@@ -96,7 +96,8 @@ def test_cache_is_built_once_atomically_and_rebuilt_when_the_source_changes(tmp_
     with pytest.raises(RuntimeError):
         bundled._built_once(target, source, broken)
     assert (target / "weights").read_text() == "ok"  # the old cache is untouched by a failed build
-    assert [p.name for p in target.parent.iterdir()] == ["m"]  # no half-written folder left behind
+    left = [p.name for p in target.parent.iterdir() if p.suffix != ".lock"]
+    assert left == ["m"]  # no half-written folder left behind
     bundled._built_once(target, source, build)
     assert len(builds) == 2
 
@@ -108,3 +109,29 @@ def test_gemma_without_its_extra_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "gemma3" in name else real(name, *a))
     with pytest.raises(MissingDependencyError, match=r"squeezegen\[gemma\]"):
         sg.load("gemma3-270m")
+
+
+def test_cache_built_once_when_processes_start_together(tmp_path):
+    import threading
+    import time
+
+    from squeezegen.models import bundled
+
+    source, target = tmp_path / "model.gguf", tmp_path / "cache" / "m"
+    source.write_bytes(b"version 1")
+    builds, results = [], []
+
+    def build(folder):
+        builds.append(folder)
+        time.sleep(0.3)  # a slow dequantization: the second caller arrives meanwhile
+        (folder / "weights").write_text("ok")
+
+    def first_use():
+        results.append((bundled._built_once(target, source, build) / "weights").read_text())
+
+    threads = [threading.Thread(target=first_use) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and results == ["ok"] * 3
