@@ -10,6 +10,7 @@ from pathlib import Path
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods import parse_params
+from squeezegen.mobile.cli import add_mobile_parser
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -547,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_binarize)
+
+    add_mobile_parser(sub)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

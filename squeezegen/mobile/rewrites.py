@@ -44,7 +44,7 @@ NO_REWRITES = RewriteConfig(group_norm=False, gelu=False, attention=False, split
 class MobileGroupNorm(nn.Module):
     """GroupNorm as (N, G, C/G, L) with keepdim statistics; same parameters as the original."""
 
-    # Power-of-two scale: exact in FP32, keeps (x - mean)^2 below the FP16 maximum up to |x - mean| ~ 4096.
+    # Power-of-two scale: exact in FP32; keeps the squares below the FP16 maximum up to |x - mean| ~ 4096.
     VAR_SCALE = 1.0 / 16.0
 
     def __init__(self, norm: nn.GroupNorm):
@@ -60,10 +60,10 @@ class MobileGroupNorm(nn.Module):
         n, c = shape[0], shape[1]
         xg = x.reshape(n, self.num_groups, c // self.num_groups, -1)
         mean = xg.mean(dim=(2, 3), keepdim=True)
-        d = xg - mean
-        ds = d * self.VAR_SCALE
-        var = (ds * ds).mean(dim=(2, 3), keepdim=True) * (1.0 / self.VAR_SCALE**2)
-        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
+        # (d*s) * rsqrt(mean((d*s)^2) + eps*s^2) == d * rsqrt(var + eps), with every intermediate s^2 smaller.
+        ds = (xg - mean) * self.VAR_SCALE
+        var_s = (ds * ds).mean(dim=(2, 3), keepdim=True)
+        y = (ds * torch.rsqrt(var_s + self.eps * self.VAR_SCALE**2)).reshape(shape)
         if self.weight is not None:
             param_shape = (1, c) + (1,) * (len(shape) - 2)
             y = y * self.weight.reshape(param_shape) + self.bias.reshape(param_shape)
