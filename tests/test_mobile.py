@@ -303,3 +303,22 @@ def test_digit_features_score_real_digits():
     clf, held_out = train_classifier()
     assert held_out > 0.95
     assert (clf.predict(to_digit_features(images[:300])) == labels[:300]).mean() > 0.9
+
+
+def test_manifest_keeps_input_order_past_ten_inputs(tmp_path):
+    """UNet parts take (sample, temb, context, *skips): more than 10 inputs, named args_0..args_N."""
+    from squeezegen.mobile.export import convert_module
+    from squeezegen.mobile.pipeline import LiteRTModules
+
+    class Weighted(nn.Module):
+        def forward(self, *xs):
+            return sum((i + 1) * x for i, x in enumerate(xs))
+
+    xs = tuple(torch.full((1, 3), float(i)) for i in range(12))
+    entry = convert_module(Weighted(), xs, tmp_path / "w.tflite", "fp32")
+    assert [i["name"] for i in entry["inputs"]] == [f"args_{i}" for i in range(12)]
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(tmp_path / "w.tflite")).get_signature_runner()
+    out = LiteRTModules._run(runner, entry, *[x.numpy() for x in xs])[0]
+    assert np.allclose(out, Weighted()(*xs).numpy())

@@ -56,9 +56,10 @@ def _io_details(path: Path) -> dict:
     sig = interp.get_signature_runner()
     details = {}
     for kind, info in (("inputs", sig.get_input_details()), ("outputs", sig.get_output_details())):
+        # names are args_0.. / output_0..; the runner lists them as strings (args_10 before args_2): sort by index
+        items = sorted(info.items(), key=lambda kv: (len(kv[0]), kv[0]))
         details[kind] = [
-            {"name": n, "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
-            for n, d in info.items()
+            {"name": n, "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name} for n, d in items
         ]
     return details
 
