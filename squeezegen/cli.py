@@ -10,6 +10,7 @@ from pathlib import Path
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods import parse_params
+from squeezegen.mobile.cli import add_mobile_parser
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -572,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--out", default=None, help="markdown file for the table")
     p.set_defaults(func=cmd_bench_binary)
+
+    add_mobile_parser(sub)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")

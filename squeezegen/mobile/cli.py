@@ -1,0 +1,223 @@
+"""`squeezegen mobile ...`: export, check, generate, and the miniature digits model.
+
+Heavy imports (litert_torch, diffusers, ai_edge_*) happen inside the commands, so `squeezegen --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from squeezegen.errors import MissingDependencyError, SqueezegenError
+
+RECIPE_NAMES = ("fp32", "fp16", "int8-weight-only", "int8-dynamic")
+
+
+def _require_mobile() -> None:
+    import importlib.util
+
+    missing = [m for m in ("litert_torch", "ai_edge_litert", "diffusers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"{', '.join(missing)} not installed: pip install 'squeezegen[mobile]'")
+
+
+def _check_model_arg(model: str) -> None:
+    from squeezegen.mobile.pipeline_config import CONFIGS
+
+    if model in CONFIGS:
+        return
+    path = Path(model)
+    if not path.is_dir():
+        raise SqueezegenError(
+            f"model folder {path} does not exist: pass a diffusers SD folder or one of {', '.join(CONFIGS)}"
+        )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from squeezegen.mobile.quantize import check_recipe
+
+    check_recipe(args.recipe)
+    _check_model_arg(args.model)
+    _require_mobile()
+    from squeezegen.mobile.export import export_pipeline
+    from squeezegen.mobile.rewrites import RewriteConfig
+
+    rewrites = RewriteConfig(split_threshold=args.split_threshold).disabled(*args.no_rewrite)
+    manifest = export_pipeline(
+        args.model,
+        args.out,
+        recipe=args.recipe,
+        rewrites=rewrites,
+        unet_parts=args.unet_parts,
+        height=args.height,
+        width=args.width,
+        modules=tuple(args.modules),
+    )
+    for name, entry in manifest["modules"].items():
+        files = ", ".join(entry.get("files", [entry.get("file")]))
+        print(f"{name:13s} {entry['bytes'] / 2**20:9.2f} MiB  {files}  ({entry['convert_s']:.1f} s)")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from squeezegen.mobile.check import check_model
+
+    bad = 0
+    reports = []
+    for path in args.files:
+        report = check_model(path, backend=args.backend)
+        reports.append(report)
+        total = sum(report.ops.values())
+        off = sum(report.off_gpu.values())
+        status = "GPU ok" if report.ok else f"{off} of {total} ops off the GPU"
+        if report.fully_accelerated is False and not off:
+            status = "GPU accelerator reports a CPU fallback"
+        print(f"{path}: {total} ops, {status} [{report.method}]")
+        for reason, count in sorted(report.off_gpu.items()):
+            print(f"  {count:5d} x {reason}")
+        bad += not report.ok
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                [
+                    {"path": r.path, "method": r.method, "ops": dict(r.ops), "off_gpu": dict(r.off_gpu), "ok": r.ok}
+                    for r in reports
+                ],
+                indent=2,
+            )
+        )
+    if bad:
+        raise SystemExit(1)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise SqueezegenError("the prompt is empty: pass --prompt TEXT")
+    from squeezegen.mobile.export import load_manifest
+
+    load_manifest(args.model)
+    _require_mobile()
+    from squeezegen.mobile.pipeline import generate_from_folder, save_png
+
+    res = generate_from_folder(
+        args.model,
+        [args.prompt],
+        threads=args.threads,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+    )
+    path = save_png(res.images[0], args.out)
+    t = res.timings
+    print(
+        f"{path}: {res.images.shape[2]}x{res.images.shape[1]}, UNet {t['unet_s']:.2f} s for {t['unet_calls']} calls, "
+        f"text encoder {t['text_encoder_s']:.2f} s, VAE {t['vae_s']:.2f} s",
+        file=sys.stderr,
+    )
+
+
+def cmd_train_mini(args: argparse.Namespace) -> None:
+    _require_mobile()
+    from squeezegen.mobile.miniature import train_mini
+
+    out = train_mini(args.out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch=args.batch, seed=args.seed)
+    print(f"saved {out}")
+
+
+def cmd_eval_mini(args: argparse.Namespace) -> None:
+    from squeezegen.mobile.export import MANIFEST  # noqa: F401  (fast import check)
+
+    if not Path(args.model).is_dir():
+        raise SqueezegenError(f"model folder {args.model} does not exist: run `squeezegen mobile train-mini` first")
+    for recipe in args.recipes:
+        if recipe not in RECIPE_NAMES:
+            raise SqueezegenError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPE_NAMES)}")
+    _require_mobile()
+    from squeezegen.mobile.miniature import evaluate_mini
+
+    res = evaluate_mini(
+        args.model,
+        args.work,
+        recipes=tuple(args.recipes),
+        per_digit=args.per_digit,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        png_dir=args.png_dir,
+    )
+    print("| backend | accuracy | size (MiB) | mean abs pixel diff vs PyTorch |")
+    print("|---|---|---|---|")
+    for name, r in res["backends"].items():
+        size = f"{r['bytes'] / 2**20:.2f}" if "bytes" in r else "-"
+        diff = f"{r['mean_abs_pixel_diff_vs_pytorch']:.2f}" if "mean_abs_pixel_diff_vs_pytorch" in r else "-"
+        print(f"| {name} | {r['accuracy']:.3f} | {size} | {diff} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+def add_mobile_parser(sub: argparse._SubParsersAction) -> None:
+    """The `mobile` command tree (export / check / generate / train-mini / eval-mini)."""
+    mobile = sub.add_parser("mobile", help="Stable Diffusion on phones: LiteRT export, GPU check, LiteRT pipeline")
+    msub = mobile.add_subparsers(dest="mobile_command", required=True)
+
+    p = msub.add_parser("export", help="export a diffusers SD pipeline to text-encoder / UNet / VAE-decoder .tflite")
+    p.add_argument("--model", required=True, help="diffusers SD 1.x/2.x folder, tiny-sd, or sd15 / sd21-base (random)")
+    p.add_argument("--out", required=True, help="output folder (three .tflite files + manifest.json)")
+    p.add_argument("--recipe", default="fp32", help=f"one of {', '.join(RECIPE_NAMES)}")
+    p.add_argument("--unet-parts", type=int, default=1, help="split the UNet into this many files (full-size SD)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the UNet's sample size x 8)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--modules", nargs="+", default=["text_encoder", "unet", "vae_decoder"])
+    p.add_argument(
+        "--no-rewrite",
+        nargs="*",
+        default=[],
+        choices=["group_norm", "gelu", "attention", "split"],
+        help="disable GPU-safe rewrites (to see what they fix)",
+    )
+    p.add_argument("--split-threshold", type=int, default=2**23, help="largest conv/linear weight kept whole")
+    p.set_defaults(func=cmd_export)
+
+    p = msub.add_parser("check", help="list ops that would leave the mobile GPU delegate (exit 1 if any)")
+    p.add_argument("files", nargs="+", help=".tflite files")
+    p.add_argument("--backend", default="auto", choices=["auto", "static", "gpu"])
+    p.add_argument("--json", default=None, help="also write the op census here")
+    p.set_defaults(func=cmd_check)
+
+    p = msub.add_parser("generate", help="text-to-image with the exported LiteRT files only")
+    p.add_argument("--model", required=True, help="folder written by `squeezegen mobile export`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", default="image.png")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "euler"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="LiteRT CPU threads")
+    p.set_defaults(func=cmd_generate)
+
+    p = msub.add_parser("train-mini", help="train the miniature digits text-to-image model")
+    p.add_argument("--out", default="runs/mini-digits")
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_mini)
+
+    p = msub.add_parser("eval-mini", help="classifier accuracy: PyTorch vs exported LiteRT recipes")
+    p.add_argument("--model", default="runs/mini-digits")
+    p.add_argument("--work", default="runs/mini-digits-litert", help="where the exports go")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPE_NAMES))
+    p.add_argument("--per-digit", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png-dir", default=None)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_eval_mini)

@@ -1,0 +1,324 @@
+"""Mobile SD: rewrites equal the modules they replace, exports match PyTorch, the GPU check, the
+LiteRT pipeline, the schedulers against diffusers, and the CLI's errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from squeezegen.cli import main
+from squeezegen.mobile import rewrites as rw
+from squeezegen.mobile.check import check_model
+from squeezegen.mobile.export import export_pipeline, load_manifest
+from squeezegen.mobile.modules import MobileTimesteps, TextEncoder, UNetPart, VaeDecoder, plan_unet_parts, skip_count
+from squeezegen.mobile.pipeline_config import SCHEDULER, build_pipeline, load_parts
+from squeezegen.mobile.schedulers import make_scheduler
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_pipeline("tiny-sd", tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def parts(tiny_dir):
+    return load_parts(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_dir, tmp_path_factory):
+    """tiny-sd exported once per recipe the tests need (fp32 ~30 s, int8 weight-only ~30 s)."""
+    root = tmp_path_factory.mktemp("exports")
+    return {r: (root / r, export_pipeline(tiny_dir, root / r, recipe=r)) for r in ("fp32", "int8-weight-only")}
+
+
+def unet_inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, 16, 16, generator=g),
+        torch.tensor([981.0, 1.0][:batch]),
+        torch.randn(batch, 16, 32, generator=g),
+    )
+
+
+# ---- rewrites, each against the module it replaces ----
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 8, 8), (2, 32, 64), (1, 64, 4, 6)])
+def test_group_norm_rewrite_matches(shape):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(8, shape[1], eps=1e-6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(shape) * 30 + 5
+    assert torch.allclose(rw.MobileGroupNorm(norm)(x), norm(x), atol=2e-5, rtol=1e-5)
+
+
+def test_group_norm_rewrite_is_fp16_safe():
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(1, 16, 32, 32) * 600  # (x - mean)^2 reaches ~1e6, past the FP16 maximum 65504
+    naive_var = ((x.half() - x.half().mean()) ** 2).mean()
+    assert not torch.isfinite(naive_var)  # what the rewrite avoids
+    y16 = rw.MobileGroupNorm(copy_half(norm))(x.half()).float()
+    assert torch.isfinite(y16).all()
+    assert (y16 - norm(x)).abs().max() < 2e-2
+
+
+def copy_half(module):
+    import copy
+
+    return copy.deepcopy(module).half()
+
+
+def test_gelu_rewrite_matches_exact_and_tanh():
+    x = torch.linspace(-60, 60, 20001)
+    assert (rw.safe_gelu(x) - torch.nn.functional.gelu(x)).abs().max() < 1e-6
+    assert (rw.safe_gelu(x, "tanh") - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() < 1e-5
+    y16 = rw.safe_gelu(torch.tensor([-300.0, -5.0, 0.5, 300.0]).half(), "tanh")
+    assert torch.isfinite(y16).all() and abs(y16[-1].item() - 300) < 0.5
+
+
+def test_gelu_rewrite_replaces_modules():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4), nn.GELU(approximate="tanh"))
+    new = rw.apply_rewrites(model)
+    assert isinstance(new[1], rw.SafeGELU) and new[3].approximate == "tanh" and isinstance(model[1], nn.GELU)
+    x = torch.randn(16, 4) * 4
+    assert torch.allclose(new(x), model(x), atol=1e-6)
+
+
+def test_split_conv_and_linear_match():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 20, 3, padding=1)
+    x = torch.randn(2, 8, 9, 7)
+    assert torch.allclose(rw.SplitConv2d(conv, 3)(x), conv(x), atol=1e-6)
+    lin = nn.Linear(16, 37)
+    y = torch.randn(3, 5, 16)
+    assert torch.allclose(rw.SplitLinear(lin, 4)(y), lin(y), atol=1e-6)
+
+
+def test_rewrites_keep_unet_and_vae_outputs(parts):
+    x, t, c = unet_inputs()
+    ref = parts.unet(x, t, encoder_hidden_states=c).sample
+    configs = {
+        "attention": rw.RewriteConfig(group_norm=False, gelu=False, split=False),
+        "group_norm": rw.RewriteConfig(attention=False, gelu=False, split=False),
+        "split": rw.RewriteConfig(attention=False, gelu=False, group_norm=False, split_threshold=2048),
+        "all": rw.RewriteConfig(split_threshold=2048),
+    }
+    for name, cfg in configs.items():
+        new = rw.apply_rewrites(parts.unet, cfg)
+        assert (new(x, t, encoder_hidden_states=c).sample - ref).abs().max() < 1e-5, name
+    counts = rw.count_replacements(rw.apply_rewrites(parts.unet, configs["all"]))
+    assert counts["MobileGroupNorm"] > 0 and counts["SplitConv2d"] > 0 and counts["SplitLinear"] > 0
+    z = torch.randn(1, 4, 16, 16)
+    ref = parts.vae.decode(z / parts.vae.config.scaling_factor).sample
+    assert (VaeDecoder(rw.apply_rewrites(parts.vae, configs["all"]))(z) - ref).abs().max() < 1e-5
+
+
+def test_mobile_timesteps_match_diffusers(parts):
+    t = torch.tensor([0.0, 1.0, 250.5, 999.0])
+    assert torch.allclose(MobileTimesteps(parts.unet.time_proj)(t), parts.unet.time_proj(t), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3])
+def test_unet_in_parts_equals_unet(parts, n_parts):
+    x, t, c = unet_inputs()
+    ref = parts.unet(x, t, encoder_hidden_states=c).sample
+    plan = plan_unet_parts(parts.unet, n_parts)
+    assert len(plan) == n_parts
+    h, tt, skips = x, t, []
+    for start, stop in plan:
+        out = UNetPart(parts.unet, start, stop, skip_count(parts.unet, start))(h, tt, c, *skips)
+        if isinstance(out, tuple):
+            h, tt, *skips = out
+        else:
+            h = out
+    assert (h - ref).abs().max() < 1e-5
+
+
+def test_text_encoder_view_matches_clip(parts):
+    ids = torch.randint(0, 600, (2, 16))
+    te = TextEncoder(parts.text_encoder, 16)
+    assert torch.allclose(te(te.embed(ids)), parts.text_encoder(ids).last_hidden_state, atol=1e-5)
+
+
+# ---- exported files against PyTorch ----
+
+
+def _module_errors(folder, parts):
+    from squeezegen.mobile.pipeline import LiteRTModules
+
+    lite = LiteRTModules(folder)
+    ids = np.random.default_rng(0).integers(0, 600, size=(1, 16))
+    te = TextEncoder(parts.text_encoder, 16)
+    with torch.no_grad():
+        ref_te = te(te.embed(torch.tensor(ids))).numpy()
+        x, t, c = unet_inputs()
+        ref_unet = parts.unet(x, t, encoder_hidden_states=c).sample.numpy()
+        z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        ref_vae = VaeDecoder(parts.vae)(z).numpy()
+    return {
+        "text_encoder": np.abs(lite.encode(ids) - ref_te).max(),
+        "unet": np.abs(lite.unet(x.numpy(), t.numpy(), c.numpy()) - ref_unet).max(),
+        "vae_decoder": np.abs(lite.decode(z.numpy()) - ref_vae).max(),
+    }
+
+
+def test_fp32_export_matches_pytorch(exported, parts):
+    errors = _module_errors(exported["fp32"][0], parts)
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_int8_weight_only_export_matches_pytorch(exported, parts):
+    errors = _module_errors(exported["int8-weight-only"][0], parts)
+    assert all(e <= 5e-2 for e in errors.values()), errors
+    fp32, int8 = exported["fp32"][1]["modules"], exported["int8-weight-only"][1]["modules"]
+    assert int8["unet"]["bytes"] < fp32["unet"]["bytes"] / 2
+
+
+def test_exports_have_no_broadcast_and_stay_on_gpu(exported, capsys):
+    folder = exported["fp32"][0]
+    files = [str(folder / f) for f in ("text_encoder.tflite", "unet.tflite", "vae_decoder.tflite")]
+    for f in files:
+        report = check_model(f, backend="static")
+        assert report.ops["BROADCAST_TO"] == 0 and not report.off_gpu, (f, report.off_gpu)
+    assert main(["mobile", "check", "--backend", "static", *files]) == 0
+
+
+def test_check_reports_broadcast_when_group_norm_rewrite_is_off(tiny_dir, tmp_path, capsys):
+    off = rw.RewriteConfig().disabled("group_norm")
+    export_pipeline(tiny_dir, tmp_path, modules=("vae_decoder",), rewrites=off)
+    report = check_model(tmp_path / "vae_decoder.tflite", backend="static")
+    assert report.ops["BROADCAST_TO"] > 0 and not report.ok
+    assert any(k.startswith("BROADCAST_TO") for k in report.off_gpu)
+    with pytest.raises(SystemExit) as exc:
+        main(["mobile", "check", "--backend", "static", str(tmp_path / "vae_decoder.tflite")])
+    assert exc.value.code == 1
+    assert "BROADCAST_TO" in capsys.readouterr().out
+
+
+def test_manifest_round_trip(exported):
+    folder, manifest = exported["fp32"]
+    loaded = load_manifest(folder)
+    assert loaded == json.loads(json.dumps(manifest))
+    unet = loaded["modules"]["unet"]
+    assert [i["shape"] for i in unet["inputs"]] == [[2, 4, 16, 16], [2], [2, 16, 32]]
+    assert loaded["latent"] == {"channels": 4, "height": 16, "width": 16}
+    assert loaded["scheduler"] == SCHEDULER and "tokenizer/vocab.json" in loaded["tokenizer"]
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert (folder / f"{name}.tflite").stat().st_size == loaded["modules"][name]["bytes"]
+
+
+def test_litert_pipeline_writes_png(exported, tmp_path, capsys):
+    from PIL import Image
+
+    folder = exported["fp32"][0]
+    out = tmp_path / "cat.png"
+    argv = ["mobile", "generate", "--model", str(folder), "--prompt", "a photo of a cat", "--steps", "3"]
+    assert main([*argv, "--out", str(out), "--seed", "3"]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert main([*argv, "--out", str(tmp_path / "again.png"), "--seed", "3"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+# ---- schedulers against diffusers ----
+
+
+@pytest.mark.parametrize("name", ["euler", "dpm++"])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_scheduler_matches_diffusers(name, spacing):
+    import diffusers
+
+    cls = {"euler": diffusers.EulerDiscreteScheduler, "dpm++": diffusers.DPMSolverMultistepScheduler}[name]
+    cfg = {**SCHEDULER, "timestep_spacing": spacing}
+    for steps in (1, 4, 20):
+        ref = cls.from_config(cfg)
+        ref.set_timesteps(steps)
+        mine = make_scheduler(name, cfg, steps)
+        assert np.allclose(ref.timesteps.numpy(), mine.timesteps)
+        assert abs(float(ref.init_noise_sigma) - mine.init_noise_sigma) < 1e-4
+        x = np.random.default_rng(steps).standard_normal((1, 4, 8, 8)).astype(np.float32) * mine.init_noise_sigma
+        xt = torch.tensor(x)
+        for i, t in enumerate(ref.timesteps):
+            a = ref.scale_model_input(xt, t).numpy()
+            assert np.abs(a - mine.scale_model_input(x, i)).max() < 1e-4
+            eps = np.tanh(0.7 * a + i).astype(np.float32)  # any deterministic "model"
+            xt = ref.step(torch.tensor(eps), t, xt).prev_sample
+            x = mine.step(eps, i, x)
+            assert np.abs(xt.numpy() - x).max() < 1e-4
+
+
+# ---- CLI errors: one line, exit 2 ----
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return [line for line in err if line.startswith("squeezegen: error:")]
+
+
+def test_cli_missing_folder(tmp_path, capsys):
+    assert main(["mobile", "export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    (line,) = _error_line(capsys)
+    assert "does not exist" in line
+
+
+def test_cli_non_sd_pipeline(tmp_path, capsys):
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["mobile", "export", "--model", str(folder), "--out", str(tmp_path / "o")]) == 2
+    (line,) = _error_line(capsys)
+    assert "FluxPipeline" in line and "Stable Diffusion" in line
+    (tmp_path / "plain").mkdir()
+    assert main(["mobile", "export", "--model", str(tmp_path / "plain"), "--out", str(tmp_path / "o")]) == 2
+    assert "model_index.json" in _error_line(capsys)[0]
+
+
+def test_cli_unknown_recipe(tmp_path, capsys):
+    assert main(["mobile", "export", "--model", "tiny-sd", "--out", str(tmp_path), "--recipe", "int3"]) == 2
+    (line,) = _error_line(capsys)
+    assert "unknown recipe 'int3'" in line and "int8-weight-only" in line
+
+
+def test_cli_generate_and_check_errors(tmp_path, capsys):
+    assert main(["mobile", "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "does not exist" in _error_line(capsys)[0]
+    bogus = tmp_path / "x.tflite"
+    bogus.write_bytes(b"not a model at all")
+    assert main(["mobile", "check", str(bogus)]) == 2
+    assert "not a .tflite" in _error_line(capsys)[0]
+
+
+# ---- the miniature model's scoring path ----
+
+
+def test_digit_features_score_real_digits():
+    from squeezegen.mobile.miniature import digits, to_digit_features, train_classifier
+
+    images, labels = digits()
+    clf, held_out = train_classifier()
+    assert held_out > 0.95
+    assert (clf.predict(to_digit_features(images[:300])) == labels[:300]).mean() > 0.9
+
+
+def test_manifest_keeps_input_order_past_ten_inputs(tmp_path):
+    """UNet parts take (sample, temb, context, *skips): more than 10 inputs, named args_0..args_N."""
+    from squeezegen.mobile.export import convert_module
+    from squeezegen.mobile.pipeline import LiteRTModules
+
+    class Weighted(nn.Module):
+        def forward(self, *xs):
+            return sum((i + 1) * x for i, x in enumerate(xs))
+
+    xs = tuple(torch.full((1, 3), float(i)) for i in range(12))
+    entry = convert_module(Weighted(), xs, tmp_path / "w.tflite", "fp32")
+    assert [i["name"] for i in entry["inputs"]] == [f"args_{i}" for i in range(12)]
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(tmp_path / "w.tflite")).get_signature_runner()
+    out = LiteRTModules._run(runner, entry, *[x.numpy() for x in xs])[0]
+    assert np.allclose(out, Weighted()(*xs).numpy())
