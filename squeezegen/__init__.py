@@ -6,6 +6,7 @@ res = sg.generate(model, tok, ["prompt text"], max_new_tokens=16)
 sg.binarize_(model, sg.BinaryMoSConfig(experts=4)); sg.save(model, tok, "out"); sg.load("out")
 """
 
+import squeezegen.quiet_imports  # noqa: F401  (first: silences optional dependencies' import noise)
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods import Compose, Method, method, methods
 from squeezegen.models import available_models, load

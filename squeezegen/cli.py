@@ -153,6 +153,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from squeezegen.evals.report import markdown_tables, merge_records, report_paths, summarize, write_report
+
+    paths = report_paths(args.out, args.overwrite)
+    records = merge_records(args.merge)
+    write_report(records, paths, {"command": " ".join(sys.argv), "merged": args.merge})
+    print(markdown_tables(summarize(records)))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from squeezegen.evals.perplexity import perplexity, plot_nll, run_nll
     from squeezegen.evals.report import claim
@@ -448,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/eval", help="folder for records.json, table.md and the plot")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="merge `squeezegen eval` reports (a sweep split across processes) into one")
+    p.add_argument("--merge", nargs="+", required=True, help="folders written by `squeezegen eval`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("perplexity", help="perplexity of held-out text with each method's compression applied")
     _add_model_args(p, default="smollm2-135m")

@@ -169,3 +169,39 @@ def test_swept_parameter_names_the_one_varying_numeric_parameter():
     assert swept_parameter(labels) is None  # two parameters vary
     assert swept_parameter(["token_sparse:tau=0.005", "rpc"]) is None  # two methods
     assert swept_parameter(["token_sparse:tau=0.005"]) is None  # nothing swept
+
+
+def test_report_merges_split_sweeps_keeping_shared_records_once(tmp_path):
+    from squeezegen.cli import main
+    from squeezegen.evals.report import merge_records
+
+    def record(method, sample, score):
+        return {
+            "task": "t",
+            "context": 8,
+            "sample": sample,
+            "mode": "seen",
+            "method": method,
+            "budget": None,
+            "score": score,
+            "output": "",
+            "answers": ["1"],
+            "prompt_tokens": 8,
+            "kv_bytes": 1,
+        }
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = [record("full", 0, 1.0), record("token_sparse:tau=0.1", 0, 0.0)]
+    b = [record("full", 0, 0.0), record("token_sparse:tau=0.5", 0, 1.0)]  # full again: the first is kept
+    (tmp_path / "a" / "records.json").write_text(json.dumps({"records": a}))
+    (tmp_path / "b" / "records.json").write_text(json.dumps({"records": b}))
+    merged = merge_records([tmp_path / "a", tmp_path / "b"])
+    assert [(r["method"], r["score"]) for r in merged] == [
+        ("full", 1.0),
+        ("token_sparse:tau=0.1", 0.0),
+        ("token_sparse:tau=0.5", 1.0),
+    ]
+    assert main(["report", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    assert "| token_sparse:tau=0.5 | 100 |" in (tmp_path / "m" / "table.md").read_text()
+    assert main(["report", "--merge", str(tmp_path / "nope"), "--out", str(tmp_path / "n")]) == 2

@@ -157,6 +157,19 @@ def claim(paths: dict[str, Path], overwrite: bool = False) -> dict[str, Path]:
     return paths
 
 
+def merge_records(folders: list[str | Path]) -> list[dict]:
+    """The records of several `squeezegen eval` reports (one sweep split across processes); a
+    configuration measured in more than one (the full cache) is kept once, from the first."""
+    merged: dict[tuple, dict] = {}
+    for folder in folders:
+        path = Path(folder) / "records.json"
+        if not path.is_file():
+            raise SqueezegenError(f"{path} does not exist: pass folders written by `squeezegen eval`")
+        for r in json.loads(path.read_text())["records"]:
+            merged.setdefault((r["task"], r["context"], r["sample"], r["mode"], r["method"], r["budget"]), r)
+    return list(merged.values())
+
+
 def write_report(records: list[dict], paths: dict[str, Path], meta: dict | None = None) -> None:
     """records.json, summary.json, table.md and accuracy_vs_budget.png (see `report_paths`)."""
     paths["table"].parent.mkdir(parents=True, exist_ok=True)
