@@ -10,13 +10,12 @@ import fcntl
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from squeezegen.errors import MissingDependencyError
+from squeezegen.staging import staged_folder
 
 
 @dataclass(frozen=True)
@@ -95,16 +94,9 @@ def _built_once(target: Path, gguf: Path, build: Callable[[Path], None]) -> Path
         fcntl.flock(lock, fcntl.LOCK_EX)
         if current():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with staged_folder(target) as tmp:
             build(tmp)
             (tmp / "squeezegen-source.json").write_text(json.dumps(stamp))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from squeezegen.quant.api import (
     pack_,
     stored_bytes,
 )
+from squeezegen.staging import staged_folder
 
 MANIFEST = "squeezegen_binary.json"
 WEIGHTS = "model.safetensors"
@@ -50,9 +49,7 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
     deployed = copy.deepcopy(model)
     pack_(deployed)
     deployed.to(torch.float16)  # packed signs stay uint8
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as tmp:
         save_model(deployed, str(tmp / WEIGHTS))
         deployed.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -63,12 +60,6 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
             "bytes": stored_bytes(deployed),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
