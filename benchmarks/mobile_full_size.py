@@ -4,8 +4,9 @@
         --recipe fp32 --unet-parts 4 --latency-threads 1 --out runs/full --log docs/results/mobile/full_size.jsonl
 
 One module, one recipe, one resolution per process, so that the peak RSS (ru_maxrss) measured at the
-end is that conversion's. Appends one JSON line: file sizes, conversion seconds, peak RSS and,
-for the UNet, the LiteRT CPU latency of one guidance step (batch 2) on `--latency-threads` threads.
+end is that conversion's. Appends one JSON line: file sizes, conversion seconds, peak RSS and the
+LiteRT CPU latency on `--latency-threads` threads of one guidance step (batch 2) for the UNet, or of
+one call (batch 1, random inputs) for the text encoder and VAE decoder.
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def unet_step_latency(folder: Path, manifest: dict, threads: int, repeats: int) 
     return times
 
 
+def call_latency(path: Path, threads: int, repeats: int) -> list[float]:
+    """Seconds per call of a single-file module on random float inputs (after one warm-up call)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(d["shape"]).astype(np.float32) for n, d in runner.get_input_details().items()}
+    runner(**feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner(**feeds)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, choices=["sd15", "sd21-base"])
@@ -69,15 +86,23 @@ def main() -> None:
 
     folder = Path(args.out) / f"{args.model}-{args.module}-{args.recipe}-{args.size}-p{args.unet_parts}"
     t0 = time.perf_counter()
-    manifest = export_pipeline(
-        args.model,
-        folder,
-        recipe=args.recipe,
-        unet_parts=args.unet_parts,
-        height=args.size,
-        width=args.size,
-        modules=(args.module,),
-    )
+    try:
+        manifest = export_pipeline(
+            args.model,
+            folder,
+            recipe=args.recipe,
+            unet_parts=args.unet_parts,
+            height=args.size,
+            width=args.size,
+            modules=(args.module,),
+        )
+    except Exception as exc:  # a failed conversion is a result too: log its cause, then fail
+        failed = {k: getattr(args, k) for k in ("model", "module", "recipe", "size", "unet_parts")}
+        failed.update(error=f"{type(exc).__name__}: {exc}"[:500], after_s=round(time.perf_counter() - t0, 1))
+        failed["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        with open(args.log, "a") as f:
+            f.write(json.dumps(failed) + "\n")
+        raise
     entry = manifest["modules"][args.module]
     record = {
         "model": args.model,
@@ -94,6 +119,10 @@ def main() -> None:
     if args.module == "unet" and args.latency_threads:
         times = unet_step_latency(folder, manifest, args.latency_threads, args.repeats)
         record.update(latency_threads=args.latency_threads, unet_step_s=[round(x, 2) for x in times], cfg_batch=2)
+    elif args.latency_threads:
+        times = call_latency(folder / entry["file"], args.latency_threads, args.repeats)
+        record.update(latency_threads=args.latency_threads, call_s=[round(x, 3) for x in times], batch=1)
+    if args.latency_threads:
         record["peak_rss_gib_with_latency"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(record))
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
