@@ -25,7 +25,6 @@ from squeezegen.quant.api import (
     binary_layers,
     bits_per_weight,
     config_from_dict,
-    config_to_dict,
     pack_,
     stored_bytes,
 )
@@ -55,7 +54,7 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
         tokenizer.save_pretrained(tmp)
         manifest = {
             "format": "squeezegen-binary/1",
-            "binarization": config_to_dict(config_from_dict(deployed.config.squeezegen_binary)),
+            "binarization": deployed.config.squeezegen_binary,
             "bits_per_weight": bits_per_weight(deployed),
             "bytes": stored_bytes(deployed),
         }
