@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods import parse_params
+from squeezegen.methods.spec import BUDGET_GRAMMAR, parse_budget, parse_params
 from squeezegen.mobile.cli import add_mobile_parser
+
+
+def _budget_arg(text: str) -> float | int:
+    try:
+        return parse_budget(text)
+    except SqueezegenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -121,14 +128,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
-def _budget(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value > 1 else value
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from squeezegen.evals.report import markdown_tables, report_paths, summarize, write_report
-    from squeezegen.evals.runner import EvalConfig, MethodSpec, run_eval
+    from squeezegen.evals.runner import EvalConfig, run_eval
+    from squeezegen.methods.spec import MethodSpec
 
     config = EvalConfig(
         tasks=args.tasks,
@@ -166,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from squeezegen.evals.perplexity import perplexity, plot_nll, run_nll
     from squeezegen.evals.report import claim
-    from squeezegen.evals.runner import MethodSpec, expand
+    from squeezegen.methods.spec import MethodSpec, expand
 
     methods = expand([MethodSpec.parse(m) for m in args.methods], args.budgets)
     labelled = {label if budget is None else f"{label}@{budget}": m for (label, budget), m in methods.items()}
@@ -212,7 +215,7 @@ def _write_rows(paths: dict[str, Path], args: argparse.Namespace, rows: list[dic
 def cmd_bench(args: argparse.Namespace) -> None:
     from squeezegen.bench.runner import BenchConfig, markdown_table, plot_latency, run_bench
     from squeezegen.evals.report import claim
-    from squeezegen.evals.runner import MethodSpec
+    from squeezegen.methods.spec import MethodSpec
 
     config = BenchConfig(
         contexts=args.context,
@@ -241,7 +244,7 @@ def cmd_bench_long(args: argparse.Namespace) -> None:
         run_long_generation,
     )
     from squeezegen.evals.report import claim
-    from squeezegen.evals.runner import MethodSpec
+    from squeezegen.methods.spec import MethodSpec
 
     config = LongGenerationConfig(
         lengths=args.lengths,
@@ -264,7 +267,7 @@ def cmd_bench_long(args: argparse.Namespace) -> None:
 def cmd_reasoning_needle(args: argparse.Namespace) -> None:
     from squeezegen.evals.reasoning import accuracy_table, run_reasoning_needle
     from squeezegen.evals.report import claim
-    from squeezegen.evals.runner import MethodSpec
+    from squeezegen.methods.spec import MethodSpec
 
     specs = [MethodSpec.parse(m) for m in args.methods]
     out = Path(args.out)
@@ -441,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budgets",
         nargs="+",
-        type=_budget,
+        type=_budget_arg,
         default=[0.1, 0.25, 0.5, 0.75],
-        help="fractions of the context (<= 1) or token counts",
+        help=f"KV budgets, each {BUDGET_GRAMMAR}",
     )
     p.add_argument("--samples", type=int, default=20, help="seeded samples per task and context")
     p.add_argument(
@@ -468,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity of held-out text with each method's compression applied")
     _add_model_args(p, default="smollm2-135m")
     p.add_argument("--methods", nargs="+", default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"])
-    p.add_argument("--budgets", nargs="+", type=_budget, default=[0.1, 0.25, 0.5])
+    p.add_argument("--budgets", nargs="+", type=_budget_arg, default=[0.1, 0.25, 0.5], help=f"each {BUDGET_GRAMMAR}")
     p.add_argument("--context", type=int, default=2048, help="tokens prefilled (and compressed) first")
     p.add_argument("--continuation", type=int, default=256, help="tokens scored after the context")
     p.add_argument("--texts", type=int, default=2, help="held-out passages")
@@ -486,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"],
         help="NAME or NAME:key=value,... (full is always measured)",
     )
-    p.add_argument("--budget", type=_budget, default=0.25, help="KV budget of methods not given one")
+    p.add_argument(
+        "--budget", type=_budget_arg, default=0.25, help=f"KV budget of methods not given one: {BUDGET_GRAMMAR}"
+    )
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/bench")

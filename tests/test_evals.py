@@ -7,9 +7,10 @@ from squeezegen.cli import main
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.fanout import answer_all
 from squeezegen.evals.report import markdown_tables, report_paths, summarize
-from squeezegen.evals.runner import EvalConfig, MethodSpec, run_eval
+from squeezegen.evals.runner import EvalConfig, run_eval
 from squeezegen.evals.tasks import TASKS, make_sample
 from squeezegen.methods import method
+from squeezegen.methods.spec import MethodSpec
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import Decoding, decode_loop, encode, prefill_rows
 

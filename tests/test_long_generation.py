@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import squeezegen as sg
-from squeezegen.bench.long_generation import LongGenerationConfig, markdown_table, matched_budget, run_long_generation
+from squeezegen.bench.long_generation import LongGenerationConfig, markdown_table, run_long_generation
 from squeezegen.cli import main
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.reasoning import answer_after_path, answer_after_paths, forced_rows, make_reasoning_sample
-from squeezegen.evals.runner import MethodSpec
 from squeezegen.methods.rpc import RPC
+from squeezegen.methods.spec import MethodSpec, matched_budget
 
 from .conftest import tiny
 from .test_rpc import run

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from squeezegen.bench.runner import BenchConfig, markdown_table, run_bench
 from squeezegen.cli import main
 from squeezegen.evals.perplexity import continuation_nll, held_out_ids, perplexity
-from squeezegen.evals.runner import MethodSpec
 from squeezegen.methods import method
+from squeezegen.methods.spec import MethodSpec
 
 from .conftest import tiny
 

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 from squeezegen.bench.runner import plot_panels
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
-from squeezegen.evals.runner import MethodSpec
-from squeezegen.methods.rpc import RPC
+from squeezegen.methods.spec import MethodSpec, matched_budget
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import synchronize
 
@@ -34,13 +33,6 @@ class LongGenerationConfig:
     methods: list[MethodSpec] = field(default_factory=list)  # full is always measured too
     prompt_tokens: int = 128
     kv_budget: int | None = None  # token cap of the budgeted methods; None: RPC's peak (see below)
-
-
-def matched_budget(specs: list[MethodSpec], prompt_tokens: int, generated: int) -> int:
-    """A token budget equal to the peak cache of the first RPC among `specs` over `generated`
-    decode steps (prompt included): baselines then hold as much as RPC ever does."""
-    rpc = next((s.build() for s in specs if s.name == "rpc"), RPC())
-    return prompt_tokens + rpc.peak_generated(generated)
 
 
 def _prompts(tokenizer, batch: int, tokens: int, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
-from squeezegen.evals.runner import MethodSpec
+from squeezegen.methods.spec import MethodSpec
 from squeezegen.runtime.generate import generate
 
 

@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from squeezegen.evals.corpus import prose
-from squeezegen.evals.runner import MethodSpec
 from squeezegen.evals.tasks import needle_keys, needle_value
 from squeezegen.methods.base import Method
+from squeezegen.methods.spec import MethodSpec, matched_budget
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import Decoding, decode_loop, encode, prefill_rows
 
@@ -105,8 +105,6 @@ def run_reasoning_needle(
     """One record per (method, sample), the full cache first: the answer, its score and the peak
     KV bytes per row. Every method sees the same seeded samples. Budgeted methods get `kv_budget`
     tokens, by default RPC's peak cache over this generation. Returns the records and the budget."""
-    from squeezegen.bench.long_generation import matched_budget
-
     made = [make_reasoning_sample(tokenizer, path_tokens, seed + i) for i in range(samples)]
     prompt = len(encode(tokenizer, [PROMPT], None, chat=True)[0][0])
     budget = kv_budget or matched_budget(specs, prompt, len(forced_rows(tokenizer, made)[0]) + max_new_tokens)

@@ -9,50 +9,10 @@ from tqdm.auto import tqdm
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.fanout import answer_all
 from squeezegen.evals.tasks import TASKS, make_sample
-from squeezegen.methods import method, methods, parse_params
-from squeezegen.methods.full import Full
+from squeezegen.methods.spec import MethodSpec, expand
 from squeezegen.runtime.generate import Decoding, encode
 
 MODES = {"seen": True, "unseen": False}  # was the question inside the compressed prompt?
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """`name` or `name:key=value,key=value` from the command line; `label` names it in tables."""
-
-    label: str
-    name: str
-    params: dict = field(hash=False)
-
-    @classmethod
-    def parse(cls, text: str) -> MethodSpec:
-        name, _, rest = text.partition(":")
-        params = parse_params([p for p in rest.split(",") if p]) if rest else {}
-        method(name, **params)  # fail early on an unknown name or parameter
-        return cls(text, name, params)
-
-    def budgets(self, sweep: list[float | int]) -> list[float | int | None]:
-        """The budgets this spec runs at: its own if it names one, else the sweep's; [None] for a
-        method that sizes its cache itself (RPC)."""
-        if "budget" not in methods()[self.name]:
-            return [None]
-        return [self.params["budget"]] if "budget" in self.params else list(sweep)
-
-    def build(self, budget: float | int | None = None):
-        """The configured method; `budget` applies if the method takes one and the spec set none."""
-        params = dict(self.params)
-        if budget is not None and "budget" in methods()[self.name] and "budget" not in params:
-            params["budget"] = budget
-        return method(self.name, **params)
-
-
-def expand(specs: list[MethodSpec], budgets: list[float | int]) -> dict[tuple[str, float | int | None], object]:
-    """Every (label, budget) to run, with its configured method; the full cache first."""
-    methods = {("full", None): Full()}
-    for spec in specs:
-        for budget in spec.budgets(budgets):
-            methods[(spec.label, budget)] = spec.build(budget)
-    return methods
 
 
 @dataclass

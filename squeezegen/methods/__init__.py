@@ -1,13 +1,9 @@
-"""KV-cache and attention methods: one small file each, sharing the hooks in `base`.
+"""KV-cache and attention methods: one small file each, on the hook contract in `base`.
 
-`method(name, **params)` builds a configured method; `methods()` lists names and parameters.
+`method(name, **params)` builds a configured method; `methods()` lists names and parameters;
+`spec` parses them from text (one budget grammar everywhere).
 """
 
-from __future__ import annotations
-
-import dataclasses
-
-from squeezegen.errors import SqueezegenError
 from squeezegen.methods.base import Method
 from squeezegen.methods.compose import Compose
 from squeezegen.methods.fastkv import FastKV
@@ -15,92 +11,33 @@ from squeezegen.methods.full import Full
 from squeezegen.methods.gemfilter import GemFilter
 from squeezegen.methods.h2o import H2O
 from squeezegen.methods.pyramidkv import PyramidKV
+from squeezegen.methods.registry import REGISTRY, method, methods
 from squeezegen.methods.rpc import RPC
 from squeezegen.methods.snapkv import SnapKV
+from squeezegen.methods.spec import MethodSpec, expand, matched_budget, parse_budget, parse_params
 from squeezegen.methods.streaming_llm import StreamingLLM
 from squeezegen.methods.token_sparse import TokenSparse
 from squeezegen.methods.tova import TOVA
 
-REGISTRY: dict[str, type[Method]] = {
-    "full": Full,
-    "streaming_llm": StreamingLLM,
-    "snapkv": SnapKV,
-    "pyramidkv": PyramidKV,
-    "h2o": H2O,
-    "tova": TOVA,
-    "fastkv": FastKV,
-    "gemfilter": GemFilter,
-    "rpc": RPC,
-    "token_sparse": TokenSparse,
-}
-
-
-def methods() -> dict[str, dict[str, object]]:
-    """Every method name with its parameters and their defaults."""
-    return {
-        name: {
-            f.name: f.default
-            for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING and not f.metadata.get("api_only")
-        }
-        for name, cls in REGISTRY.items()
-    }
-
-
-def _parse_value(text: str) -> object:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_params(pairs: list[str]) -> dict[str, object]:
-    """`["budget=512", "window=32"]` -> `{"budget": 512, "window": 32}` (ints, floats, bools, strings)."""
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SqueezegenError(f"method parameters are key=value pairs, got {pair!r}")
-        params[key] = _parse_value(value)
-    return params
-
-
-def method(name: str, **params: object) -> Method:
-    """A configured method by name, e.g. `method("snapkv", budget=0.25)`."""
-    if name not in REGISTRY:
-        raise SqueezegenError(f"unknown method {name!r}; available: {', '.join(REGISTRY)}")
-    cls = REGISTRY[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        allowed = ", ".join(sorted(known)) or "none"
-        raise SqueezegenError(f"method {name!r} has no parameter {', '.join(unknown)}; its parameters: {allowed}")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:
-        raise SqueezegenError(f"bad parameters for method {name!r}: {exc}") from exc
-
-
 __all__ = [
-    "parse_params",
     "REGISTRY",
     "H2O",
-    "FastKV",
-    "GemFilter",
-    "Compose",
     "RPC",
     "TOVA",
-    "TokenSparse",
+    "Compose",
+    "FastKV",
     "Full",
+    "GemFilter",
     "Method",
+    "MethodSpec",
     "PyramidKV",
     "SnapKV",
     "StreamingLLM",
+    "TokenSparse",
+    "expand",
+    "matched_budget",
     "method",
     "methods",
+    "parse_budget",
+    "parse_params",
 ]
