@@ -29,13 +29,14 @@ def setup(a_per_kv_head, method_obj, n_queries=None):
     q = torch.zeros(1, H, n_queries or n, D)
     q[..., 0] = 1 / SCALE
     engine.positions = torch.arange(n)[None]
+    engine._row_tokens = engine._chunk_lengths = [n]
     engine.cache.layers[0].append(k, v, engine.positions)
     return engine, q, k, v
 
 
 def kept(method_obj, a, layer=0):
     engine, q, k, v = setup(a, method_obj)
-    idx = method_obj.select_cache(engine, layer, q, k, v)
+    idx = method_obj.select_cache(engine.view(layer), q, k, v)
     return None if idx is None else idx[0].tolist()
 
 
@@ -65,7 +66,7 @@ def test_pyramidkv_budgets_fall_linearly_and_average_to_the_flat_budget():
     pyramid = method("pyramidkv", budget=20, window=4, beta=4)
     model, _ = tiny("tiny-llama")
     engine = Engine(model, pyramid)
-    budgets = [pyramid.layer_budget(engine, layer, 100) for layer in range(4)]
+    budgets = [pyramid.layer_budget(engine.view(layer), 100, 100) for layer in range(4)]
     # non-window part 16: low 16/4 = 4, high 2*16 - 4 = 28, step 8 -> 28, 20, 12, 4 (+ window 4)
     assert budgets == [32, 24, 16, 8]
     assert sum(budgets) == 4 * 20
@@ -91,8 +92,8 @@ def test_h2o_keeps_heavy_hitters_and_recent():
     assert sorted(range(5), key=lambda j: -naive_column_sums(a[1])[j])[:2] == [2, 0]
     assert kept(h2o, a) == [[0, 3, 5], [0, 2, 5]]
     engine, q, k, v = setup(a, h2o)
-    h2o.select_cache(engine, 0, q, k, v)
-    held = engine.state["h2o"][0]  # scores of the kept entries, carried into decoding
+    h2o.select_cache(engine.view(0), q, k, v)
+    held = engine.state_of(h2o).held[0]  # scores of the kept entries, carried into decoding
     assert torch.allclose(held[0, 0], torch.tensor([sums[0], sums[3], sums[5]]), atol=1e-5)
 
 
@@ -102,18 +103,80 @@ def test_tova_uses_the_last_query_only_shared_by_all_heads():
     assert kept(method("tova", budget=3), a) == [[1, 2, 4]]
 
 
-def test_tova_evicts_the_least_attended_entry_each_decode_step():
-    model, tok = tiny("tiny-llama")
-    ids = tok("one two three four five six seven eight nine ten eleven twelve", return_tensors="pt").input_ids
-    tova = method("tova", budget=6)
-    engine = Engine(model, tova, reserve=4)
-    engine.prefill(ids)
-    assert engine.cache.lengths() == [6] * 4
-    before = engine.cache.layers[1].view()[2][0, 0].tolist()
-    engine.decode(torch.tensor([42]))
-    after = engine.cache.layers[1].view()[2][0, 0].tolist()
-    assert len(after) == 6 and ids.shape[1] in after  # the new token is in, one old entry is out
-    assert len(set(before) - set(after)) == 1
+def decode_evictions(method_obj, prompt_scores, new_scores):
+    """Prefill layer 0 with keys scoring `prompt_scores` (both KV heads alike), then run decode
+    steps whose new key scores `new_scores[i]`, the query seeing q.k*scaling = score. Returns the
+    positions each step evicted from KV head 0."""
+    engine, q, k, v = setup([prompt_scores] * HKV, method_obj)
+    n = len(prompt_scores)
+    keep = method_obj.select_cache(engine.view(0), q, k, v)
+    cache = engine.cache.layers[0]
+    if keep is not None:
+        cache.keep(keep)
+    engine.cache.layers = engine.cache.layers[:1]
+    engine.next_pos = torch.tensor([n])
+    cache.to_static(cache.used + 1)
+    method_obj.start_decode(engine)
+    evicted = []
+    query = torch.zeros(1, H, 1, D)
+    query[..., 0] = 1 / SCALE
+    for i, score in enumerate(new_scores):
+        before = set(cache.pos[0, 0].tolist()) - {-1}
+        new = torch.zeros(1, HKV, 1, D)
+        new[..., 0] = score
+        engine.positions = torch.tensor([[n + i]])
+        cache.write(new, new, torch.tensor([n + i]))
+        method_obj.decode_attention(engine.view(0), query)
+        after = set(cache.pos[0, 0].tolist()) - {-1}
+        assert n + i in after and len(after) == len(before)  # one in, one out
+        (gone,) = before - after
+        evicted.append(gone)
+    return evicted
+
+
+def test_tova_evicts_the_entry_the_newest_query_attends_least():
+    # softmax is monotonic: each step drops the lowest-scored entry except the newest
+    # step 1 (new 5.0): 0.5 at position 3; step 2 (new 0.2): 1 at position 1; step 3 (new 4.0): the
+    # 0.2 of position 5, no longer the newest
+    assert decode_evictions(method("tova", budget=4), [3.0, 1.0, 2.0, 0.5], [5.0, 0.2, 4.0]) == [3, 1, 5]
+
+
+def naive_h2o(prompt, new, budget):
+    """H2O by the definition: per entry, the attention summed over every query so far (prompt
+    queries causally, then each new token); evict the lightest outside the newest budget // 2."""
+    scores = list(prompt)
+    held = {j: 0.0 for j in range(len(prompt))}
+    for i in range(len(prompt)):  # prefill queries
+        w = torch.tensor(scores[: i + 1]).softmax(0)
+        for j in range(i + 1):
+            held[j] += w[j].item()
+    evicted = []
+    for step, score in enumerate(new):
+        pos = len(prompt) + step
+        scores.append(score)
+        held[pos] = 0.0
+        live = sorted(held)
+        w = torch.tensor([scores[j] for j in live]).softmax(0)
+        for j, weight in zip(live, w.tolist(), strict=True):
+            held[j] += weight
+        candidates = [j for j in live if pos - j >= budget // 2]
+        gone = min(candidates, key=lambda j: held[j])
+        del held[gone]
+        evicted.append(gone)
+    return evicted
+
+
+def test_h2o_evicts_the_lightest_accumulated_entry_each_decode_step():
+    prompt, new = [2.0, 0.0, 1.0, 0.5, 0.0, 3.0], [0.0, 2.5, 0.1, 1.0, 4.0]
+    expected = naive_h2o(prompt, new, budget=6)
+    assert expected == [3, 4, 1, 6, 7]  # the current query alone would evict 1, 4, 3, 6, 2
+    assert decode_evictions(method("h2o", budget=6), prompt, new) == expected
+
+
+def test_streaming_llm_rolls_past_its_sinks_while_decoding():
+    # budget 4 with 2 sinks: positions 0 and 1 stay, the oldest other entry goes each step
+    evicted = decode_evictions(method("streaming_llm", budget=4, sinks=2), [0.0, 0.0, 0.0, 0.0], [0.0] * 4)
+    assert evicted == [2, 3, 4, 5]
 
 
 def test_h2o_and_streaming_stay_at_budget_while_decoding():
@@ -129,7 +192,8 @@ def test_h2o_and_streaming_stay_at_budget_while_decoding():
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "streaming_llm", "h2o", "tova"])
 def test_full_budget_prefill_keeps_everything(name):
     a = [[float(x % 3) for x in range(12)]] * 2
-    assert kept(method(name, budget=1.0), a) is None  # (PyramidKV: layer 0; deeper layers keep less)
+    # the selection runs and keeps every entry (PyramidKV: layer 0; deeper layers keep less)
+    assert all(heads == list(range(12)) for heads in kept(method(name, budget=1.0), a))
 
 
 def test_bad_parameters_are_named():
@@ -140,8 +204,12 @@ def test_bad_parameters_are_named():
     with pytest.raises(SqueezegenError, match=r"\(0, 1\]"):
         method("snapkv", budget=2.5)
     model, tok = tiny("tiny-llama")
-    with pytest.raises(SqueezegenError, match="larger than the"):
-        __import__("squeezegen").generate(model, tok, "short prompt", method=method("snapkv", budget=4096))
+    # a fixed budget larger than the prompt keeps everything
+    full = __import__("squeezegen").generate(model, tok, "short prompt", max_new_tokens=4, ignore_eos=True)
+    big = __import__("squeezegen").generate(
+        model, tok, "short prompt", method=method("snapkv", budget=4096), max_new_tokens=4, ignore_eos=True
+    )
+    assert big.token_ids == full.token_ids and big.kv_bytes == full.kv_bytes
 
 
 def test_public_method_api():

@@ -54,9 +54,19 @@ def test_prefill_in_two_chunks_equals_one(name):
     assert chunked.next_pos.tolist() == [ids.shape[1]]
 
 
-def test_model_generate_still_works_after_the_engine_ran():
-    model, tok = tiny("tiny-llama")
-    sg.generate(model, tok, PROMPT, max_new_tokens=2)
-    assert model.config._attn_implementation == "sdpa"
-    ids = tok(PROMPT, return_tensors="pt")
-    model.generate(**ids, max_new_tokens=2, do_sample=False)
+def test_model_generate_is_unchanged_by_the_engine():
+    model, _ = tiny_model_fresh()
+    tok = tiny("tiny-llama")[1]
+    ids = tok(BATCH, return_tensors="pt", padding=True, padding_side="left")
+    before = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    sg.generate(model, tok, PROMPT, max_new_tokens=2)  # routes the model's attention through the engine
+    assert model.config._attn_implementation == "squeezegen"
+    after = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(before, after)
+    with torch.inference_mode():
+        assert torch.equal(model(ids.input_ids).logits, sg.load("tiny-llama")[0](ids.input_ids).logits)
+
+
+def tiny_model_fresh():
+    """A tiny model the engine has never touched (the shared fixture may have run already)."""
+    return sg.load("tiny-llama")

@@ -30,22 +30,27 @@ def token_ids(tok, n: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor([tok(prose(tok, n + 400, seed=seed)).input_ids[:n]])
 
 
+def tsp(scores, counts, window, chunk=0, real=None):
+    real = torch.ones(scores.shape[0], scores.shape[-1], dtype=torch.bool) if real is None else real
+    return tsp_index(scores, real, counts, window, chunk).tolist()
+
+
 def test_tsp_sums_kv_heads_and_keeps_the_window():
     scores = torch.tensor([[[0, 5, 0, 0, 1, 0, 0, 0], [0, 0, 3, 2, 0, 0, 0, 0.0]]])
     # summed over KV heads: [0, 5, 3, 2, 1, 0, 0, 0]; 2 best of positions 0..5 plus window {6, 7}
-    assert tsp_index(scores, count=4, window=2).tolist() == [[1, 2, 6, 7]]
-    assert tsp_index(scores, count=5, window=2).tolist() == [[1, 2, 3, 6, 7]]
+    assert tsp(scores, [4], 2) == [[1, 2, 6, 7]]
+    assert tsp(scores, [5], 2) == [[1, 2, 3, 6, 7]]
     # with chunk=2 the chunks {0,1}: 5, {2,3}: 5, {4,5}: 1 tie; whole chunks are taken
     chunked = torch.tensor([[[0, 5, 0, 0, 1, 0, 0, 0], [0, 0, 1, 4, 0, 0, 0, 0.0]]])
-    assert tsp_index(chunked, count=6, window=2, chunk=2).tolist() == [[0, 1, 2, 3, 6, 7]]
-    assert tsp_index(chunked, count=4, window=2).tolist() == [[1, 3, 6, 7]]
+    assert tsp(chunked, [6], 2, chunk=2) == [[0, 1, 2, 3, 6, 7]]
+    assert tsp(chunked, [4], 2) == [[1, 3, 6, 7]]
     # per row of a batch
     batch = torch.stack([scores[0], scores[0].flip(0)])
-    assert tsp_index(batch, count=3, window=1).tolist() == [[1, 2, 7], [1, 2, 7]]
-    assert tsp_index(torch.stack([scores[0], scores[0] * 0 + torch.arange(8)]), 3, 1).tolist() == [
-        [1, 2, 7],
-        [5, 6, 7],
-    ]
+    assert tsp(batch, [3, 3], 1) == [[1, 2, 7], [1, 2, 7]]
+    assert tsp(torch.stack([scores[0], scores[0] * 0 + torch.arange(8)]), [3, 3], 1) == [[1, 2, 7], [5, 6, 7]]
+    # a row passing fewer tokens (a shorter prompt behind left padding) gets -1 first
+    real = torch.tensor([[True] * 8, [False] * 3 + [True] * 5])
+    assert tsp(torch.stack([scores[0], scores[0]]), [4, 2], 2, real=real) == [[1, 2, 6, 7], [-1, -1, 6, 7]]
 
 
 def test_fastkv_keeps_its_own_entries_per_kv_head():
@@ -75,11 +80,20 @@ def manual_window_scores(model, ids, layer, window, kernel):
 
 
 class RecordingFastKV(FastKV):
-    def propagate(self, engine, layer, hidden):
-        keep = super().propagate(engine, layer, hidden)
+    def propagate(self, view, hidden):
+        keep = super().propagate(view, hidden)
         if keep is not None:
-            engine.state["propagated"] = keep
+            view.state.propagated = keep
         return keep
+
+
+def propagated(engine):
+    return engine.state_of(engine.method).propagated
+
+
+def best(scores, k):
+    """The k best positions, ties to the earlier one."""
+    return scores.sort(descending=True, stable=True).indices[:k].tolist()
 
 
 def test_fastkv_propagates_and_keeps_what_the_scores_say():
@@ -93,15 +107,15 @@ def test_fastkv_propagates_and_keeps_what_the_scores_say():
     scores = manual_window_scores(model, ids, 1, window=4, kernel=3)
     recent = list(range(n - 4, n))
     total = scores.sum(0)[: n - 4]
-    expected_tsp = sorted(total.topk(24 - 4).indices.tolist() + recent)
-    assert engine.state["propagated"][0].tolist() == expected_tsp
+    expected_tsp = sorted(best(total, 24 - 4) + recent)
+    assert propagated(engine)[0].tolist() == expected_tsp
     for head in range(HKV):  # layer 1 keeps its own 12 entries per KV head, out of all n tokens
-        expected = sorted(scores[head, : n - 4].topk(12 - 4).indices.tolist() + recent)
-        assert engine.cache.layers[1].view()[2][0, head].tolist() == expected
+        expected = sorted(best(scores[head, : n - 4], 12 - 4) + recent)
+        assert engine.cache.layers[1].held()[2][0, head].tolist() == expected
     # every layer keeps 12 (a count of the prompt); after TSP they come from the propagated tokens
     assert engine.cache.lengths() == [12] * 4
     for layer in (2, 3):
-        pos = engine.cache.layers[layer].view()[2][0]
+        pos = engine.cache.layers[layer].held()[2][0]
         assert set(pos.flatten().tolist()) <= set(expected_tsp)
         assert pos[:, -4:].tolist() == [recent] * HKV
     assert engine.next_pos.tolist() == [n]
@@ -115,7 +129,7 @@ def test_propagated_tokens_keep_their_original_positions():
     fastkv = RecordingFastKV(budget=8, tsp_len=16, tsp_layer=1, window=4)
     engine = Engine(model, fastkv)
     logits = engine.prefill(ids)
-    keep = engine.state["propagated"]
+    keep = propagated(engine)
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states[2][:, keep[0]]
         for positions, should_match in ((keep, True), (torch.arange(16)[None], False)):
@@ -126,7 +140,7 @@ def test_propagated_tokens_keep_their_original_positions():
             assert torch.allclose(logits, reference, atol=1e-4) == should_match
     # decoding continues after the last original position
     engine.decode(logits.argmax(-1))
-    assert engine.cache.layers[3].view()[2][0, :, -1].tolist() == [ids.shape[1]] * HKV
+    assert engine.cache.layers[3].held()[2][0, :, -1].tolist() == [ids.shape[1]] * HKV
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -151,22 +165,26 @@ def test_fastkv_rows_of_a_batch_select_independently():
     for i in range(2):
         single = Engine(model, fastkv)
         assert torch.allclose(logits[i], single.prefill(rows[i : i + 1])[0], atol=1e-5)
-        assert batch.state["propagated"][i].tolist() == single.state["propagated"][0].tolist()
+        assert propagated(batch)[i].tolist() == propagated(single)[0].tolist()
         for a, b in zip(batch.cache.layers, single.cache.layers, strict=True):
-            assert a.view()[2][i].tolist() == b.view()[2][0].tolist()
-    assert batch.state["propagated"][0].tolist() != batch.state["propagated"][1].tolist()
+            assert a.held()[2][i].tolist() == b.held()[2][0].tolist()
+    assert propagated(batch)[0].tolist() != propagated(batch)[1].tolist()
 
 
-def test_padded_rows_never_keep_padding():
+def test_padded_rows_spend_their_budget_on_their_own_tokens():
     model, tok = tiny("tiny-llama")
     texts = [tok.decode(token_ids(tok, n, seed=s)[0]) for n, s in ((70, 6), (40, 7))]
-    for m in (sg.method("fastkv", tsp_rate=0.5, retain_rate=0.25, window=4), sg.method("streaming_llm", budget=8)):
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    lengths = enc.attention_mask.sum(-1).tolist()
+    assert lengths[1] < lengths[0]
+    for m, budgets in (
+        (sg.method("fastkv", tsp_rate=0.5, retain_rate=0.25, window=4), [round(0.25 * n) for n in lengths]),
+        (sg.method("streaming_llm", budget=8), [8, 8]),
+    ):
         engine = Engine(model, m)
-        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
-        assert (enc.attention_mask == 0).any()
         engine.prefill(enc.input_ids, enc.attention_mask)
-        for cache in engine.cache.layers:
-            assert (cache.view()[2] >= 0).all()
+        for cache in engine.cache.layers:  # each row holds its own budget of real entries, per head
+            assert cache.live().tolist() == [[b] * HKV for b in budgets]
 
 
 def test_constant_mode_and_parameter_errors():
@@ -174,15 +192,19 @@ def test_constant_mode_and_parameter_errors():
     ids = token_ids(tok, 60, seed=2)
     engine = Engine(model, RecordingFastKV(max_capacity=10, tsp_len=20, tsp_layer=2))
     engine.prefill(ids)
-    assert engine.state["propagated"].shape == (1, 20)
+    assert propagated(engine).shape == (1, 20)
     assert engine.cache.lengths() == [10] * 4
     # proportional mode: every layer keeps retain_rate of the prompt, also after propagation
     engine = Engine(model, RecordingFastKV(tsp_rate=0.5, retain_rate=0.25, tsp_layer=1))
     engine.prefill(ids)
-    assert engine.state["propagated"].shape == (1, 30)
+    assert propagated(engine).shape == (1, 30)
     assert engine.cache.lengths() == [15] * 4
-    with pytest.raises(SqueezegenError, match="larger than"):
-        Engine(model, sg.method("fastkv", max_capacity=500)).prefill(ids)
+    # constant mode as in the reference: 2048 tokens propagated unless told otherwise, and a
+    # prompt shorter than the capacity keeps its whole cache
+    assert sg.method("fastkv", max_capacity=16).tsp_len == 2048
+    engine = Engine(model, RecordingFastKV(max_capacity=500))
+    engine.prefill(ids)
+    assert propagated(engine).shape == (1, 60) and engine.cache.lengths() == [60] * 4
     with pytest.raises(SqueezegenError, match="out of range for a 4-layer model"):
         Engine(model, sg.method("fastkv", tsp_layer=4)).prefill(ids)
     with pytest.raises(SqueezegenError, match="not both"):
@@ -193,8 +215,8 @@ def test_constant_mode_and_parameter_errors():
 
 def test_default_layers_follow_the_reference_depths():
     def engine(layers, sliding=()):
-        parts = SimpleNamespace(layers=[None] * layers, is_sliding=lambda i: i in sliding)
-        return SimpleNamespace(parts=parts)
+        types = ["sliding_attention" if i in sliding else "full_attention" for i in range(layers)]
+        return SimpleNamespace(num_layers=layers, layer_types=types)
 
     # the reference's TSP layers 15/32, 17/36, 19/40; GemFilter's 13/32
     assert [FastKV().tsp_at(engine(n)) for n in (32, 36, 40, 30)] == [15, 17, 19, 14]
@@ -212,20 +234,20 @@ def test_gemfilter_scores_by_the_last_query_summed_over_heads():
     key[0, 0, :, 0] = torch.tensor([0, 4, 0, 0.5, 0, 1, 0, 0])
     key[0, 1, :, 0] = torch.tensor([0, -3, 2, 0, 0, 1, 0, 0.0])  # sum: [0, 1, 2, .5, 0, 2, 0, 0]
     pos = torch.arange(8)[None, None]
-    assert filter_index(query, key, pos, 3, kernel=1).tolist() == [[1, 2, 5]]
+    assert filter_index(query, key, pos, [3], kernel=1).tolist() == [[1, 2, 5]]
     # averaging over 3 neighbours: [.33, 1, 1.17, .83, .83, .67, .67, 0] -> 1 and 2 lead
-    assert filter_index(query, key, pos, 2, kernel=3).tolist() == [[1, 2]]
-    assert filter_index(query, key, pos, 8, kernel=1) is None
+    assert filter_index(query, key, pos, [2], kernel=3).tolist() == [[1, 2]]
+    assert filter_index(query, key, pos, [8], kernel=1).tolist() == [list(range(8))]
     # left padding is never chosen
     padded = torch.tensor([[[-1, -1, 2, 3, 4, 5, 6, 7]]])
-    assert filter_index(query, key, padded, 3, kernel=1).tolist() == [[2, 3, 5]]
+    assert filter_index(query, key, padded, [3], kernel=1).tolist() == [[2, 3, 5]]
 
 
 class RecordingGemFilter(GemFilter):
-    def refill(self, engine, layer):
-        keep = super().refill(engine, layer)
+    def refill(self, view):
+        keep = super().refill(view)
         if keep is not None:
-            engine.state["kept"] = keep
+            view.engine.recorded_refill = keep
         return keep
 
 
@@ -235,7 +257,7 @@ def test_gemfilter_prefills_the_selected_tokens_alone():
     gem = RecordingGemFilter(budget=20, layer=1)
     engine = Engine(model, gem)
     logits = engine.prefill(ids)
-    keep = engine.state["kept"]
+    keep = engine.recorded_refill
     assert keep.shape == (1, 20) and engine.cache.lengths() == [20] * 4
     assert engine.next_pos.tolist() == [20]  # the short prompt is a new sequence 0..19
     alone = Engine(model)
@@ -250,7 +272,7 @@ def test_gemfilter_equals_the_full_model_on_the_kept_tokens_for_every_architectu
     ids = token_ids(tok, 90, seed=10)
     engine = Engine(model, RecordingGemFilter(budget=0.5))
     logits = engine.prefill(ids)
-    keep = engine.state["kept"]
+    keep = engine.recorded_refill
     assert keep.shape == (1, 45)
     assert torch.allclose(logits, Engine(model).prefill(ids[:, keep[0]]), atol=1e-5)
 

@@ -6,8 +6,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import squeezegen as sg
-from squeezegen.methods.base import Method
 from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.hooks import Method
 
 from .conftest import tiny
 
@@ -18,10 +18,12 @@ PROMPT = "Mountains rise where the plates of the earth collide, folding rock ove
 class KeepAll(Method):
     """Selects and propagates every index explicitly: must change nothing."""
 
-    def select_cache(self, engine, layer, query, key, value):
+    HOOKS = frozenset({"select_cache", "propagate"})
+
+    def select_cache(self, view, query, key, value):
         return torch.arange(key.shape[2])[None, None].expand(key.shape[0], 1, -1)
 
-    def propagate(self, engine, layer, hidden):
+    def propagate(self, view, hidden):
         return torch.arange(hidden.shape[1])[None].expand(hidden.shape[0], -1)
 
 
@@ -29,7 +31,9 @@ class KeepAll(Method):
 class KeepRecent(Method):
     keep: int = 5
 
-    def select_cache(self, engine, layer, query, key, value):
+    HOOKS = frozenset({"select_cache"})
+
+    def select_cache(self, view, query, key, value):
         n = key.shape[2]
         return torch.arange(n - self.keep, n)[None, None]
 
@@ -41,8 +45,10 @@ class DropPrefix(Method):
     after_layer: int = 1
     keep: int = 6
 
-    def propagate(self, engine, layer, hidden):
-        if layer != self.after_layer:
+    HOOKS = frozenset({"propagate"})
+
+    def propagate(self, view, hidden):
+        if view.index != self.after_layer:
             return None
         n = hidden.shape[1]
         return torch.arange(n - self.keep, n)[None].expand(hidden.shape[0], -1)
@@ -52,25 +58,32 @@ class DropPrefix(Method):
 class Recorder(Method):
     calls: list = field(default_factory=list)
 
-    def prefill_attention(self, engine, layer, query, key, value, mask, causal, scaling):
-        self.calls.append(("prefill", layer, tuple(query.shape)))
-        return super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
+    HOOKS = frozenset({"prefill_attention", "start_decode", "decode_attention", "after_decode_step"})
 
-    def on_decode_attention(self, engine, layer, query):
-        self.calls.append(("decode_attention", layer, tuple(query.shape)))
+    def prefill_attention(self, view, query, key, value, mask, causal):
+        self.calls.append(("prefill", view.index, tuple(query.shape)))
+        return super().prefill_attention(view, query, key, value, mask, causal)
 
-    def on_decode_step(self, engine, step):
+    def start_decode(self, engine):
+        self.calls.append(("start", engine.cache.lengths()[0]))
+
+    def decode_attention(self, view, query):
+        self.calls.append(("decode_attention", view.index, tuple(query.shape)))
+
+    def after_decode_step(self, engine, step):
         self.calls.append(("step", step, engine.cache.lengths()[0]))
 
 
 @dataclass
 class SlidingEviction(Method):
-    """Decode-time eviction: after each step keep the first 2 and the last 4 entries."""
+    """Decode-time eviction between steps: keep the first 2 positions and the newest 4."""
 
-    def on_decode_step(self, engine, step):
+    HOOKS = frozenset({"after_decode_step"})
+
+    def after_decode_step(self, engine, step):
+        newest = engine.next_pos[:, None, None] - 1
         for cache in engine.cache.layers:
-            if cache.length > 6:
-                cache.keep(torch.cat([torch.arange(2), torch.arange(cache.length - 4, cache.length)])[None, None])
+            cache.evict_where((cache.pos >= 2) & (cache.pos <= newest - 4))
 
 
 def test_identity_selection_and_propagation_change_nothing():
@@ -87,13 +100,14 @@ def test_select_cache_keeps_original_positions_and_decode_counts_on():
     engine = Engine(model, KeepRecent(keep=5), reserve=3)
     engine.prefill(ids)
     assert engine.cache.lengths() == [5] * model.config.num_hidden_layers
-    assert engine.cache.layers[0].view()[2][0, 0].tolist() == list(range(n - 5, n))
+    assert engine.cache.layers[0].held()[2][0, 0].tolist() == list(range(n - 5, n))
     engine.decode(torch.tensor([42]))
-    assert engine.cache.layers[2].view()[2][0, 0].tolist() == list(range(n - 5, n + 1))
+    assert engine.cache.layers[2].held()[2][0, 0].tolist() == list(range(n - 5, n + 1)) + [-1, -1]
     assert engine.next_pos.tolist() == [n + 1]
-    # the peak counts what layers hold between steps: 5 entries each, then 6 after the decode step
+    # the peak counts what layers hold between steps: 5 entries each, then the decode buffers of
+    # 5 + 3 reserved slots
     per_entry = 2 * model.config.num_key_value_heads * model.config.head_dim * 4
-    assert engine.cache.peak_bytes == per_entry * 6 * model.config.num_hidden_layers
+    assert engine.cache.peak_bytes == per_entry * 8 * model.config.num_hidden_layers
 
 
 def test_propagated_tokens_carry_their_original_positions():
@@ -103,7 +117,7 @@ def test_propagated_tokens_carry_their_original_positions():
     engine = Engine(model, DropPrefix(after_layer=1, keep=6))
     engine.prefill(ids)
     assert engine.cache.lengths() == [n, n, 6, 6]
-    assert engine.cache.layers[3].view()[2][0, 0].tolist() == list(range(n - 6, n))
+    assert engine.cache.layers[3].held()[2][0, 0].tolist() == list(range(n - 6, n))
 
     # layer 2's keys must be RoPE'd at positions n-6..n-1, not renumbered 0..5
     with torch.inference_mode():
@@ -113,7 +127,7 @@ def test_propagated_tokens_carry_their_original_positions():
         for positions, should_match in ((torch.arange(n - 6, n)[None], True), (torch.arange(6)[None], False)):
             cos, sin = model.model.rotary_emb(hidden, positions)
             _, rotated = apply_rotary_pos_emb(keys, keys, cos, sin)
-            close = torch.allclose(engine.cache.layers[2].view()[0], rotated, atol=1e-5)
+            close = torch.allclose(engine.cache.layers[2].held()[0], rotated, atol=1e-5)
             assert close == should_match
 
 
@@ -124,7 +138,8 @@ def test_hooks_are_called_where_documented():
     sg.generate(model, tok, PROMPT, method=recorder, max_new_tokens=3, ignore_eos=True)
     layers = model.config.num_hidden_layers
     assert recorder.calls[:layers] == [("prefill", i, (1, 4, n, 16)) for i in range(layers)]
-    decode = recorder.calls[layers:]
+    assert recorder.calls[layers] == ("start", n)
+    decode = recorder.calls[layers + 1 :]
     # two decode steps (the third token is sampled from the second step's logits)
     expected = []
     for step in range(2):

@@ -6,8 +6,8 @@ import torch
 import squeezegen as sg
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.rpc import RPC
+from squeezegen.methods.scoring import window_scores
 from squeezegen.runtime.engine import Engine
-from squeezegen.runtime.scoring import window_scores
 
 from .conftest import TINY, tiny
 from .test_fastkv import token_ids
@@ -24,7 +24,7 @@ def run(method, prompt_len=20, generated=0, model_name="tiny-llama", batch=1):
     lengths = []
     for _ in range(generated):
         token = engine.decode(token).argmax(-1)
-        lengths.append(engine.cache.layers[0].length)
+        lengths.append(engine.cache.lengths()[0])
     return engine, lengths
 
 
@@ -46,12 +46,13 @@ def test_schedule_by_hand():
 def test_prompt_and_recent_window_kept_positions_true():
     engine, _ = run(RPC(P=8, R=3, c=4, kernel=1), generated=19, batch=2)
     for cache in engine.cache.layers:
-        pos = cache.view()[2]
-        assert pos.shape[-1] == 20 + 4 + 3  # after the 2nd compression (at 19 generated) + 0 more
-        assert (pos[..., :20] == torch.arange(20)).all()  # the whole prompt
-        assert (pos[..., -3:] == torch.arange(36, 39)).all()  # the 3 newest: positions 36..38
-        kept = pos[..., 20:-3]
-        assert ((kept >= 20) & (kept < 36)).all() and (kept.diff(dim=-1) > 0).all()
+        for row in range(2):
+            for head in range(HKV):
+                held = sorted(p for p in cache.pos[row, head].tolist() if p >= 0)
+                assert len(held) == 20 + 4 + 3  # after the 2nd compression (at 19 generated) + 0 more
+                assert held[:20] == list(range(20))  # the whole prompt
+                assert held[-3:] == [36, 37, 38]  # the 3 newest
+                assert all(20 <= p < 36 for p in held[20:-3])
     assert engine.next_pos.tolist() == [39, 39]  # positions count every token, not the cache
 
 
@@ -66,12 +67,48 @@ def test_selection_by_hand():
     span_pos, query_pos = torch.arange(6)[None, None], torch.tensor([[6, 7]])
     scores = window_scores(queries, keys, query_pos, span_pos, 2, D**-0.5)
     assert torch.allclose(scores[0, 0], 2 * a[0].softmax(-1))
-    grouped = RPC(P=8, R=2, c=4, kernel=1, aggregation="group").index(scores, HKV, 5, 11, 13, 2)
-    assert grouped.tolist() == [[[0, 1, 2, 3, 4, 6, 9, 11, 12], [0, 1, 2, 3, 4, 5, 10, 11, 12]]]
-    shared = RPC(P=8, R=2, c=4, kernel=1).index(scores, HKV, 5, 11, 13, 2)
-    assert shared.shape == (1, 1, 9)  # the same entries for every head
-    mean = (2 * a.softmax(-1)).mean(0)  # [.., head 0's 5 and head 1's 4 lead]
-    assert shared[0, 0, 5:7].tolist() == sorted((mean.topk(2).indices + 5).tolist())
+    # the cache as RPC sees it: the six span entries at positions 5..10, then the two newest
+    pos = torch.arange(5, 13)[None, None].expand(1, HKV, 8)
+    span = pos < 11
+    full_scores = torch.cat([scores, torch.zeros(1, H, 2)], dim=-1)
+    grouped = RPC(P=8, R=2, c=4, kernel=1, aggregation="group").chosen(full_scores, pos, span, 6, 2)
+    assert [pos[0, h][grouped[0, h]].tolist() for h in range(HKV)] == [[6, 9], [5, 10]]  # each head's top 2
+    shared = RPC(P=8, R=2, c=4, kernel=1).chosen(full_scores, pos, span, 6, 2)
+    mean = (2 * a.softmax(-1)).mean(0)  # the same entries for every head, by the mean over heads
+    expected = sorted((mean.topk(2).indices + 5).tolist())
+    assert [pos[0, h][shared[0, h]].tolist() for h in range(HKV)] == [expected] * HKV
+
+
+class Snapshot(RPC):
+    """RPC that records, before each compression, the layer-0 cache and the ring of queries."""
+
+    def after_decode_step(self, engine, step):
+        state = engine.state_of(self)
+        cache = engine.cache.layers[0]
+        before = (cache.keys.clone(), cache.pos.clone(), state.queries[0].clone())
+        super().after_decode_step(engine, step)
+        if not torch.equal(cache.pos, before[1]):
+            self.snapshots.append((*before, engine.next_pos.item(), cache.pos.clone()))
+
+
+def test_compression_keeps_an_independently_computed_set():
+    rpc = Snapshot(P=8, R=2, c=4, kernel=1)
+    rpc.snapshots = []
+    engine, _ = run(rpc, prompt_len=20, generated=19)
+    assert len(rpc.snapshots) == 2  # after 10 and 18 generated tokens
+    for keys, pos, queries, next_pos, after in rpc.snapshots:
+        live = {p: slot for slot, p in enumerate(pos[0, 0].tolist()) if p >= 0}  # heads agree ("all")
+        span = [p for p in sorted(live) if 20 <= p < next_pos - 2]
+        m = (next_pos - 20 - 2) // 8
+        # by the definition: each selector query's softmax over the span keys, summed over the R
+        # queries, averaged over the heads; the best m * 8 / 4 of the span survive
+        total = torch.zeros(len(span))
+        for head in range(H):
+            k = keys[0, head // (H // HKV), [live[p] for p in span]]
+            total += (queries[0, head] @ k.T * D**-0.5).softmax(-1).sum(0)
+        expected = {span[i] for i in total.topk(m * 2).indices.tolist()}
+        kept = {p for p in after[0, 0].tolist() if p >= 0}
+        assert kept == set(range(20)) | expected | set(range(next_pos - 2, next_pos))
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -113,7 +150,7 @@ def test_reasoning_needle_forces_the_path_through_the_decode_schedule():
     same, _ = answer_after_path(model, tok, sample, sg.method("rpc", P=16, R=4, c=1), max_new_tokens=6)
     assert same == full
     _, engine = answer_after_path(model, tok, sample, sg.method("rpc", P=16, R=4, c=4), max_new_tokens=6)
-    pos = engine.cache.layers[0].view()[2][0, 0]
+    pos = engine.cache.layers[0].pos[0, 0]
     generated = engine.decode_steps
     m = (generated - 4) // 16
     expected = engine_full.cache.lengths()[0] - generated + m * 4 + 4 + (generated - 4 - 16 * m)

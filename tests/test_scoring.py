@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.runtime.scoring import (
+from squeezegen.methods.scoring import (
     attention_probs,
     column_sums,
+    keep_top,
     pool1d,
     reduce_gqa,
     resolve_budget,
-    topk_chunks_keep_window,
-    topk_keep_window,
     window_scores,
 )
 
@@ -73,28 +72,52 @@ def test_gqa_reduction_by_hand():
     assert torch.equal(reduce_gqa(s, 2, "max"), torch.tensor([[[3.0, 4.0], [5.0, 1.0]]]))
 
 
-def test_topk_keeps_the_window_and_the_best_per_head():
+ALL = torch.ones(1, 1, 1, dtype=torch.bool)
+
+
+def test_keep_top_keeps_the_window_and_the_best_per_head():
     s = torch.tensor([[[5.0, 1.0, 4.0, 2.0, 0.0, 0.0], [0.0, 9.0, 1.0, 8.0, 0.0, 0.0]]])
-    idx = topk_keep_window(s, budget=4, window=2)
-    assert idx.tolist() == [[[0, 2, 4, 5], [1, 3, 4, 5]]]
-    assert topk_keep_window(s, budget=6, window=2).tolist() == [[list(range(6))] * 2]
+    real = ALL.expand(1, 2, 6)
+    assert keep_top(s, real, [4], [2]).tolist() == [[[0, 2, 4, 5], [1, 3, 4, 5]]]
+    assert keep_top(s, real, [6], [2]).tolist() == [[list(range(6))] * 2]
 
 
-def test_chunked_selection_keeps_whole_chunks():
+def test_keep_top_decides_per_row_on_real_entries_only():
+    # row 1 holds row 0's first six scores behind two padding slots, with a smaller budget: a -1
+    # where it keeps fewer; padding is never kept, even when it scores highest
+    row = [5.0, 1.0, 4.0, 2.0, 0.0, 0.0]
+    s = torch.tensor([[row + [3.0, 3.0]], [[9.0, 9.0] + row]])
+    real = torch.tensor([[[True] * 8], [[False, False] + [True] * 6]])
+    assert keep_top(s, real, [5, 4], [2, 2]).tolist() == [[[0, 2, 3, 6, 7]], [[2, 4, 6, 7, -1]]]
+    # a row whose budget holds all its entries keeps all of them, and nothing else
+    assert keep_top(s, real, [3, 8], [1, 1]).tolist()[1] == [[2, 3, 4, 5, 6, 7, -1, -1]]
+
+
+def test_keep_top_breaks_ties_towards_the_earlier_entry():
+    s = torch.tensor([[[1.0, 2.0, 2.0, 2.0, 0.0]]])
+    assert keep_top(s, ALL.expand(1, 1, 5), [3], [1]).tolist() == [[[1, 2, 4]]]
+
+
+def test_chunked_selection_keeps_whole_chunks_counted_from_the_first_real_entry():
     # chunks of 2 over the first 6 positions: sums 1.5, 10, 2 ; window = last 2 positions
     s = torch.tensor([[[1.5, 0.0, 0.0, 10.0, 1.0, 1.0, 0.0, 0.0]]])
-    assert topk_chunks_keep_window(s, budget=4, window=2, chunk=2).tolist() == [[[2, 3, 6, 7]]]
-    assert topk_chunks_keep_window(s, budget=6, window=2, chunk=2).tolist() == [[[2, 3, 4, 5, 6, 7]]]
+    real = ALL.expand(1, 1, 8)
+    assert keep_top(s, real, [4], [2], chunk=2).tolist() == [[[2, 3, 6, 7]]]
+    assert keep_top(s, real, [6], [2], chunk=2).tolist() == [[[2, 3, 4, 5, 6, 7]]]
     # plain top-k would take the single best tokens instead
-    assert topk_keep_window(s, budget=4, window=2).tolist() == [[[0, 3, 6, 7]]]
+    assert keep_top(s, real, [4], [2]).tolist() == [[[0, 3, 6, 7]]]
+    # one padding slot in front: the chunks still start at the first real entry
+    padded = torch.cat([torch.full((1, 1, 1), 7.0), s], dim=-1)
+    real = torch.cat([torch.zeros(1, 1, 1, dtype=torch.bool), real], dim=-1)
+    assert keep_top(padded, real, [4], [2], chunk=2).tolist() == [[[3, 4, 7, 8]]]
 
 
 def test_budget_resolution_and_errors():
     assert resolve_budget(0.25, 4000) == 1000
     assert resolve_budget(1.0, 4000) == 4000
     assert resolve_budget(512, 4000) == 512
+    assert resolve_budget(5000, 4000) == 4000  # a prompt within the budget keeps everything
     for bad, message in [
-        (5000, "larger than the 4000-token context"),
         (1.5, r"\(0, 1\]"),
         (0, "at least 1"),
         ("big", "token count"),

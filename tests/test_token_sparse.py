@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import squeezegen as sg
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.layer_profile import choose_sparse, measure_drift, measure_sensitivity, profile_key
+from squeezegen.evals.layer_profile import choose_sparse, measure_drift, measure_sensitivity
+from squeezegen.methods.sparse_layers import profile_key
 from squeezegen.methods.token_sparse import (
     TokenSparse,
     coverage_index,
@@ -96,7 +97,7 @@ def test_tau_zero_equals_dense_and_tau_drops_tokens(name):
     assert (dense.prefill(ids, all_logits=True) - full).abs().max() < 1e-5
     sparse = Engine(model, TokenSparse(tau=0.2, min_tokens=8, window=8, layers=everywhere, timings=True))
     logits = sparse.prefill(ids, all_logits=True)
-    stats = sparse.state["tsa"]
+    stats = sparse.state_of(sparse.method).stats
     assert set(stats) == {i for i in range(model.config.num_hidden_layers) if not sparse.parts.is_sliding(i)}
     assert any(s["kept"] < 1 for s in stats.values()) and not torch.allclose(logits, full)
     assert all({"score_s", "attend_s"} <= set(s) for s in stats.values())
@@ -104,7 +105,7 @@ def test_tau_zero_equals_dense_and_tau_drops_tokens(name):
     ref = Engine(model)
     ref.prefill(ids)
     assert sparse.cache.lengths() == ref.cache.lengths()
-    assert torch.equal(sparse.cache.layers[0].view()[0], ref.cache.layers[0].view()[0])
+    assert torch.equal(sparse.cache.layers[0].held()[0], ref.cache.layers[0].held()[0])
 
 
 def test_short_prompts_and_later_chunks_run_dense():
@@ -113,7 +114,7 @@ def test_short_prompts_and_later_chunks_run_dense():
     method = TokenSparse(tau=0.5, min_tokens=32, window=8, layers="0-3")
     engine = Engine(model, method)
     engine.prefill(ids)  # 40 <= 32 + 8: too short to drop anything
-    assert "tsa" not in engine.state
+    assert all(s["kept"] == 1.0 for s in engine.state_of(method).stats.values())
     full = sg.generate(model, tok, tok.decode(ids[0]), max_new_tokens=6, ignore_eos=True)
     same = sg.generate(model, tok, tok.decode(ids[0]), method=method, max_new_tokens=6, ignore_eos=True)
     assert same.token_ids == full.token_ids
@@ -126,9 +127,7 @@ def test_composes_with_cache_methods():
     both = sg.Compose(prefill=sg.method("snapkv", budget=32), decode=sg.method("rpc", P=8, R=2), attention=tsa)
     out = sg.generate(model, tok, prompt, method=both, max_new_tokens=12, ignore_eos=True)
     assert max(out.cache_lengths) < 32 + 12 and len(out.token_ids[0]) == 12
-    fast = sg.Compose(
-        prefill=sg.method("fastkv", budget=0.25, tsp_rate=0.5, tsp_layer=1), decode=sg.Method(), attention=tsa
-    )
+    fast = sg.Compose(prefill=sg.method("fastkv", budget=0.25, tsp_rate=0.5, tsp_layer=1), attention=tsa)
     assert len(sg.generate(model, tok, prompt, method=fast, max_new_tokens=4).token_ids[0]) >= 1
 
 
@@ -143,12 +142,12 @@ def test_layer_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("SQUEEZEGEN_CACHE", str(tmp_path))
     model, tok = tiny("tiny-gemma3")  # 6 layers, the 6th global
     engine = Engine(model, TokenSparse())
-    assert engine.method.sparse_layers(engine) == {i for i in (3, 4, 5) if not engine.parts.is_sliding(i)}
+    assert engine.method.sparse_layers(engine.view(0)) == {i for i in (3, 4, 5) if not engine.parts.is_sliding(i)}
     folder = tmp_path / "layer_profiles"
     folder.mkdir()
     (folder / f"{profile_key(model)}.json").write_text(json.dumps({"sparse_layers": [0, 5]}))
     engine = Engine(model, TokenSparse())
-    assert engine.method.sparse_layers(engine) == {i for i in (0, 5) if not engine.parts.is_sliding(i)}
+    assert engine.method.sparse_layers(engine.view(0)) == {i for i in (0, 5) if not engine.parts.is_sliding(i)}
     with pytest.raises(SqueezegenError, match="does not exist"):
         Engine(model, TokenSparse(layers="9")).prefill(token_ids(tok, 10, seed=0))
 

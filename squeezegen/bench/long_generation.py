@@ -21,7 +21,7 @@ from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
 from squeezegen.methods.spec import MethodSpec, matched_budget
 from squeezegen.runtime.engine import Engine
-from squeezegen.runtime.generate import synchronize
+from squeezegen.runtime.timing import synchronize
 
 RECENT_STEPS = 512  # the "at length" throughput: the decode steps just before a checkpoint
 
@@ -59,7 +59,7 @@ def run_long_generation(model, tokenizer, config: LongGenerationConfig, progress
     rows = []
     for batch in config.batch_sizes:
         ids = _prompts(tokenizer, batch, config.prompt_tokens, device)
-        engines = {label: Engine(model, m, reserve=longest) for label, m in built.items()}
+        engines = {label: Engine(model, m, reserve=longest - 1) for label, m in built.items()}
         tokens = {label: engine.prefill(ids).argmax(-1) for label, engine in engines.items()}
         elapsed = {label: [0.0] for label in engines}  # cumulative decode seconds after each step
         labels = list(engines)

@@ -16,36 +16,41 @@ import torch
 from tqdm.auto import tqdm
 
 from squeezegen.evals.corpus import prose
-from squeezegen.methods.base import Method
 from squeezegen.methods.token_sparse import TokenSparse
 from squeezegen.runtime.engine import Engine
-from squeezegen.runtime.generate import synchronize
+from squeezegen.runtime.hooks import Method
+from squeezegen.runtime.timing import synchronize
 
 PHASES = ("score_s", "gather_s", "attend_s", "scatter_s")
 
 
 @dataclass
 class TimedDense(Method):
-    """The full cache, timing the prefill attention of the given layers."""
+    """The full cache, timing the prefill attention of the given layers (its state: seconds per layer)."""
+
+    HOOKS = frozenset({"prefill_attention"})
 
     layers: frozenset = frozenset()
 
-    def prefill_attention(self, engine, layer, query, key, value, mask, causal, scaling):
-        if layer not in self.layers:
-            return super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
+    def new_state(self) -> dict[int, float]:
+        return {}
+
+    def prefill_attention(self, view, query, key, value, mask, causal):
         start = time.perf_counter()
-        out = super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
-        synchronize(out.device)
-        engine.state.setdefault("dense_s", {})[layer] = time.perf_counter() - start
+        out = super().prefill_attention(view, query, key, value, mask, causal)
+        if view.index in self.layers:
+            synchronize(out.device)
+            view.state[view.index] = time.perf_counter() - start
         return out
 
 
-def _prefill(model, ids: torch.Tensor, method: Method) -> tuple[float, dict]:
+def _prefill(model, ids: torch.Tensor, method: Method) -> tuple[float, object]:
+    """Seconds of one prefill, and the method's state after it."""
     engine = Engine(model, method)
     start = time.perf_counter()
     engine.prefill(ids)
     synchronize(ids.device)
-    return time.perf_counter() - start, engine.state
+    return time.perf_counter() - start, engine.state_of(method)
 
 
 def run_sparse_prefill(model, tokenizer, context: int, tsa: TokenSparse, repeats: int = 1) -> dict:
@@ -54,7 +59,7 @@ def run_sparse_prefill(model, tokenizer, context: int, tsa: TokenSparse, repeats
     ids = torch.tensor([tokenizer(prose(tokenizer, context + 2048)).input_ids[:context]])
     ids = ids.to(next(model.parameters()).device)
     tsa = dataclasses.replace(tsa, timings=True)
-    layers = tsa.sparse_layers(Engine(model, tsa))
+    layers = tsa.sparse_layers(Engine(model, tsa).view(0))
     dense_method = TimedDense(layers=frozenset(layers))
     for method in (dense_method, tsa):  # warm-up: first calls into each kernel are slow
         _prefill(model, ids[:, : min(context, 512)], method)
@@ -65,14 +70,14 @@ def run_sparse_prefill(model, tokenizer, context: int, tsa: TokenSparse, repeats
             runs[label].append(_prefill(model, ids, method))
     per_layer = []
     for layer in sorted(layers):
-        dense = statistics.median(state["dense_s"][layer] for _, state in runs["dense"])
-        phases = {p: statistics.median(state["tsa"][layer].get(p, 0.0) for _, state in runs["tsa"]) for p in PHASES}
+        dense = statistics.median(state[layer] for _, state in runs["dense"])
+        phases = {p: statistics.median(state.stats[layer].get(p, 0.0) for _, state in runs["tsa"]) for p in PHASES}
         sparse = sum(phases.values())
         overhead = phases["score_s"] + phases["gather_s"] + phases["scatter_s"]
         per_layer.append(
             {
                 "layer": layer,
-                "dropped": 1 - runs["tsa"][0][1]["tsa"][layer]["kept"],
+                "dropped": 1 - runs["tsa"][0][1].stats[layer]["kept"],
                 "dense_s": dense,
                 "tsa_s": sparse,
                 **phases,

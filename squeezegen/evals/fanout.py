@@ -12,29 +12,28 @@ import time
 
 import torch
 
-from squeezegen.methods.base import Method
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import Decoding, GenerationResult, _left_pad, decode_loop, prefill_rows
+from squeezegen.runtime.hooks import Method
 
 
 def select_only(method: Method) -> bool:
-    kind = type(method)
-    hooks = ("propagate", "prefill_attention", "refill")
-    return all(getattr(kind, hook) is getattr(Method, hook) for hook in hooks)
+    """Does the method leave the prefill's computation alone (it only chooses what to keep)?"""
+    return not method.hooks() & {"propagate", "prefill_attention", "refill"}
 
 
 class _FanOut(Method):
     """Calls every branch's `select_cache` on the shared prefill; keeps everything itself."""
 
-    def __init__(self, methods: dict[str, Method]) -> None:
-        self.branches = {label: (m, {}, {}) for label, m in methods.items()}  # method, state, keep
+    HOOKS = frozenset({"select_cache"})
 
-    def select_cache(self, engine, layer, query, key, value):
-        own = engine.state
-        for method, state, keep in self.branches.values():
-            engine.state = state
-            keep[layer] = method.select_cache(engine, layer, query, key, value)
-        engine.state = own
+    def __init__(self, methods: dict[str, Method]) -> None:
+        self.branches = {label: (m, {}) for label, m in methods.items()}  # method, kept per layer
+
+    def select_cache(self, view, query, key, value):
+        for method, keep in self.branches.values():
+            if "select_cache" in method.hooks():
+                keep[view.index] = method.select_cache(view.for_method(method), query, key, value)
         return None
 
 
@@ -53,7 +52,7 @@ def answer_all(
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     row = [chunks[0] + chunks[1]] if question_seen else chunks
-    reserve = decoding.max_new_tokens + (0 if question_seen else len(chunks[1]))
+    reserve = decoding.max_new_tokens - 1
     results: dict[str, GenerationResult] = {}
 
     shared = {label: m for label, m in methods.items() if select_only(m)}
@@ -63,8 +62,8 @@ def answer_all(
         start = time.perf_counter()
         logits = engine.prefill(*_left_pad([row[0]], pad_id, engine.parts.embed.weight.device))
         prefill_s = time.perf_counter() - start
-        for label, (method, state, keep) in fan.branches.items():
-            twin = engine.fork(method, state, keep)
+        for label, (method, keep) in fan.branches.items():
+            twin = engine.fork(method, keep)
             first = logits
             if not question_seen:
                 first = twin.prefill(*_left_pad([chunks[1]], pad_id, logits.device), compress=False)

@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from squeezegen.evals.corpus import prose
 from squeezegen.evals.tasks import needle_keys, needle_value
-from squeezegen.methods.base import Method
 from squeezegen.methods.spec import MethodSpec, matched_budget
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import Decoding, decode_loop, encode, prefill_rows
+from squeezegen.runtime.hooks import Method
 
 PROMPT = "Read the documentation below carefully, think it through step by step, and keep notes."
 

@@ -4,7 +4,6 @@
 `spec` parses them from text (one budget grammar everywhere).
 """
 
-from squeezegen.methods.base import Method
 from squeezegen.methods.compose import Compose
 from squeezegen.methods.fastkv import FastKV
 from squeezegen.methods.full import Full
@@ -18,6 +17,7 @@ from squeezegen.methods.spec import MethodSpec, expand, matched_budget, parse_bu
 from squeezegen.methods.streaming_llm import StreamingLLM
 from squeezegen.methods.token_sparse import TokenSparse
 from squeezegen.methods.tova import TOVA
+from squeezegen.runtime.hooks import Method
 
 __all__ = [
     "REGISTRY",

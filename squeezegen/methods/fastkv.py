@@ -9,15 +9,22 @@ scored the same way, so the cache left for decoding does not depend on how much 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.selection import middle_layer
+from squeezegen.methods.scoring import keep_top, resolve_budget
+from squeezegen.methods.selection import SelectionState, middle_layer
 from squeezegen.methods.snapkv import SnapKV
-from squeezegen.runtime.scoring import resolve_budget, topk_chunks_keep_window, topk_keep_window
 
 TSP_DEPTH = 15 / 32  # the reference's layer 15 of 32 (also its 17/36 and 19/40)
+CONSTANT_MODE_TSP_LEN = 2048  # the reference's tokens propagated with max_capacity_prompt
+
+
+@dataclass
+class FastKVState(SelectionState):
+    tsp_scores: torch.Tensor | None = None  # the TSP layer's scores, from its selection to its propagation
 
 
 @dataclass
@@ -27,10 +34,14 @@ class FastKV(SnapKV):
 
     budget / retain_rate: KV entries kept per layer as a fraction of the prompt ("proportional"
     mode; layers after the TSP layer keep the same count, out of their propagated tokens);
-    max_capacity: the same as a token count ("constant" mode). tsp_rate / tsp_len: tokens
-    propagated, as a fraction or a count; never fewer than the cache keeps. chunk > 0 keeps and
-    propagates whole chunks of that many tokens (ChunkKV-style), an option of ours.
+    max_capacity: the same as a token count ("constant" mode, where the reference propagates
+    tsp_len = 2048 tokens unless told otherwise). tsp_rate / tsp_len: tokens propagated, as a
+    fraction or a count; never fewer than the cache keeps. A prompt within the budget keeps its
+    whole cache. chunk > 0 keeps and propagates whole chunks of that many tokens (ChunkKV-style),
+    an option of ours.
     """
+
+    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "propagate"})
 
     budget: int | float = 0.1
     window: int = 8
@@ -50,46 +61,47 @@ class FastKV(SnapKV):
             self.budget = float(self.retain_rate)
         if self.max_capacity is not None:
             self.budget = int(self.max_capacity)
+            if self.tsp_len is None:
+                self.tsp_len = CONSTANT_MODE_TSP_LEN
         if not 0 < self.tsp_rate <= 1:
             raise SqueezegenError(f"tsp_rate must be in (0, 1], got {self.tsp_rate}")
         if self.tsp_len is not None and self.tsp_len < 1:
             raise SqueezegenError(f"tsp_len must be at least 1 token, got {self.tsp_len}")
         super().__post_init__()
 
-    def tsp_at(self, engine) -> int:
-        return middle_layer(engine, self.tsp_layer, TSP_DEPTH)
+    def new_state(self) -> FastKVState:
+        return FastKVState()
+
+    def tsp_at(self, view) -> int:
+        return middle_layer(view, self.tsp_layer, TSP_DEPTH)
 
     def propagated(self, prompt: int) -> int:
-        """How many of a `prompt`-token chunk go on past the TSP layer."""
+        """How many of a `prompt`-token row go on past the TSP layer."""
         count = self.tsp_len if self.tsp_len is not None else int(prompt * self.tsp_rate)
-        return min(prompt, max(count, resolve_budget(self.budget, prompt), self.window))
+        return min(prompt, max(count, resolve_budget(self.budget, prompt), self.window, 1))
 
-    def layer_budget(self, engine, layer, context):
-        if layer > self.tsp_at(engine):  # the budget counts the prompt, not the propagated tokens
-            return min(context, resolve_budget(self.budget, engine.state["prompt"]))
+    def layer_budget(self, view, context, prompt):
+        if view.index > self.tsp_at(view):  # the budget counts the prompt, not the propagated tokens
+            return min(context, resolve_budget(self.budget, prompt))
         return resolve_budget(self.budget, context)
 
-    def select_cache(self, engine, layer, query, key, value):
-        n = key.shape[2]
-        tsp = self.tsp_at(engine)
-        if layer <= tsp:
-            engine.state["prompt"] = n
-        if layer == tsp and self.propagated(query.shape[2]) < query.shape[2]:
-            engine.state["tsp_scores"] = self.kv_scores(engine, layer, query, key)
-        return super().select_cache(engine, layer, query, key, value)
+    def select_cache(self, view, query, key, value):
+        if view.index == self.tsp_at(view):
+            view.state.tsp_scores = self.kv_scores(view, query, key)
+        return super().select_cache(view, query, key, value)
 
-    def propagate(self, engine, layer, hidden):
-        scores = engine.state.pop("tsp_scores", None) if layer == self.tsp_at(engine) else None
-        if scores is None:
+    def propagate(self, view, hidden):
+        scores, view.state.tsp_scores = view.state.tsp_scores, None
+        if scores is None or view.index != self.tsp_at(view):
             return None
-        n = hidden.shape[1]
-        return tsp_index(scores[..., -n:], self.propagated(n), self.window, self.chunk)
+        counts = [self.propagated(n) for n in view.row_tokens]
+        return tsp_index(scores, view.positions >= 0, counts, self.window, self.chunk)
 
 
-def tsp_index(scores: torch.Tensor, count: int, window: int, chunk: int = 0) -> torch.Tensor:
-    """Tokens (B, count) that go on, ascending: the last `window` and the best of the rest by
-    their scores (B, Hkv, n) summed over KV heads (by whole chunks of `chunk` tokens if > 0)."""
-    total, window = scores.sum(dim=1, keepdim=True), min(window, count)
-    if chunk:
-        return topk_chunks_keep_window(total, count, window, chunk)[:, 0]
-    return topk_keep_window(total, count, window)[:, 0]
+def tsp_index(scores: torch.Tensor, real: torch.Tensor, counts: list[int], window: int, chunk: int = 0) -> torch.Tensor:
+    """Tokens (B, K) each row passes on, ascending with -1 first for a row passing fewer: its last
+    `window` and the best of the rest by their scores (B, Hkv, n) summed over KV heads (by whole
+    chunks of `chunk` tokens if > 0); real (B, n) marks the row's tokens."""
+    windows = [max(1, min(window, c)) for c in counts]
+    index = keep_top(scores.sum(dim=1, keepdim=True), real[:, None], counts, windows, chunk)[:, 0]
+    return index.sort(dim=-1).values

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from squeezegen.methods.base import Method
+from squeezegen.runtime.hooks import Method
 
 
 @dataclass

@@ -9,15 +9,21 @@ whole model from position 0; the cache holds only them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
+from squeezegen.methods.scoring import check_budget, keep_top, pool1d, resolve_budget
 from squeezegen.methods.selection import middle_layer
-from squeezegen.runtime.scoring import check_budget, pool1d, resolve_budget
+from squeezegen.runtime.hooks import Method
 
 FILTER_DEPTH = 13 / 32  # the paper's layer 13 of Llama-3.1-8B's 32
+
+
+@dataclass
+class GemFilterState:
+    refill: torch.Tensor | None = None  # the filter layer's choice, until the pass stops
 
 
 @dataclass
@@ -29,37 +35,39 @@ class GemFilter(Method):
     layer: int | None = None
     kernel: int = 5
 
+    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "refill"})
+
     def __post_init__(self) -> None:
         check_budget(self.budget)
         if self.kernel < 1 or (self.kernel > 1 and self.kernel % 2 == 0):
             raise SqueezegenError(f"pooling kernel must be 1 (off) or odd, got {self.kernel}")
 
-    def filter_at(self, engine) -> int:
-        return middle_layer(engine, self.layer, FILTER_DEPTH)
+    def new_state(self) -> GemFilterState:
+        return GemFilterState()
 
-    def select_cache(self, engine, layer, query, key, value):
-        if layer == self.filter_at(engine):
-            keep = filter_index(query, key, engine.cache.layers[layer].view()[2], self.budget, self.kernel)
-            if keep is not None:
-                engine.state["refill"] = keep
+    def filter_at(self, view) -> int:
+        return middle_layer(view, self.layer, FILTER_DEPTH)
+
+    def select_cache(self, view, query, key, value):
+        if view.index == self.filter_at(view):
+            counts = [resolve_budget(self.budget, n) for n in view.row_tokens]
+            view.state.refill = filter_index(query, key, view.key_pos, counts, self.kernel)
         return None
 
-    def refill(self, engine, layer):
-        return engine.state.pop("refill", None)
+    def refill(self, view):
+        keep, view.state.refill = view.state.refill, None
+        return keep
 
 
 def filter_index(
-    query: torch.Tensor, key: torch.Tensor, key_pos: torch.Tensor, budget: int | float, kernel: int
-) -> torch.Tensor | None:
-    """Tokens (B, k) to keep, ascending, scored by the last query; None when the budget holds all."""
+    query: torch.Tensor, key: torch.Tensor, key_pos: torch.Tensor, counts: list[int], kernel: int
+) -> torch.Tensor:
+    """Tokens (B, K) each row keeps, ascending, -1 first for a row keeping fewer than K: its
+    `counts[row]` best, scored by the last query's raw dot product summed over heads, pooled."""
     b, h, _, d = query.shape
-    h_kv, n = key.shape[1], key.shape[2]
-    count = resolve_budget(budget, n)
-    if count >= n:
-        return None
+    h_kv = key.shape[1]
     last = query[:, :, -1].float().reshape(b, h_kv, h // h_kv, d)
-    scores = (last @ key.float().transpose(-1, -2)).sum(dim=(1, 2))  # (B, n)
-    scores = pool1d(scores[:, None], kernel, "avg")[:, 0]
-    padding = (key_pos < 0).any(dim=1)
-    scores = scores.masked_fill(padding, float("-inf"))
-    return scores.topk(count, dim=-1).indices.sort(dim=-1).values
+    real = key_pos[:, :1] >= 0  # (B, 1, n)
+    scores = (last @ key.float().transpose(-1, -2)).sum(dim=(1, 2))[:, None]  # (B, 1, n)
+    scores = pool1d(scores.masked_fill(~real, 0.0), kernel, "avg")
+    return keep_top(scores, real, counts, [0] * b)[:, 0].sort(dim=-1).values

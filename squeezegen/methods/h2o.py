@@ -1,57 +1,63 @@
 """H2O: heavy hitters, the keys that received the most attention from all queries so far, plus
 the most recent tokens; the scores keep accumulating while decoding evicts the lightest entry."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from squeezegen.methods.selection import (
-    ScoredSelection,
-    decode_attention,
-    over_budget,
-    protect_recent,
-    query_key_positions,
-)
-from squeezegen.runtime.scoring import column_sums, reduce_gqa
+from squeezegen.methods.scoring import column_sums, reduce_gqa
+from squeezegen.methods.selection import EvictingSelection, EvictionState, decode_probs, protected
 
 
 @dataclass
-class H2O(ScoredSelection):
+class H2OState(EvictionState):
+    """Also: each compressed layer's accumulated attention per cache slot (B, Hkv, slots)."""
+
+    held: dict[int, torch.Tensor] = field(default_factory=dict)
+    recent: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, 1) newest entries protected
+
+
+@dataclass
+class H2O(EvictingSelection):
     """As in the original, half of the budget holds the most recent tokens and half the heavy
     hitters; `window` sets the recent part to a fixed count instead."""
 
     window: int | None = None
     kernel: int = 1
 
+    def new_state(self) -> H2OState:
+        return H2OState()
+
     def recent(self, budget):
         return budget // 2 if self.window is None else min(self.window, budget)
 
-    def score(self, engine, layer, query, key):
-        q_pos, k_pos = query_key_positions(engine, layer)
-        return column_sums(query, key, q_pos, k_pos, engine.parts.scaling(layer))
+    def score(self, view, query, key):
+        return column_sums(query, key, view.positions, view.key_pos, view.scaling)
 
-    def select_cache(self, engine, layer, query, key, value):
-        if engine.parts.is_sliding(layer):
-            return None
-        scores = self.kv_scores(engine, layer, query, key)
-        keep = self.choose(engine, layer, scores)
-        if keep is not None:  # carry the accumulated scores of the kept entries into decoding
-            scores = scores.gather(2, keep.expand(*scores.shape[:2], -1))
-        engine.state.setdefault("h2o", {})[layer] = scores
-        return keep
+    def track(self, view, query, key, keep):
+        super().track(view, query, key, keep)
+        scores = self.kv_scores(view, query, key)  # carry the accumulated scores of the kept entries
+        if keep is not None:
+            scores = scores.gather(2, keep.clamp(min=0).expand(*scores.shape[:2], -1)).masked_fill(keep < 0, 0.0)
+        view.state.held[view.index] = scores
 
-    def on_decode_attention(self, engine, layer, query):
-        held = engine.state.get("h2o", {}).get(layer)
-        if held is None:  # sliding-window layer, or prefill without compression
+    def start_decode(self, engine):
+        super().start_decode(engine)
+        state = engine.state_of(self)
+        for layer, held in state.held.items():  # slots keep their places: pad to the decode buffer
+            state.held[layer] = torch.nn.functional.pad(held, (0, engine.cache.layers[layer].used - held.shape[-1]))
+            recent = [self.recent(b) for b in state.budgets[layer]]
+            state.recent[layer] = torch.tensor(recent, device=held.device)[:, None]
+
+    def decode_attention(self, view, query):
+        held = view.state.held.get(view.index)
+        if held is None:  # sliding-window layer, or a prefill without compression
             return
-        cache = engine.cache.layers[layer]
-        new = reduce_gqa(decode_attention(engine, layer, query), cache.keys.shape[1], self.gqa)
-        held = torch.cat([held, new.new_zeros(*new.shape[:2], new.shape[2] - held.shape[2])], dim=-1)
-        held = held.expand_as(new) + new
-        if over_budget(engine, layer):
-            recent = self.recent(engine.state["budget"][layer])
-            slot = protect_recent(held, cache.view()[2], engine.positions[:, -1], recent).argmin(dim=-1)
-            cache.evict(slot)
-            # mirror the cache: the newest entry's score moves into the freed slot
-            held = held.scatter(2, slot[..., None], held[..., -1:])[..., :-1]
-        engine.state["h2o"][layer] = held
+        cache = view.cache
+        held += reduce_gqa(decode_probs(view, query), cache.keys.shape[1], self.gqa)  # empty slots add 0
+        slot = protected(held, cache.pos, view.positions, view.state.recent[view.index]).argmin(dim=-1)
+        evict = cache.live() > view.state.caps[view.index]
+        cache.evict(slot, evict)
+        # the freed slot's score starts again from 0 for the token that will take it
+        kept = held.gather(2, slot[..., None])
+        held.scatter_(2, slot[..., None], torch.where(evict[..., None], torch.zeros_like(kept), kept))

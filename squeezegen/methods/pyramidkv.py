@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
+from squeezegen.methods.scoring import resolve_budget
 from squeezegen.methods.snapkv import SnapKV
-from squeezegen.runtime.scoring import resolve_budget
 
 
 @dataclass
@@ -13,11 +13,11 @@ class PyramidKV(SnapKV):
 
     beta: int = 20
 
-    def layer_budget(self, engine, layer, context):
+    def layer_budget(self, view, context, prompt):
         flat = resolve_budget(self.budget, context)
         window = min(self.window, flat)
-        layers = len(engine.parts.layers)
+        layers = view.num_layers
         low = (flat - window) / self.beta
         high = 2 * (flat - window) - low
         step = (high - low) / max(layers - 1, 1)
-        return min(context, window + round(high - layer * step))
+        return min(context, window + round(high - view.index * step))

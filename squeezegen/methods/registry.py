@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
 from squeezegen.methods.fastkv import FastKV
 from squeezegen.methods.full import Full
 from squeezegen.methods.gemfilter import GemFilter
@@ -16,6 +15,7 @@ from squeezegen.methods.snapkv import SnapKV
 from squeezegen.methods.streaming_llm import StreamingLLM
 from squeezegen.methods.token_sparse import TokenSparse
 from squeezegen.methods.tova import TOVA
+from squeezegen.runtime.hooks import Method
 
 REGISTRY: dict[str, type[Method]] = {
     "full": Full,

@@ -3,18 +3,27 @@ that the last R queries attend to most.
 
 The prompt and the newest R tokens stay whole. After the m-th compression the generated part holds
 m·P/c selected entries plus the recent ones; earlier survivors are scored again each time, and
-positions keep counting every token seen, so RoPE and masks stay true.
+positions keep counting every token seen, so RoPE and masks stay true. Compression marks the
+dropped entries' slots empty in the fixed decode buffer; later tokens take them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
-from squeezegen.runtime.scoring import pool1d, window_scores
+from squeezegen.methods.scoring import pool1d, window_scores
+from squeezegen.runtime.hooks import Method
+
+
+@dataclass
+class RPCState:
+    prompt_end: torch.Tensor | None = None  # (B,) first position of each row's generated path
+    step: torch.Tensor | None = None  # (1,) decode steps so far, on the device (the ring's cursor)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # per global layer (B, H, R, D)
 
 
 @dataclass
@@ -29,6 +38,8 @@ class RPC(Method):
     aggregation: str = "all"
     kernel: int = 7
 
+    HOOKS: ClassVar[frozenset[str]] = frozenset({"start_decode", "decode_attention", "after_decode_step"})
+
     def __post_init__(self) -> None:
         if min(self.P, self.R, self.c) < 1:
             raise SqueezegenError(f"P, R and c must be >= 1, got P={self.P}, R={self.R}, c={self.c}")
@@ -39,35 +50,48 @@ class RPC(Method):
         if self.kernel < 1 or (self.kernel > 1 and self.kernel % 2 == 0):
             raise SqueezegenError(f"pooling kernel must be 1 (off) or odd, got {self.kernel}")
 
-    def on_decode_attention(self, engine, layer, query):
-        if engine.parts.is_sliding(layer):
-            return
-        if engine.decode_steps == 0:  # where the generated part of this layer's cache begins
-            engine.state.setdefault("rpc_start", {})[layer] = engine.cache.layers[layer].length - 1
-            engine.state.setdefault("rpc_queries", {})[layer] = query.new_zeros(
-                *query.shape[:2], self.R, query.shape[3]
-            )
-        # a ring of the last R queries: their order does not matter to the summed scores
-        engine.state["rpc_queries"][layer][:, :, engine.decode_steps % self.R] = query[:, :, 0]
+    def new_state(self) -> RPCState:
+        return RPCState()
 
-    def on_decode_step(self, engine, step):
+    def decode_capacity(self, view, live, new_tokens):
+        return live + self.peak_generated(new_tokens)
+
+    def start_decode(self, engine):
+        state = engine.state_of(self)
+        state.prompt_end = engine.next_pos.clone()  # positions from here on are the generated path
+        state.step = torch.zeros(1, dtype=torch.long, device=engine.next_pos.device)
+        b = engine.next_pos.shape[0]
+        for layer, cache in enumerate(engine.cache.layers):
+            if engine.parts.is_sliding(layer):
+                continue
+            attn = engine.parts.layers[layer].self_attn
+            heads = attn.config.num_attention_heads
+            state.queries[layer] = cache.keys.new_zeros(b, heads, self.R, cache.keys.shape[-1])
+
+    def decode_attention(self, view, query):
+        ring = view.state.queries.get(view.index)
+        if ring is not None:  # a ring of the last R queries: their order does not matter to the summed scores
+            ring.index_copy_(2, view.state.step % self.R, query)
+
+    def after_decode_step(self, engine, step):
+        state = engine.state_of(self)
+        state.step += 1
         generated = step + 1  # tokens the decode steps have added to the cache
         if generated < self.P + self.R or (generated - self.R) % self.P:
             return
         kept = (generated - self.R) // self.P * (self.P // self.c)
         newest = engine.next_pos[:, None] - self.R + torch.arange(self.R, device=engine.next_pos.device)
-        for layer, cache in enumerate(engine.cache.layers):
-            if engine.parts.is_sliding(layer):
-                continue
-            start, end = engine.state["rpc_start"][layer], cache.length - self.R
-            if end - start <= kept:
-                continue
-            keys, _, pos = cache.view()
+        for layer, queries in state.queries.items():
+            cache = engine.cache.layers[layer]
+            pos = cache.pos
+            # the generated path before the newest R tokens; rows decode in lockstep, so every row
+            # (and head) holds the same number of such entries
+            span = (pos >= state.prompt_end[:, None, None]) & (pos < newest[:, :1, None])
+            count = int(span[:, :1].sum(-1).max())
             # every span key precedes every selector query, so the softmax runs over the span alone
-            queries, scaling = engine.state["rpc_queries"][layer], engine.parts.scaling(layer)
-            scores = window_scores(queries, keys[:, :, start:end], newest, pos[:, :, start:end], self.R, scaling)
-            # room for the P tokens until the next compression, so the dropped entries' memory goes
-            cache.keep(self.index(scores, keys.shape[1], start, end, cache.length, kept), room=self.P)
+            span_pos = pos.masked_fill(~span, -1)
+            scores = window_scores(queries, cache.keys, newest, span_pos, self.R, engine.parts.scaling(layer))
+            cache.evict_where(span & ~self.chosen(scores, pos, span, count, kept))
 
     def generated_held(self, generated: int) -> int:
         """Generated entries a global layer holds after `generated` decode steps (compressed)."""
@@ -81,17 +105,21 @@ class RPC(Method):
         token joins the cache before that step's compression runs."""
         return max((self.generated_held(n - 1) + 1 for n in range(1, generated + 1)), default=0)
 
-    def index(self, scores: torch.Tensor, kv_heads: int, start: int, end: int, length: int, kept: int) -> torch.Tensor:
-        """Entries to keep (B, 1|Hkv, start + kept + R): the prompt, the best `kept` of the span
-        scored (B, H, end - start), the newest."""
-        b, h, _ = scores.shape
+    def chosen(
+        self, scores: torch.Tensor, pos: torch.Tensor, span: torch.Tensor, count: int, kept: int
+    ) -> torch.Tensor:
+        """Slots (B, Hkv, C) of the `kept` best span entries per row (and KV head with "group"),
+        from scores (B, H, C): heads averaged, then pooled along the path in position order."""
+        b, h, n = scores.shape
+        kv_heads = pos.shape[1]
         if self.aggregation == "all":
             scores = scores.mean(dim=1, keepdim=True)
         else:
-            scores = scores.view(b, kv_heads, h // kv_heads, -1).mean(dim=2)
-        scores = pool1d(scores, self.kernel, "avg")
-        top = scores.topk(kept, dim=-1).indices.sort(dim=-1).values + start
-        shape = (*top.shape[:2], -1)
-        prompt = torch.arange(start, device=top.device).expand(*shape)
-        recent = torch.arange(end, length, device=top.device).expand(*shape)
-        return torch.cat([prompt, top, recent], dim=-1)
+            scores = scores.view(b, kv_heads, h // kv_heads, n).mean(dim=2)
+        span, at = span[:, : scores.shape[1]], pos[:, : scores.shape[1]]
+        order = torch.where(span, at, at.max() + 1 + torch.arange(n, device=pos.device)).sort(dim=-1).indices
+        order = order[..., :count]  # the span's slots by position
+        pooled = pool1d(scores.gather(-1, order), self.kernel, "avg")
+        top = pooled.sort(dim=-1, descending=True, stable=True).indices[..., :kept]  # all of it when c = 1
+        chosen = torch.zeros_like(span).scatter_(-1, order.gather(-1, top), True)
+        return chosen.expand_as(pos)

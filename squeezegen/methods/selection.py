@@ -1,42 +1,45 @@
-"""What the score-and-keep methods share: budgets, pooling, GQA reduction, top-k with a kept
-window, chunked selection, and decode-time eviction to a fixed budget.
+"""What the score-and-keep methods share: per-row budgets, pooling, GQA reduction, top-k with a
+kept window, chunked selection, and decode-time eviction to a fixed budget.
 
-A method subclasses `ScoredSelection` and writes one `score` function (kvpress style). Layers
-with a sliding window are left alone: they already hold a bounded window.
+A method subclasses `ScoredSelection` (or `EvictingSelection`, which also evicts while decoding)
+and writes one `score` function (kvpress style). Layers with a sliding window are left alone:
+they already hold a bounded window. Every decision is per row, on the row's real entries, so a
+row of a padded batch keeps what it would keep alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
-from squeezegen.runtime.scoring import (
-    attention_probs,
-    check_budget,
-    pool1d,
-    reduce_gqa,
-    resolve_budget,
-    topk_chunks_keep_window,
-    topk_keep_window,
-)
+from squeezegen.methods.scoring import attention_probs, check_budget, keep_top, pool1d, reduce_gqa, resolve_budget
+from squeezegen.runtime.hooks import LayerView, Method
 
 if TYPE_CHECKING:
     from squeezegen.runtime.engine import Engine
 
 
 @dataclass
+class SelectionState:
+    """Per generation: each compressed layer's budget per row (what decoding may grow back to)."""
+
+    budgets: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
 class ScoredSelection(Method):
     """Keep, per KV head, the last `window` entries and the `budget` best-scored ones in all.
 
-    budget: a token count (int) or a fraction of the context (float <= 1), counted at prefill;
-    methods that evict while decoding take a token count above the prompt's length as a cap.
-    kernel/pooling: smoothing of the scores along the sequence; gqa: how the query heads of a KV
-    group are combined ("mean", "sum", "max"); chunk > 0 keeps whole chunks of that many tokens.
+    budget: a token count (int) or a fraction of the context (float <= 1), counted per row at
+    prefill; a prompt within the budget keeps everything. kernel/pooling: smoothing of the scores
+    along the sequence; gqa: how the query heads of a KV group are combined ("mean", "sum",
+    "max"); chunk > 0 keeps whole chunks of that many tokens.
     """
+
+    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache"})
 
     budget: int | float = 0.25
     window: int = 32
@@ -56,14 +59,17 @@ class ScoredSelection(Method):
         if self.gqa not in ("mean", "sum", "max"):
             raise SqueezegenError(f"gqa must be 'mean', 'sum' or 'max', got {self.gqa!r}")
 
+    def new_state(self) -> SelectionState:
+        return SelectionState()
+
     # --- what a method defines --------------------------------------------------------------------
-    def score(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def score(self, view: LayerView, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Importance of every cached entry: (B, H, n) per query head, (B, Hkv, n) or (B, 1, n)."""
         raise NotImplementedError
 
-    def layer_budget(self, engine: Engine, layer: int, context: int) -> int:
-        if isinstance(self.budget, int) and self.budget >= context and self.compresses_while_decoding():
-            return self.budget  # the prompt fits: decoding fills the cache up to the budget
+    def layer_budget(self, view: LayerView, context: int, prompt: int) -> int:
+        """Entries a row keeps in this layer, holding `context` real entries of a `prompt`-token
+        prompt (fewer than the prompt after a propagation)."""
         return resolve_budget(self.budget, context)
 
     def recent(self, budget: int) -> int:
@@ -71,92 +77,129 @@ class ScoredSelection(Method):
         return min(self.window, budget)
 
     # --- shared ------------------------------------------------------------------------------------
-    def kv_scores(self, engine: Engine, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def kv_scores(self, view: LayerView, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """`score`, pooled along the sequence and reduced to one row per KV head (or one shared).
 
-        Left padding scores -inf. Scores do not depend on the budget or chunking: configurations
-        that differ only there (an evaluation sweeping budgets over one prefill) compute them once
-        per layer.
+        Scores do not depend on the budget or chunking: configurations that differ only there
+        (an evaluation sweeping budgets over one prefill) compute them once per layer.
         """
         memo_key = (type(self), self.window, self.kernel, self.pooling, self.gqa, *self.score_params())
-        memo = engine.layer_memo(layer)
-        if memo_key not in memo:
-            scores = pool1d(self.score(engine, layer, query, key), self.kernel, self.pooling)
+        if memo_key not in view.memo:
+            padding = view.key_pos < 0
+            raw = self.score(view, query, key).float()
+            # padding scores 0 before pooling: what the pooling's own zero padding gives a row alone
+            raw = raw.masked_fill(padding if raw.shape[1] == padding.shape[1] else padding[:, :1], 0.0)
+            scores = pool1d(raw, self.kernel, self.pooling)
             if scores.shape[1] not in (1, key.shape[1]):
                 scores = reduce_gqa(scores, key.shape[1], self.gqa)
-            padding = engine.cache.layers[layer].view()[2] < 0  # never spend the budget on padding
-            memo[memo_key] = torch.where(padding, float("-inf"), scores) if padding.any() else scores
-        return memo[memo_key]
+            view.memo[memo_key] = scores
+        return view.memo[memo_key]
 
     def score_params(self) -> tuple:
         """Parameters besides the shared ones that change `score` (none for most methods)."""
         return ()
 
-    def choose(self, engine: Engine, layer: int, scores: torch.Tensor) -> torch.Tensor | None:
-        """Indices to keep given scores over the n cached entries; None when the budget holds all."""
-        n = scores.shape[-1]
-        budget = self.layer_budget(engine, layer, n)
-        engine.state.setdefault("budget", {})[layer] = budget
-        if budget >= n:
+    def row_budgets(self, view: LayerView) -> list[int]:
+        """Each row's budget in this layer, recorded in the state for decoding."""
+        budgets = [self.layer_budget(view, n, p) for n, p in zip(view.row_tokens, view.prompt_lengths, strict=True)]
+        view.state.budgets[view.index] = budgets
+        return budgets
+
+    def choose(self, view: LayerView, scores: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+        """Indices each row keeps given scores over the cached entries (every real entry when
+        its budget holds them all: the same path runs, so budget 1.0 is the full cache by test)."""
+        windows = [self.recent(b) for b in budgets]
+        return keep_top(scores, view.key_pos >= 0, budgets, windows, self.chunk)
+
+    def select_cache(self, view, query, key, value):
+        if view.sliding:
             return None
-        window = self.recent(budget)
-        if self.chunk:
-            return topk_chunks_keep_window(scores, budget, window, self.chunk)
-        return topk_keep_window(scores, budget, window)
-
-    def select_cache(self, engine, layer, query, key, value):
-        if engine.parts.is_sliding(layer):
-            return None
-        budget = self.layer_budget(engine, layer, key.shape[2])
-        if budget >= key.shape[2]:
-            engine.state.setdefault("budget", {})[layer] = budget
-            return None
-        return self.choose(engine, layer, self.kv_scores(engine, layer, query, key))
+        return self.choose(view, self.kv_scores(view, query, key), self.row_budgets(view))
 
 
-def query_key_positions(engine: Engine, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the queries being run and of the layer's cached keys."""
-    return engine.positions, engine.cache.layers[layer].view()[2]
+@dataclass
+class EvictionState(SelectionState):
+    """Also: each layer's cap per row (B, 1) while decoding."""
+
+    caps: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def decode_attention(engine: Engine, layer: int, query: torch.Tensor) -> torch.Tensor:
-    """The new token's attention (B, H, n) over the layer's whole cache, fp32."""
-    cache = engine.cache.layers[layer]
-    keys, _, k_pos = cache.view()
-    if cache.padded or cache.window is not None:
-        return attention_probs(query, keys, engine.positions, k_pos, engine.parts.scaling(layer))[:, :, 0]
-    # every cached entry is visible to the newest token: no mask needed
-    b, h, _, d = query.shape
-    grouped = query.float().reshape(b, keys.shape[1], h // keys.shape[1], d)
-    scores = grouped @ keys.float().transpose(-1, -2) * engine.parts.scaling(layer)
-    return scores.softmax(dim=-1).reshape(b, h, -1)
+@dataclass
+class EvictingSelection(ScoredSelection):
+    """A selection whose cache stays at its budget while decoding: once a row holds more than its
+    cap, each step evicts the entry `victim` names. The cap is the row's budget, or what it held
+    when decoding began if a question was appended uncompressed after the context. A token
+    budget above a short prompt lets the cache grow to it while decoding."""
+
+    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "start_decode", "decode_attention"})
+
+    def new_state(self) -> EvictionState:
+        return EvictionState()
+
+    def layer_budget(self, view, context, prompt):
+        return self.budget if isinstance(self.budget, int) else resolve_budget(self.budget, context)
+
+    def select_cache(self, view, query, key, value):
+        keep = super().select_cache(view, query, key, value)
+        if not view.sliding:
+            self.track(view, query, key, keep)
+        return keep
+
+    def track(self, view: LayerView, query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Take charge of the entries `keep` (None = all) of this layer for decoding, whoever chose
+        them: record each row's budget (and what a subclass accumulates)."""
+        if view.index not in view.state.budgets:
+            self.row_budgets(view)
+
+    def victim(self, view: LayerView, query: torch.Tensor) -> torch.Tensor:
+        """The slot (B, Hkv or 1) each row would evict at this decode step."""
+        raise NotImplementedError
+
+    def decode_capacity(self, view, live, new_tokens):
+        budgets = view.state.budgets.get(view.index)
+        if budgets is None:
+            return live + new_tokens
+        return min(live + new_tokens, max(max(budgets), live) + 1)
+
+    def start_decode(self, engine: Engine) -> None:
+        state = engine.state_of(self)
+        for layer, budgets in state.budgets.items():
+            live = engine.cache.layers[layer].live().amax(dim=1, keepdim=True)  # (B, 1)
+            state.caps[layer] = torch.maximum(torch.tensor(budgets, device=live.device)[:, None], live)
+
+    def decode_attention(self, view, query):
+        cap = view.state.caps.get(view.index)
+        if cap is None:  # sliding-window layer, or a prefill without compression
+            return
+        slot = self.victim(view, query)
+        view.cache.evict(slot, view.cache.live() > cap)
 
 
-def over_budget(engine: Engine, layer: int) -> bool:
-    """Has decoding grown this layer past its cap? The cap is the prefill budget, or the length
-    the layer had when decoding began if a question was appended uncompressed after the context."""
-    budget = engine.state.get("budget", {}).get(layer)
-    if budget is None:
-        return False
-    length = engine.cache.layers[layer].length
-    cap = engine.state.setdefault("decode_cap", {}).setdefault(layer, max(budget, length - 1))
-    return length > cap
+def decode_probs(view: LayerView, query: torch.Tensor) -> torch.Tensor:
+    """The new token's attention (B, H, C) over the layer's decode buffer, fp32 (empty slots 0)."""
+    cache = view.cache
+    return attention_probs(query, cache.keys, view.positions, cache.pos, view.scaling)[:, :, 0]
 
 
-def protect_recent(scores: torch.Tensor, key_pos: torch.Tensor, current: torch.Tensor, recent: int) -> torch.Tensor:
-    """Scores with the entries of the last `recent` positions (and padding) made unevictable."""
-    newest = current[:, None, None] - key_pos < recent
+def protected(
+    scores: torch.Tensor, key_pos: torch.Tensor, current: torch.Tensor, recent: int | torch.Tensor
+) -> torch.Tensor:
+    """Scores with the entries of the last `recent` positions (an int, or (B, 1) per row) and
+    empty slots made unevictable; current (B, 1) is the position of the newest token."""
+    if isinstance(recent, torch.Tensor):
+        recent = recent[:, :, None]
+    newest = current[:, :, None] - key_pos < recent
     return scores.masked_fill(newest | (key_pos < 0), float("inf"))
 
 
-def middle_layer(engine: Engine, layer: int | None, fraction: float) -> int:
+def middle_layer(view: LayerView, layer: int | None, fraction: float) -> int:
     """`layer` if given (checked), else the global-attention layer nearest `fraction` of the depth:
     a sliding-window layer's scores cannot see far back, so a whole-prompt decision avoids them."""
-    count = len(engine.parts.layers)
+    count = view.num_layers
     if layer is not None:
         if not 0 <= layer < count:
             raise SqueezegenError(f"layer {layer} is out of range for a {count}-layer model (0..{count - 1})")
         return layer
     target = round(fraction * count)
-    candidates = [i for i in range(count) if not engine.parts.is_sliding(i)] or list(range(count))
+    candidates = [i for i in range(count) if view.layer_types[i] != "sliding_attention"] or list(range(count))
     return min(candidates, key=lambda i: (abs(i - target), i))

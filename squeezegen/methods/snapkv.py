@@ -2,14 +2,13 @@
 
 from dataclasses import dataclass
 
-from squeezegen.methods.selection import ScoredSelection, query_key_positions
-from squeezegen.runtime.scoring import window_scores
+from squeezegen.methods.scoring import window_scores
+from squeezegen.methods.selection import ScoredSelection
 
 
 @dataclass
 class SnapKV(ScoredSelection):
     """Defaults of the original paper: window 32, average pooling with kernel 5."""
 
-    def score(self, engine, layer, query, key):
-        q_pos, k_pos = query_key_positions(engine, layer)
-        return window_scores(query, key, q_pos, k_pos, max(self.window, 1), engine.parts.scaling(layer))
+    def score(self, view, query, key):
+        return window_scores(query, key, view.positions, view.key_pos, max(self.window, 1), view.scaling)

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, field
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
 from squeezegen.methods.full import Full
 from squeezegen.methods.registry import method, methods
 from squeezegen.methods.rpc import RPC
+from squeezegen.runtime.hooks import Method
 
 BUDGET_GRAMMAR = "a token count (512) or a fraction of the context (0.25, 25%, 1.0)"
 

@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
-from squeezegen.methods.selection import ScoredSelection, over_budget, protect_recent
+from squeezegen.methods.selection import EvictingSelection, protected
 
 
 @dataclass
-class StreamingLLM(ScoredSelection):
+class StreamingLLM(EvictingSelection):
     """Keep `sinks` first tokens and the newest budget - sinks; the cache stays at the budget
     during decoding by evicting the oldest non-sink entry."""
 
@@ -19,15 +19,11 @@ class StreamingLLM(ScoredSelection):
     def score_params(self):
         return (self.sinks,)
 
-    def score(self, engine, layer, query, key):
-        pos = engine.cache.layers[layer].view()[2].float()
+    def score(self, view, query, key):
+        pos = view.key_pos.float()
         return torch.where(pos < self.sinks, float("inf"), pos)  # newest score highest
 
-    def on_decode_attention(self, engine, layer, query):
-        if not over_budget(engine, layer):
-            return
-        cache = engine.cache.layers[layer]
-        pos = cache.view()[2]
-        scores = protect_recent(pos.float(), pos, engine.positions[:, -1], 1)
-        scores = scores.masked_fill(pos < self.sinks, float("inf"))
-        cache.evict(scores.argmin(dim=-1))
+    def victim(self, view, query):
+        pos = view.cache.pos
+        oldest = protected(pos.float(), pos, view.positions, 1).masked_fill(pos < self.sinks, float("inf"))
+        return oldest.argmin(dim=-1)

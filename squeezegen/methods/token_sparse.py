@@ -10,18 +10,19 @@ token. Decoding is untouched.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
-from squeezegen.methods.layer_profile import saved_sparse_layers
-from squeezegen.runtime.generate import synchronize
-from squeezegen.runtime.scoring import attention_probs, pool1d
+from squeezegen.methods.scoring import attention_probs, pool1d
+from squeezegen.methods.sparse_layers import saved_sparse_layers
+from squeezegen.runtime.attention import dense_attention
+from squeezegen.runtime.hooks import Method
+from squeezegen.runtime.timing import PhaseClock
 
 # The kernel run on the compact tensors: (q, k, v) of shape (B, H, n, D), all heads alike, causal.
 CompactKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -48,7 +49,7 @@ def coverage_index(
     averaged per head over those queries and pooled; the layer drops the least important tokens
     whose summed share of the head-averaged distribution stays below `tau`, every head the same
     count, each head its own tokens. Costs O(window x L) per head, never L x L. Batch rows agree on
-    the smallest drop any of them allows.
+    the smallest drop any of them allows (TokenSparse calls it row by row).
     """
     n = query.shape[2]
     span = n - window
@@ -108,6 +109,12 @@ def parse_layers(layers: object) -> list[int] | None:
 
 
 @dataclass
+class TSAState:
+    layers: set[int] | None = None  # the sparse layers, resolved once per generation
+    stats: dict[int, dict] = field(default_factory=dict)  # per sparse layer: kept share, phase seconds
+
+
+@dataclass
 class TokenSparse(Method):
     """tau: share of attention mass the dropped tokens may hold (0 = dense); min_tokens: per head
     floor of kept tokens beyond the window, and no sparsity unless the prompt exceeds
@@ -124,6 +131,8 @@ class TokenSparse(Method):
     # the kernel on the compact tensors (Python API only): SDPA now, a block-sparse kernel later
     kernel_fn: CompactKernel = field(default=sdpa_causal, repr=False, metadata={"api_only": True})
 
+    HOOKS: ClassVar[frozenset[str]] = frozenset({"prefill_attention"})
+
     def __post_init__(self) -> None:
         if not 0 <= self.tau < 1:
             raise SqueezegenError(f"tau must be in [0, 1), got {self.tau}")
@@ -133,63 +142,69 @@ class TokenSparse(Method):
             raise SqueezegenError(f"pooling kernel must be 1 (off) or odd, got {self.kernel}")
         self.layers = parse_layers(self.layers)
 
-    def sparse_layers(self, engine) -> set[int]:
+    def new_state(self) -> TSAState:
+        return TSAState()
+
+    def sparse_layers(self, view) -> set[int]:
         """The layers TSA applies to: given, saved for this model, or the second half; never a
         sliding-window layer (its attention is already local)."""
-        if "tsa_layers" not in engine.state:
-            count = len(engine.parts.layers)
-            chosen = self.layers or saved_sparse_layers(engine.model) or range(count // 2, count)
+        state = view.state
+        if state.layers is None:
+            count = view.num_layers
+            chosen = self.layers or saved_sparse_layers(view.engine.model) or range(count // 2, count)
             if max(chosen) >= count:
                 raise SqueezegenError(f"sparse layer {max(chosen)} does not exist in a {count}-layer model")
-            engine.state["tsa_layers"] = {i for i in chosen if not engine.parts.is_sliding(i)}
-        return engine.state["tsa_layers"]
+            state.layers = {i for i in chosen if view.layer_types[i] != "sliding_attention"}
+        return state.layers
 
-    def prefill_attention(self, engine, layer, query, key, value, mask, causal, scaling):
+    def prefill_attention(self, view, query, key, value, mask, causal):
         n = query.shape[2]
-        # the whole prompt in one fresh chunk: query i is key i (later chunks and padding run dense)
-        eligible = causal and key.shape[2] == n and n > self.min_tokens + self.window
-        if layer not in self.sparse_layers(engine) or not eligible:
-            return super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
-        clock = _Clock(query.device, self.timings)
-        index = coverage_index(
-            query,
-            key,
-            engine.positions,
-            engine.cache.layers[layer].view()[2],
-            scaling,
-            self.tau,
-            self.min_tokens,
-            self.window,
-            self.kernel,
-        )
-        clock.lap("score")
-        stats = engine.state.setdefault("tsa", {}).setdefault(layer, {})
-        stats["kept"] = 1.0 if index is None else index.shape[-1] / n
-        if index is None:  # nothing to drop: exactly the dense path
-            out = super().prefill_attention(engine, layer, query, key, value, mask, causal, scaling)
-            clock.lap("attend")
-        else:
-            compact = gather_heads(query, key, value, index)
-            clock.lap("gather")
-            out_compact = self.kernel_fn(*compact, scaling)
-            clock.lap("attend")
-            out = scatter_heads(out_compact, index, n)
-            clock.lap("scatter")
-        stats.update(clock.laps)
+        # only a fresh chunk (the layer holds just these tokens) can be made sparse; later chunks
+        # run dense. Each row is sparse on its own tokens, so a padded batch row is what it is alone.
+        if view.index not in self.sparse_layers(view) or key.shape[2] != n:
+            return dense_attention(query, key, value, view.scaling, mask, causal)
+        clock = PhaseClock(query.device, self.timings)
+        stats = view.state.stats.setdefault(view.index, {})
+        if query.shape[0] == 1 and view.row_tokens[0] == n:
+            out, kept = self._row(view, query, key, value, view.positions, clock)
+            stats.update(kept=kept, **clock.laps)
+            return out
+        out = torch.zeros_like(query)
+        kept_rows = []
+        for row, m in enumerate(view.row_tokens):
+            part = slice(row, row + 1), slice(None), slice(n - m, n)
+            out[part], kept = self._row(
+                view, query[part], key[part], value[part], view.positions[row : row + 1, n - m :], clock
+            )
+            kept_rows.append(kept)
+        stats.update(kept=sum(kept_rows) / len(kept_rows), **clock.laps)
         return out
 
-
-class _Clock:
-    """Seconds per phase, only when asked (a GPU must synchronise to be timed)."""
-
-    def __init__(self, device: torch.device, enabled: bool) -> None:
-        self.device, self.enabled, self.laps = device, enabled, {}
-        self.last = time.perf_counter() if enabled else 0.0
-
-    def lap(self, name: str) -> None:
-        if not self.enabled:
-            return
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.laps[f"{name}_s"] = now - self.last
-        self.last = now
+    def _row(self, view, query, key, value, positions, clock) -> tuple[torch.Tensor, float]:
+        """One row's attention (1, H, m, D) over its own m tokens, and the share each head kept."""
+        m = query.shape[2]
+        index = None
+        if m > self.min_tokens + self.window:
+            index = coverage_index(
+                query,
+                key,
+                positions,
+                positions[:, None],
+                view.scaling,
+                self.tau,
+                self.min_tokens,
+                self.window,
+                self.kernel,
+            )
+        clock.lap("score")
+        if index is None:  # nothing to drop: exactly the dense path
+            out = dense_attention(query, key, value, view.scaling, None, True)
+            clock.lap("attend")
+            return out, 1.0
+        compact = gather_heads(query, key, value, index)
+        clock.lap("gather")
+        out_compact = self.kernel_fn(*compact, view.scaling)
+        clock.lap("attend")
+        out = scatter_heads(out_compact, index, m)
+        clock.lap("scatter")
+        return out, index.shape[-1] / m

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "squeezegen"
 
@@ -94,6 +96,18 @@ def banded_attention(
     return out
 
 
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One new token's attention: query (B, H, 1, D) over a decode buffer key/value (B, Hkv, C, D)
+    whose slots are `visible` (B, Hkv, C) -> (B, H, 1, D). Query heads are stacked per KV head,
+    so grouped-query attention needs no K/V copies."""
+    b, h, _, d = query.shape
+    packed = query.reshape(b, key.shape[1], h // key.shape[1], d)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=visible[:, :, None, :], scale=scaling)
+    return out.reshape(b, h, 1, d)
+
+
 def _engine_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -103,15 +117,28 @@ def _engine_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     sg_engine=None,
-    **_: object,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """Called by every HF attention module while the engine runs it: hand q, k, v to the engine."""
+    """Every HF attention module of a model the engine drives calls this: inside the engine it
+    hands q, k, v over; outside (`model.generate`, `model(ids)`) it is transformers' own SDPA."""
     if sg_engine is None:
-        raise RuntimeError("the squeezegen attention runs only inside squeezegen's engine")
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, sliding_window=sliding_window, **kwargs
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = sg_engine.attend(module.layer_idx, query, key, value, scaling, sliding_window)
     return out.transpose(1, 2), None
 
 
+def route_attention(model: torch.nn.Module) -> None:
+    """Point the model's attention at the engine, once: its own forward and `generate` keep
+    computing what SDPA computes (the mask builder is SDPA's too)."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for config in configs.values():
+        if config._attn_implementation_internal != ATTENTION_NAME:
+            config._attn_implementation_internal = ATTENTION_NAME
+
+
 AttentionInterface.register(ATTENTION_NAME, _engine_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -1,124 +1,164 @@
-"""The engine's KV cache: one growable buffer per layer, each free to hold its own length.
+"""The engine's KV cache: one buffer per layer, each free to hold its own length.
 
-Every entry keeps the absolute position of its token (-1 for left padding), so masks follow from
-positions alone whatever a method evicted, and sliding-window layers drop what falls out of view.
+Every slot keeps the absolute position of its token, -1 for none (left padding, a row that kept
+fewer entries than another, an evicted or not yet written slot), so masks follow from positions
+alone whatever a method kept, per row and per KV head.
+
+Two phases. While prefilling, a layer holds its chunks in order (a fresh layer holds the
+forward's own tensors, no copy) and methods select from them. When decoding starts, every layer
+moves once into a fixed-capacity buffer: a decode step then writes its token into the first empty
+slot of every (row, KV head), evicts by marking a slot empty, and never reallocates, so the step
+has static shapes and no host synchronisation (it can be compiled). Slot order carries no meaning
+once decoding has begun; positions do.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Decode steps a sliding-window layer runs before it compacts its buffer again.
-WINDOW_SLACK = 64
+EMPTY = -1
+
+
+def compact_index(keep: torch.Tensor, empty_first: bool = False) -> torch.Tensor:
+    """Indices (..., T') of the True entries of `keep` (..., T), ascending, padded with -1 where a
+    row keeps fewer than T' (the most any row keeps): after them, or before with `empty_first`."""
+    n = keep.shape[-1]
+    slots = torch.arange(n, device=keep.device)
+    count = int(keep.sum(-1).max()) if keep.numel() else 0
+    if empty_first:
+        order = torch.where(keep, slots, slots - n).sort(dim=-1).values[..., n - count :]
+        return order.masked_fill(order < 0, EMPTY)
+    order = torch.where(keep, slots, slots + n).sort(dim=-1).values[..., :count]
+    return order.masked_fill(order >= n, EMPTY)
+
+
+def gather_entries(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) at index (B, H, T') (-1 reads slot 0; callers mask it) -> (B, H, T', D)."""
+    return x.gather(2, index.clamp(min=0)[..., None].expand(*index.shape, x.shape[-1]))
 
 
 class LayerCache:
-    """Keys/values (B, Hkv, T, D) of one layer in a preallocated buffer, with positions (B, Hkv, T)."""
+    """Keys/values (B, Hkv, C, D) of one layer and their positions (B, Hkv, C), -1 = no entry."""
 
-    def __init__(self, reserve: int = 0) -> None:
+    def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
-        self.length = 0
-        self.reserve = reserve  # room kept free for tokens still to come (decode)
-        self.window: int | None = None  # sliding-window layer: entries older than this are dropped
-        self.shared_heads = True  # every KV head holds the same positions
-        self.padded = False  # some entry is left padding (pos < 0)
+        self.used = 0  # prefill: slots [0, used) hold entries (or padding); decode: the capacity
+        self.window: int | None = None  # sliding-window layer: entries out of view are dropped
+        self.static = False  # in its decode buffer
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.length
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values (B, Hkv, T, D) and positions (B, Hkv, T) of the slots in use."""
+        n = self.used
         return self.keys[:, :, :n], self.values[:, :, :n], self.pos[:, :, :n]
 
-    def _realloc(self, capacity: int, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
-        b, h, n, d = keys.shape
-        self.keys = keys.new_empty(b, h, capacity, d)
-        self.values = values.new_empty(b, h, capacity, d)
-        self.pos = pos.new_empty(b, h, capacity)
-        self.keys[:, :, :n] = keys
-        self.values[:, :, :n] = values
-        self.pos[:, :, :n] = pos
-        self.length = n
+    def live(self) -> torch.Tensor:
+        """Entries per row and KV head (B, Hkv)."""
+        return (self.held()[2] >= 0).sum(-1)
 
+    def _set(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        self.keys, self.values, self.pos, self.used = keys, values, pos, keys.shape[2]
+
+    # --- prefill ---------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add new entries (B, Hkv, L, D) for tokens at `positions` (B, L)."""
-        b, h, n_new, _ = keys.shape
-        pos = positions[:, None, :].expand(b, h, n_new)
+        """Add a chunk (B, Hkv, L, D) of tokens at `positions` (B, L) after what the layer holds."""
+        b, h, n, _ = keys.shape
+        pos = positions[:, None, :].expand(b, h, n)
         if self.keys is None:
-            # Hold the prefill's tensors as they are: copying them into a bigger buffer now would
+            # Hold the forward's tensors as they are: copying them into a bigger buffer now would
             # interleave long-lived blocks with the forward's activations on the heap, and the
-            # fragmentation costs ~10% of a long prefill. The first decode step moves them.
-            self.keys, self.values, self.pos = keys, values, pos
-            self.length = n_new
-            self.padded = bool((positions < 0).any())
+            # fragmentation costs ~10% of a long prefill. Decoding moves them once.
+            self._set(keys, values, pos)
             return
-        if self.window is not None and self.length + n_new > self.keys.shape[2]:
-            self.drop_out_of_window()
-        if self.length + n_new > self.keys.shape[2]:
-            k, v, p = self.view()
-            self._realloc(self.length + n_new + (self.reserve or self.length), k, v, p)
-        end = self.length + n_new
-        self.keys[:, :, self.length : end] = keys
-        self.values[:, :, self.length : end] = values
-        self.pos[:, :, self.length : end] = pos
-        self.length = end
-        self.padded = self.padded or bool((positions < 0).any())
+        k, v, p = self.held()
+        self._set(torch.cat([k, keys], dim=2), torch.cat([v, values], dim=2), torch.cat([p, pos], dim=2))
+        self.static = False
 
-    def drop_out_of_window(self) -> None:
-        """Keep the last window-1 entries, all the next token can see (positions grow with index)."""
-        keep = min(self.length, self.window - 1)
-        k, v, p = self.view()
-        n = self.length
-        self._realloc(keep + WINDOW_SLACK, k[:, :, n - keep :], v[:, :, n - keep :], p[:, :, n - keep :])
-        self.padded = bool((self.pos[:, :, :keep] < 0).any())
-
-    def keep(self, index: torch.Tensor, room: int | None = None) -> None:
-        """Retain only the entries at `index` (B, Hkv or 1, T'), sorted ascending per head, in a
-        buffer with `room` free slots (default: the reserve), so what is dropped is freed."""
-        k, v, p = self.view()
-        b, h, _, d = k.shape
+    def keep(self, index: torch.Tensor, room: int = 0) -> None:
+        """Retain the entries at `index` (B, Hkv or 1, T'), -1 = none, in a buffer with `room`
+        empty slots after them, so that what is dropped is freed."""
+        k, v, p = self.held()
+        b, h = k.shape[:2]
         index = index.expand(b, h, index.shape[-1])
-        kept_pos = p.gather(2, index)
-        kept_k = k.gather(2, index[..., None].expand(-1, -1, -1, d))
-        kept_v = v.gather(2, index[..., None].expand(-1, -1, -1, d))
-        self._realloc(index.shape[-1] + (self.reserve if room is None else room), kept_k, kept_v, kept_pos)
-        self.shared_heads = self.shared_heads and bool((kept_pos == kept_pos[:, :1]).all())
-        self.padded = bool((kept_pos < 0).any())
+        kept_pos = p.gather(2, index.clamp(min=0)).masked_fill(index < 0, EMPTY)
+        kept_k, kept_v = gather_entries(k, index), gather_entries(v, index)
+        if room:
+            pad = (0, 0, 0, room)
+            kept_k, kept_v = torch.nn.functional.pad(kept_k, pad), torch.nn.functional.pad(kept_v, pad)
+            kept_pos = torch.nn.functional.pad(kept_pos, (0, room), value=EMPTY)
+        self._set(kept_k, kept_v, kept_pos)
 
-    def evict(self, slot: torch.Tensor) -> None:
-        """Remove one entry per row and KV head, `slot` (B, Hkv or 1), in O(1): the newest entry
-        moves into the hole. Order inside the cache carries no meaning, masks use positions."""
-        b, h = self.keys.shape[:2]
-        slot = slot.expand(b, h)
-        rows = torch.arange(b, device=slot.device)[:, None]
-        heads = torch.arange(h, device=slot.device)[None]
-        last = self.length - 1
-        for buf in (self.keys, self.values, self.pos):
-            buf[rows, heads, slot] = buf[:, :, last]
-        self.length = last
-        self.shared_heads = self.shared_heads and bool((slot == slot[:, :1]).all())
+    def drop_out_of_view(self, next_pos: torch.Tensor) -> None:
+        """Sliding-window layer after a prefill chunk: keep only what the tokens at `next_pos`
+        (B,) and later can still see."""
+        pos = self.held()[2]
+        visible = pos > (next_pos - self.window)[:, None, None]
+        if not bool(visible.all()):
+            self.keep(compact_index(visible, empty_first=True))
+
+    # --- decode ----------------------------------------------------------------------------------
+    def to_static(self, capacity: int) -> None:
+        """Move into a decode buffer of `capacity` slots (at least those in use): every slot keeps
+        its place, so decode steps fill the empty ones (padding first) and then the room after."""
+        k, v, p = self.held()
+        b, h, n, d = k.shape
+        capacity = max(capacity, n)
+        self.keys, self.values = k.new_zeros(b, h, capacity, d), v.new_zeros(b, h, capacity, d)
+        self.pos = p.new_full((b, h, capacity), EMPTY)
+        self.keys[:, :, :n], self.values[:, :, :n], self.pos[:, :, :n] = k, v, p
+        self.used, self.static = capacity, True
+
+    def grow(self, extra: int) -> None:
+        """`extra` more empty slots at the end of the decode buffer; the others keep their places."""
+        self.to_static(self.used + extra)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor) -> None:
+        """Put one token's keys/values (B, Hkv, 1, D) at `position` (B,) into the first empty slot
+        of every row and KV head (after dropping what a sliding window no longer shows)."""
+        if self.window is not None:
+            self.pos.masked_fill_(self.pos <= (position - self.window)[:, None, None], EMPTY)
+        slot = (self.pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        at = slot[..., None].expand(*slot.shape, keys.shape[-1])
+        self.keys.scatter_(2, at, keys)
+        self.values.scatter_(2, at, values)
+        self.pos.scatter_(2, slot, position[:, None, None].expand_as(slot))
+
+    def evict(self, slot: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Mark one slot per row and KV head (B, Hkv) empty, only where `where` (B, Hkv) holds."""
+        b, h = self.pos.shape[:2]
+        slot = slot.expand(b, h)[..., None]
+        drop = torch.full_like(slot, EMPTY)
+        if where is not None:
+            drop = torch.where(where.expand(b, h)[..., None], drop, self.pos.gather(2, slot))
+        self.pos.scatter_(2, slot, drop)
+
+    def evict_where(self, drop: torch.Tensor) -> None:
+        """Mark every slot where `drop` (B, Hkv, C) holds empty."""
+        self.pos.masked_fill_(drop, EMPTY)
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values the layer's buffers hold (empty decode slots included)."""
+        if self.keys is None:
+            return 0
+        b, h, _, d = self.keys.shape
+        return 2 * b * h * self.used * d * self.keys.element_size()
 
 
 class KVCache:
     """Per-layer caches plus the peak of what they held together (the KV memory a method needs)."""
 
-    def __init__(self, num_layers: int, reserve: int = 0) -> None:
-        self.layers = [LayerCache(reserve) for _ in range(num_layers)]
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(num_layers)]
         self.peak_bytes = 0
-
-    def layer_bytes(self, layer: int) -> int:
-        """Bytes of the keys and values one layer holds now (buffer slack not counted)."""
-        cache = self.layers[layer]
-        if cache.keys is None:
-            return 0
-        b, h, _, d = cache.keys.shape
-        return 2 * b * h * cache.length * d * cache.keys.element_size()
 
     def nbytes(self) -> int:
         """Bytes of keys and values held now in all layers."""
-        return sum(self.layer_bytes(i) for i in range(len(self.layers)))
+        return sum(layer.nbytes() for layer in self.layers)
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
     def lengths(self) -> list[int]:
-        return [layer.length for layer in self.layers]
+        """The most entries any row and KV head holds, per layer."""
+        return [int(layer.live().max()) if layer.keys is not None else 0 for layer in self.layers]

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from squeezegen.errors import UnsupportedModelError
-from squeezegen.models.loading import SUPPORTED_MODEL_TYPES
+
+# Decoder families whose HF layers the engine drives: embeddings, a list of decoder layers called
+# with position embeddings, a final norm and an lm_head.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 @dataclass
@@ -26,10 +29,6 @@ class DecoderParts:
     layer_types: list[str]  # "full_attention" or "sliding_attention" per layer
     rotary_per_type: bool  # Gemma-3 keeps one RoPE table per layer type
     logit_softcap: float | None
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_positions: int
 
     @classmethod
     def of(cls, model: nn.Module) -> DecoderParts:
@@ -51,10 +50,6 @@ class DecoderParts:
             layer_types=types,
             rotary_per_type="layer_type" in inspect.signature(rotary.forward).parameters,
             logit_softcap=getattr(config, "final_logit_softcapping", None),
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            max_positions=config.max_position_embeddings,
         )
 
     def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

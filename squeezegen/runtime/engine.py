@@ -1,44 +1,88 @@
 """The inference engine: prefill and decode over a Hugging Face model's own decoder layers.
 
 The engine owns positions, masks and the KV cache, so a method can drop tokens between layers,
-replace a layer's attention or rewrite the cache between decode steps (see methods/base.py).
-One `Engine` serves one generation: `prefill` one or more chunks, then `decode` token by token.
+replace a layer's attention or rewrite the cache between decode steps (see hooks.py). One
+`Engine` serves one generation: `prefill` one or more chunks, then `decode` token by token. The
+first decode step moves the cache into fixed-capacity buffers; from then on a step is a pure
+function of device tensors (no host synchronisation), which `torch.compile` can capture whole.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
-from squeezegen.runtime.attention import ATTENTION_NAME, banded_attention, dense_attention, visibility_mask
-from squeezegen.runtime.cache import KVCache
+from squeezegen.runtime.attention import (
+    banded_attention,
+    decode_attention,
+    dense_attention,
+    route_attention,
+    visibility_mask,
+)
+from squeezegen.runtime.cache import EMPTY, KVCache
+from squeezegen.runtime.compiled import compiled_step
 from squeezegen.runtime.decoder import DecoderParts
+from squeezegen.runtime.hooks import LayerView, Method
 
 
 class Engine:
-    """State of one generation: the cache, token positions and the method's scratch space."""
+    """State of one generation: the cache, token positions and the methods' states."""
 
-    def __init__(self, model: torch.nn.Module, method: Method | None = None, reserve: int = 0) -> None:
-        """`reserve`: decode tokens to leave room for in each layer's buffer (max_new_tokens)."""
+    def __init__(
+        self, model: torch.nn.Module, method: Method | None = None, reserve: int = 0, compile: bool = False
+    ) -> None:
+        """`reserve`: decode steps to size the decode buffers for (they grow if more come);
+        `compile`: run decode steps through `torch.compile` (see runtime/compiled.py)."""
         self.model = model
         self.parts = DecoderParts.of(model)
         self.method = method if method is not None else Method()
-        self.cache = KVCache(len(self.parts.layers), reserve)
-        self.state: dict = {}  # the method's per-generation state
+        self.hooks = self.method.hooks()
+        self.cache = KVCache(len(self.parts.layers))
+        self.states: dict[int, object] = {}  # per method object: its per-generation state
         self.positions: torch.Tensor | None = None  # (B, L) positions of the tokens being run, -1 = padding
         self.next_pos: torch.Tensor | None = None  # (B,) position the next token of each row takes
         self.prompt_lengths: torch.Tensor | None = None  # (B,) real tokens per row after the prefill
+        self.reserve = reserve
+        self.compile = compile
         self.decode_steps = 0
         self._compress = False
+        self._padded = False  # some token being run is padding
+        self._row_tokens: list[int] = []  # real tokens per row in the layers being run
+        self._chunk_lengths: list[int] = []  # real tokens per row of the chunk being prefilled
         self._refill: torch.Tensor | None = None
         self._masks: dict = {}
         self._memo: tuple[int, dict] = (-1, {})
-        self._decode_hook = type(self.method).on_decode_attention is not Method.on_decode_attention
+        self._horizon = 0  # decode steps the buffers are sized for; 0 = not decoding yet
+        self._start_live: list[int] = []
+        route_attention(model)
+
+    # --- what methods see -------------------------------------------------------------------------
+    def state_of(self, method: Method) -> object:
+        """The per-generation state of `method` (created on first use)."""
+        key = id(method)
+        if key not in self.states:
+            self.states[key] = method.new_state()
+        return self.states[key]
+
+    def view(self, layer: int, method: Method | None = None) -> LayerView:
+        """The narrow view of one layer a method's hooks receive."""
+        method = self.method if method is None else method
+        if self._memo[0] != layer:
+            self._memo = (layer, {})
+        return LayerView(
+            index=layer,
+            num_layers=len(self.parts.layers),
+            layer_types=self.parts.layer_types,
+            scaling=self.parts.scaling(layer),
+            positions=self.positions,
+            cache=self.cache.layers[layer],
+            prompt_lengths=self._chunk_lengths,
+            row_tokens=self._row_tokens,
+            state=self.state_of(method),
+            memo=self._memo[1],
+            engine=self,
+        )
 
     # --- the loop -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -54,14 +98,19 @@ class Engine:
         last position's logits (B, V), or every position's (B, L, V) with `all_logits`.
         `compress=False` appends the chunk without letting the method select or propagate (a
         question asked after a compressed context, or text scored by teacher forcing)."""
+        if self._horizon:
+            raise SqueezegenError("prefill after decoding has started is not supported: start a new Engine")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         start = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         if self.next_pos is not None:
             start = self.next_pos
-        positions = (start[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, -1)
+        positions = (start[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, EMPTY)
         self.next_pos = start + valid.sum(-1)
         self.prompt_lengths = self.next_pos.clone()
-        self._compress = compress
+        self._chunk_lengths = valid.sum(-1).tolist()
+        self._row_tokens = list(self._chunk_lengths)
+        self._padded = not bool(valid.all())
+        self._compress = compress and bool(self.hooks)
         logits = self._forward(self.parts.embed(input_ids), positions, progress, all_logits)
         if logits is not None:
             return logits
@@ -72,87 +121,92 @@ class Engine:
                 "the first prefill chunk"
             )
         keep, self._refill = self._refill, None
-        self.cache = KVCache(len(self.parts.layers), self.cache.layers[0].reserve)
+        self.cache = KVCache(len(self.parts.layers))
         self.next_pos = None
-        return self.prefill(input_ids.gather(1, keep), valid.gather(1, keep).long(), False, progress, all_logits)
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run one new token per row (B,); returns the logits (B, V) for the token after it."""
-        positions = self.next_pos[:, None]
-        self.next_pos = self.next_pos + 1
-        self._compress = False
-        logits = self._forward(self.parts.embed(tokens[:, None]), positions)
-        self.cache.note_peak()
-        self.method.on_decode_step(self, self.decode_steps)
-        self.decode_steps += 1
-        return logits
+        ids = input_ids.gather(1, keep.clamp(min=0))
+        kept_valid = valid.gather(1, keep.clamp(min=0)) & (keep >= 0)
+        return self.prefill(ids, kept_valid.long(), False, progress, all_logits)
 
     def _forward(
         self, hidden: torch.Tensor, positions: torch.Tensor, progress: bool = False, all_logits: bool = False
     ) -> torch.Tensor | None:
-        """Run every layer; None if the method asked for a refill (its indices in `_refill`)."""
+        """Run every layer over a prefill chunk; None if the method asked for a refill."""
         parts = self.parts
         self.positions = positions
         self._masks.clear()
         self._memo = (-1, {})
         rope = parts.rope(hidden, positions.clamp(min=0))
         layers = tqdm(parts.layers, desc="prefill", unit="layer", leave=False) if progress else parts.layers
-        with self._routed_attention():
-            for i, layer in enumerate(layers):
-                hidden = layer(
-                    hidden,
-                    attention_mask=None,
-                    position_ids=positions,
-                    position_embeddings=rope[parts.layer_types[i]],
-                    sg_engine=self,
-                )
-                if not self._compress:
-                    continue
-                self._refill = self.method.refill(self, i)
+        for i, layer in enumerate(layers):
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=positions,
+                position_embeddings=rope[parts.layer_types[i]],
+                sg_engine=self,
+            )
+            if not self._compress:
+                continue
+            if "refill" in self.hooks:
+                self._refill = self.method.refill(self.view(i))
                 if self._refill is not None:
                     if progress:
                         layers.close()
                     return None
-                keep = self.method.propagate(self, i, hidden)
-                if keep is not None:
-                    hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
-                    positions = positions.gather(1, keep)
-                    self.positions = positions
-                    self._masks.clear()
-                    rope = parts.rope(hidden, positions.clamp(min=0))
+            keep = self.method.propagate(self.view(i), hidden) if "propagate" in self.hooks else None
+            if keep is not None:
+                hidden = hidden.gather(1, keep.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+                positions = positions.gather(1, keep.clamp(min=0)).masked_fill(keep < 0, EMPTY)
+                self.positions = positions
+                self._row_tokens = (positions >= 0).sum(-1).tolist()
+                self._padded = bool((positions < 0).any())
+                self._masks.clear()
+                rope = parts.rope(hidden, positions.clamp(min=0))
         return parts.logits(hidden) if all_logits else parts.logits(hidden[:, -1:])[:, -1]
 
-    def layer_memo(self, layer: int) -> dict:
-        """Scratch space shared by everything that scores this layer during the current forward."""
-        if self._memo[0] != layer:
-            self._memo = (layer, {})
-        return self._memo[1]
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one new token per row (B,); returns the logits (B, V) for the token after it."""
+        if not self._horizon:
+            self._start_decoding()
+        elif self.decode_steps >= self._horizon:
+            self._grow()
+        step = compiled_step if self.compile else decode_step
+        logits = step(self, tokens, self.next_pos)
+        self.next_pos = self.next_pos + 1
+        if "after_decode_step" in self.hooks:
+            self.method.after_decode_step(self, self.decode_steps)
+            self.cache.note_peak()
+        self.decode_steps += 1
+        return logits
 
-    def fork(self, method: Method, state: dict, keep: dict[int, torch.Tensor | None]) -> Engine:
-        """A twin of this engine after its prefill, as if `method` had run that prefill itself:
-        each layer keeps the entries `keep[layer]` (None = all) and the method gets `state`.
+    def _start_decoding(self) -> None:
+        """Move every layer into its decode buffer, sized for `reserve` steps (at least one)."""
+        self._horizon = max(1, self.reserve)
+        self._start_live = [int(c.live().max()) if c.keys is not None else 0 for c in self.cache.layers]
+        for i, cache in enumerate(self.cache.layers):
+            if cache.keys is None:
+                raise SqueezegenError("decode needs a prefill first: call engine.prefill(input_ids)")
+            cache.to_static(self._capacity(i, self._horizon))
+        self.cache.note_peak()
+        if "start_decode" in self.hooks:
+            self.method.start_decode(self)
 
-        Valid for methods that only select (no `propagate`, no own `prefill_attention`), whose
-        prefill computes exactly what the full cache computes; evaluations use it to share one
-        prefill among many methods and budgets.
-        """
-        twin = Engine(self.model, method, reserve=self.cache.layers[0].reserve)
-        twin.state = state
-        twin.next_pos = self.next_pos.clone()
-        twin.prompt_lengths = self.prompt_lengths.clone()
-        for layer, (src, dst) in enumerate(zip(self.cache.layers, twin.cache.layers, strict=True)):
-            dst.window = src.window
-            if src.keys is None:
-                continue
-            dst.shared_heads, dst.padded = src.shared_heads, src.padded
-            if keep.get(layer) is None:
-                dst._realloc(src.length + dst.reserve, *src.view())  # own buffers: decoding writes in place
-            else:  # `keep` gathers into new buffers and leaves the source untouched
-                dst.keys, dst.values, dst.pos, dst.length = src.keys, src.values, src.pos, src.length
-                dst.keep(keep[layer])
-        twin.cache.note_peak()
-        return twin
+    def _capacity(self, layer: int, steps: int) -> int:
+        live, cache = self._start_live[layer], self.cache.layers[layer]
+        if cache.window is not None:
+            return min(live + steps, cache.window)
+        return max(live, self.method.decode_capacity(self.view(layer), live, steps))
+
+    def _grow(self) -> None:
+        """More decode steps than reserved: give every layer that needs it more empty slots at the
+        end (slots keep their places, so per-slot method state stays valid)."""
+        self._horizon *= 2
+        for i, cache in enumerate(self.cache.layers):
+            extra = self._capacity(i, self._horizon) - cache.used
+            if extra > 0:
+                cache.grow(extra)
+        self.cache.note_peak()
 
     # --- called by every attention module (runtime/attention.py) ---------------------------------
     def attend(
@@ -166,55 +220,82 @@ class Engine:
     ) -> torch.Tensor:
         """Add this step's keys/values to the layer's cache and attend over all it holds."""
         cache = self.cache.layers[layer]
-        cache.window = window
-        fresh = cache.length == 0
-        cache.append(key, value, self.positions)
-        keys, values, key_pos = cache.view()
-        if query.shape[2] == 1:
-            mask = None
-            if cache.padded or (window is not None and int(key_pos.min()) <= int(self.positions.max()) - window):
-                mask = visibility_mask(self.positions, key_pos[:, :1] if cache.shared_heads else key_pos, window)
-            out = dense_attention(query, keys, values, scaling, mask)
-            if self._decode_hook:
-                self.method.on_decode_attention(self, layer, query)
+        if cache.static:  # a decode step
+            cache.write(key, value, self.positions[:, 0])
+            out = decode_attention(query, cache.keys, cache.values, cache.pos >= 0, scaling)
+            if "decode_attention" in self.hooks:
+                self.method.decode_attention(self.view(layer), query)
             return out
 
-        if window is not None and fresh and not cache.padded and query.shape[2] > 2 * window:
+        cache.window = window
+        fresh = cache.used == 0
+        cache.append(key, value, self.positions)
+        keys, values, key_pos = cache.held()
+        n = query.shape[2]
+        if window is not None and fresh and not self._padded and n > 2 * window:
             # a long prompt in a sliding-window layer: attend band by band (methods leave these
             # layers alone, their attention is local by construction)
             out = banded_attention(query, keys, values, scaling, self.positions, window)
         else:
-            causal = fresh and not cache.padded and (window is None or query.shape[2] <= window)
-            mask = None if causal else self._prefill_mask(cache, key_pos, fresh, window)
-            out = self.method.prefill_attention(self, layer, query, keys, values, mask, causal, scaling)
-        if self._compress:
-            keep = self.method.select_cache(self, layer, query, keys, values)
+            causal = fresh and not self._padded and (window is None or n <= window)
+            mask = None if causal else self._prefill_mask(key_pos, fresh, window)
+            if "prefill_attention" in self.hooks:
+                out = self.method.prefill_attention(self.view(layer), query, keys, values, mask, causal)
+            else:
+                out = dense_attention(query, keys, values, scaling, mask, causal)
+        if self._compress and "select_cache" in self.hooks:
+            keep = self.method.select_cache(self.view(layer), query, keys, values)
             if keep is not None:
                 cache.keep(keep)
-        if window is not None and cache.length >= window:
-            cache.drop_out_of_window()
+        if window is not None:
+            cache.drop_out_of_view(self.next_pos)
         # a layer's whole K/V before its selection is a transient of the forward, like any
         # activation; the cache's peak is what layers hold between steps
         self.cache.note_peak()
         return out
 
-    def _prefill_mask(self, cache, key_pos: torch.Tensor, fresh: bool, window: int | None) -> torch.Tensor:
+    def _prefill_mask(self, key_pos: torch.Tensor, fresh: bool, window: int | None) -> torch.Tensor:
         """Masks of fresh layers depend only on this chunk's positions: build once per forward."""
-        if not (fresh and cache.shared_heads):
-            return visibility_mask(self.positions, key_pos[:, :1] if cache.shared_heads else key_pos, window)
+        if not fresh:
+            return visibility_mask(self.positions, key_pos, window)
         if window not in self._masks:
             self._masks[window] = visibility_mask(self.positions, self.positions[:, None], window)
         return self._masks[window]
 
-    @contextmanager
-    def _routed_attention(self) -> Iterator[None]:
-        """Point the model's attention modules at the engine for the duration of a forward."""
-        configs = {id(layer.self_attn.config): layer.self_attn.config for layer in self.parts.layers}
-        saved = {key: config._attn_implementation_internal for key, config in configs.items()}
-        for config in configs.values():
-            config._attn_implementation_internal = ATTENTION_NAME
-        try:
-            yield
-        finally:
-            for key, config in configs.items():
-                config._attn_implementation_internal = saved[key]
+    # --- evaluations share one prefill among methods ----------------------------------------------
+    def fork(self, method: Method, keep: dict[int, torch.Tensor | None]) -> Engine:
+        """A twin of this engine after its prefill, as if `method` had run that prefill itself:
+        each layer keeps the entries `keep[layer]` (None = all) and the method keeps the state
+        it built here. Valid for methods that only select (see evals/fanout.py)."""
+        twin = Engine(self.model, method, reserve=self.reserve, compile=self.compile)
+        twin.states[id(method)] = self.state_of(method)
+        twin.next_pos = self.next_pos.clone()
+        twin.prompt_lengths = self.prompt_lengths.clone()
+        twin._chunk_lengths = list(self._chunk_lengths)
+        for layer, (src, dst) in enumerate(zip(self.cache.layers, twin.cache.layers, strict=True)):
+            dst.window = src.window
+            if src.keys is None:
+                continue
+            dst._set(*src.held())  # shared: prefill-phase buffers are never written in place
+            if keep.get(layer) is not None:
+                dst.keep(keep[layer])  # gathers into new buffers
+        twin.cache.note_peak()
+        return twin
+
+
+def decode_step(engine: Engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode step over every layer: tokens (B,) at positions (B,) -> next-token logits (B, V).
+    Device tensors in, device tensors out; the caches are written in place."""
+    parts = engine.parts
+    engine.positions = positions[:, None]
+    hidden = parts.embed(tokens[:, None])
+    rope = parts.rope(hidden, engine.positions)
+    for i, layer in enumerate(parts.layers):
+        hidden = layer(
+            hidden,
+            attention_mask=None,
+            position_ids=engine.positions,
+            position_embeddings=rope[parts.layer_types[i]],
+            sg_engine=engine,
+        )
+    return parts.logits(hidden[:, -1])

@@ -10,9 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.base import Method
 from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.hooks import Method
 from squeezegen.runtime.sampling import Sampler
+from squeezegen.runtime.timing import synchronize
 
 # Prompts at least this long show a per-layer prefill progress bar when progress is on.
 LONG_PREFILL_TOKENS = 2048
@@ -103,6 +104,20 @@ def encode(tokenizer, prompts: Sequence[str], contexts: Sequence[str] | None, ch
     return rows
 
 
+def check_model(model: object) -> None:
+    """The engine drives Hugging Face causal LMs (what `sg.load` returns)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise SqueezegenError(
+            f"model must be a Hugging Face causal LM (model, tok = sg.load(name)), got {type(model).__name__}"
+        )
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Compiled decode steps pay off on a GPU (CUDA graphs); on the CPU, compiling costs more than a
+    short generation saves, so it is asked for explicitly."""
+    return device.type == "cuda"
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
@@ -122,12 +137,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer reads real time (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Decoding:
     """How to pick tokens and when to stop: everything of `generate` after the prefill."""
@@ -139,10 +148,15 @@ class Decoding:
     seed: int | None = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    look_every: int | None = None  # decode steps between host reads (None: 1 on the CPU, 8 on a GPU)
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise SqueezegenError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise SqueezegenError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise SqueezegenError("stop must be a string or a list of strings")
         if any(not s for s in self.stop):
             raise SqueezegenError("stop strings must not be empty")
         self.sampler = Sampler(self.temperature, self.top_k, self.top_p, self.seed)
@@ -160,6 +174,35 @@ def prefill_rows(engine: Engine, rows: list[list[list[int]]], pad_id: int, progr
     return logits
 
 
+class _Rows:
+    """The host's side of decoding: each row's text, finish reason, stop strings and stream."""
+
+    def __init__(self, tokenizer, batch: int, eos: set[int], stops: list[str], stream) -> None:
+        self.detok = [_Detokenizer(tokenizer) for _ in range(batch)]
+        self.finish: list[str | None] = [None] * batch
+        self.eos, self.stops, self.stream = eos, stops, stream
+        self.longest_stop = max((len(s) for s in stops), default=0)
+
+    def read(self, tokens: list[list[int]]) -> list[int]:
+        """Take each row's newly sampled tokens (in order); returns the rows that a stop string
+        ended (the device marks EOS itself)."""
+        stopped = []
+        for row, new in enumerate(tokens):
+            detok = self.detok[row]
+            for token in new:
+                if self.finish[row]:
+                    break
+                piece = detok.add(token)
+                if token in self.eos:
+                    self.finish[row] = "eos"
+                elif self.stops and any(s in detok.text[-(len(piece) + self.longest_stop) :] for s in self.stops):
+                    self.finish[row] = "stop"
+                    stopped.append(row)
+                elif self.stream and piece:
+                    self.stream(row, piece)
+        return stopped
+
+
 def decode_loop(
     engine: Engine,
     tokenizer,
@@ -170,62 +213,75 @@ def decode_loop(
     progress: bool = False,
     output_logits: bool = False,
 ) -> GenerationResult:
-    """Sample from the prefill's logits and keep decoding until every row has finished."""
+    """Sample from the prefill's logits and keep decoding until every row has finished.
+
+    Tokens are chosen, and EOS marked, on the device; the host reads the new tokens every
+    `decoding.look_every` steps (every step on the CPU, where reading costs nothing) to
+    detokenize, stream and match stop strings. A row that has finished is fed padding; rows
+    never affect each other, so the steps run past a row's end change nothing it returns.
+    """
     device = logits.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = set() if decoding.ignore_eos else _eos_ids(engine.model, tokenizer)
-    stops = list(decoding.stop)
-    longest_stop = max((len(s) for s in stops), default=0)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     batch = logits.shape[0]
-    detok = [_Detokenizer(tokenizer) for _ in range(batch)]
-    finish: list[str | None] = [None] * batch
+    rows = _Rows(tokenizer, batch, eos, list(decoding.stop), stream)
+    every = decoding.look_every or (8 if device.type == "cuda" else 1)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    pending: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
 
-    def take(logits: torch.Tensor) -> torch.Tensor:
-        """Choose and record the next token of every unfinished row."""
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal done
         if output_logits:
             step_logits.append(logits.clone())
-        chosen = decoding.sampler(logits)
-        for row, token in enumerate(chosen.tolist()):
-            if finish[row]:
-                continue
-            piece = detok[row].add(token)
-            if token in eos:
-                finish[row] = "eos"
-            elif stops and any(s in detok[row].text[-(len(piece) + longest_stop) :] for s in stops):
-                finish[row] = "stop"
-            elif stream and piece:
-                stream(row, piece)
-        return chosen.masked_fill(torch.tensor([f is not None for f in finish], device=device), pad_id)
+        token = decoding.sampler(logits)
+        pending.append(token)
+        done = done | torch.isin(token, eos_ids)
+        return token.masked_fill(done, pad_id)
+
+    def look() -> bool:
+        """Read the pending tokens; True once every row has finished."""
+        nonlocal done
+        stopped = rows.read(torch.stack(pending, dim=1).tolist())
+        pending.clear()
+        if stopped:
+            done = done.index_fill(0, torch.tensor(stopped, device=device), True)
+        return all(rows.finish)
 
     start = time.perf_counter()
-    token = take(logits)
+    token = choose(logits)
+    finished = look()
     first_token_s = prefill_s + time.perf_counter() - start
     bar = tqdm(total=decoding.max_new_tokens, desc="decode", unit="tok", leave=False, disable=not progress)
     bar.update(1)
-    for _ in range(decoding.max_new_tokens - 1):
-        if all(finish):
+    for step in range(1, decoding.max_new_tokens):
+        if finished:
             break
-        token = take(engine.decode(token))
+        token = choose(engine.decode(token))
         bar.update(1)
+        if step % every == 0 or step == decoding.max_new_tokens - 1:
+            finished = look()
+    if pending:
+        look()
     bar.close()
     synchronize(device)
     decode_s = time.perf_counter() - start
 
     texts = []
-    for row, d in enumerate(detok):
-        if finish[row] is None:
-            finish[row] = "length"
+    for row, d in enumerate(rows.detok):
+        if rows.finish[row] is None:
+            rows.finish[row] = "length"
         text = d.text
-        if finish[row] == "stop":
-            text = text[: min(text.find(s) for s in stops if s in text)]
+        if rows.finish[row] == "stop":
+            text = text[: min(text.find(s) for s in rows.stops if s in text)]
         texts.append(text)
-    generated = sum(len(d.ids) for d in detok)
+    generated = sum(len(d.ids) for d in rows.detok)
     return GenerationResult(
         texts=texts,
-        token_ids=[d.ids for d in detok],
+        token_ids=[d.ids for d in rows.detok],
         prompt_lengths=engine.prompt_lengths.tolist(),
-        finish_reasons=finish,
+        finish_reasons=rows.finish,
         timings=Timings(prefill_s, decode_s, generated - batch, prefill_s + decode_s, first_token_s),
         kv_bytes=engine.cache.peak_bytes,
         cache_lengths=engine.cache.lengths(),
@@ -251,6 +307,7 @@ def generate(
     chat: bool = False,
     progress: bool = False,
     output_logits: bool = False,
+    compile: bool | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt with the engine, compressing the cache by `method`.
 
@@ -259,13 +316,24 @@ def generate(
     all), the context is prefilled and compressed first and the prompt appended uncompressed, as
     when a cached document answers several questions the compression never saw. Generation of a
     row ends at an EOS token (unless `ignore_eos`), at a `stop` string (cut from the text) or after
-    `max_new_tokens`. `stream(row, piece)` receives text as it is produced.
+    `max_new_tokens`. `stream(row, piece)` receives text as it is produced. `compile` runs the
+    decode steps through `torch.compile` (None: where it pays, see `compile_by_default`).
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_model(model)
+    if method is not None and not isinstance(method, Method):
+        hint = f"sg.method({method!r})" if isinstance(method, str) else "sg.method(name, ...)"
+        raise SqueezegenError(f"method must be a configured method such as {hint}, got {type(method).__name__}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif not isinstance(prompts, (list, tuple)):
+        raise SqueezegenError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
     if not prompts:
         raise SqueezegenError("no prompts given")
     if isinstance(context, str):
         context = [context] * len(prompts)
+    if context is not None and not isinstance(context, (list, tuple)):
+        raise SqueezegenError(f"context must be a string or one string per prompt, got {type(context).__name__}")
     if context is not None and len(context) != len(prompts):
         raise SqueezegenError(f"{len(context)} contexts for {len(prompts)} prompts: give one per prompt, or one")
     decoding = Decoding(
@@ -285,8 +353,10 @@ def generate(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's {limit}-token context: "
             "shorten the prompt or lower max_new_tokens"
         )
-    engine = Engine(model, method, reserve=max_new_tokens)
     device = next(model.parameters()).device
+    engine = Engine(
+        model, method, reserve=max_new_tokens - 1, compile=compile_by_default(device) if compile is None else compile
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     logits = prefill_rows(engine, rows, pad_id, progress)

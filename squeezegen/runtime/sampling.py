@@ -1,7 +1,9 @@
-"""Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator."""
+"""Next-token choice on the device: greedy, or temperature / top-k / top-p sampling from a seeded
+generator, without a host synchronisation."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +22,11 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise SqueezegenError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise SqueezegenError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SqueezegenError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise SqueezegenError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         self._generator: torch.Generator | None = None
 
@@ -48,4 +50,7 @@ class Sampler:
                 self._generator.manual_seed(self.seed)
             else:
                 self._generator.seed()
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self._generator)[:, 0]
+        # the Gumbel-max trick: argmax of p / E with E ~ Exp(1) samples from p, without the host
+        # synchronisation torch.multinomial needs on a GPU
+        noise = torch.empty_like(logits).exponential_(1, generator=self._generator)
+        return (logits.softmax(dim=-1) / noise).argmax(dim=-1)

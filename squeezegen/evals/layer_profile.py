@@ -6,36 +6,21 @@ Two criteria, each choosing the global-attention layers at or below its delta-qu
 - sensitivity (ours): the layer is made sparse alone, at the given tau, and the KL divergence of
   the model's next-token distributions over the last window of the prompt from the dense ones is
   measured directly. It costs one prefill per layer.
-Profiles are saved per architecture (model type, depth, width, vocabulary) in the user's cache,
-and shipped for the bundled models.
+Profiles are saved per architecture (methods/sparse_layers.py).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
+from tqdm.auto import tqdm
 
-SHIPPED = Path(__file__).parent / "layer_profiles"
-
-
-def profile_key(model) -> str:
-    c = model.config
-    return f"{c.model_type}-l{c.num_hidden_layers}-h{c.hidden_size}-v{c.vocab_size}"
-
-
-def user_profiles() -> Path:
-    from squeezegen.models.bundled import cache_dir
-
-    return cache_dir() / "layer_profiles"
+from squeezegen.methods.token_sparse import TokenSparse
+from squeezegen.runtime.engine import Engine
 
 
 @torch.inference_mode()
 def measure_drift(model, input_ids: torch.Tensor) -> list[float]:
     """Per layer, the mean over tokens of ||h_out - h_in|| / ||h_in|| during a full prefill."""
-    from squeezegen.runtime.engine import Engine
-
     engine = Engine(model)
     drift: list[float] = []
 
@@ -60,11 +45,6 @@ def measure_sensitivity(
 ) -> list[float | None]:
     """Per layer, KL(dense || TSA on that layer alone) of the next-token distributions over the
     last `window` prompt positions, mean per position; None for sliding-window layers."""
-    from tqdm.auto import tqdm
-
-    from squeezegen.methods.token_sparse import TokenSparse
-    from squeezegen.runtime.engine import Engine
-
     parts = Engine(model).parts
     captured: list[torch.Tensor] = []
 
@@ -99,20 +79,3 @@ def choose_sparse(drift: list[float], sliding: list[bool], delta: float = 0.5) -
     values = torch.tensor([drift[i] for i in candidates])
     cut = float(torch.quantile(values, delta))
     return [i for i in candidates if drift[i] <= cut]
-
-
-def save_profile(model, scores: list[float], layers: list[int], meta: dict, folder: Path | None = None) -> Path:
-    folder = folder or user_profiles()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{profile_key(model)}.json"
-    path.write_text(json.dumps({"sparse_layers": layers, "scores": scores, **meta}, indent=1))
-    return path
-
-
-def saved_sparse_layers(model) -> list[int] | None:
-    """The sparse layers profiled for this architecture: the user's profile, else a shipped one."""
-    for folder in (user_profiles(), SHIPPED):
-        path = folder / f"{profile_key(model)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())["sparse_layers"]
-    return None

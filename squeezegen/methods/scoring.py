@@ -1,4 +1,4 @@
-"""Shared pieces of every KV-selection method: attention scores, pooling, GQA reduction, top-k.
+"""Shared pieces of the KV-selection methods: attention scores, pooling, GQA reduction, top-k.
 
 Each function is small and tested by hand on tiny tensors; methods compose them. Shapes:
 query (B, H, Lq, D) post-RoPE, key (B, Hkv, Lk, D), positions (B, Lq) and (B, Hkv, Lk).
@@ -98,31 +98,43 @@ def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> to
     raise SqueezegenError(f"GQA reduction must be 'mean', 'sum' or 'max', got {how!r}")
 
 
-def topk_keep_window(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
-    """Indices (B, Hk, budget), ascending: the last `window` positions always, the best of the rest.
+def keep_top(
+    scores: torch.Tensor, real: torch.Tensor, budgets: list[int], windows: list[int], chunk: int = 0
+) -> torch.Tensor:
+    """Indices (B, Hk, K) each row keeps, ascending, -1 after them where a row keeps fewer than
+    the most any row keeps (K): its `windows[row]` newest real entries always, then the best-scored
+    of its other real entries up to `budgets[row]` in all (every real entry if the budget holds all).
 
-    scores (B, Hk, L) cover every position; those of the window are ignored.
+    scores (B, Hk, n); real (B, 1|Hk, n) marks entries that exist (not padding), newest last.
+    Ties go to the earlier entry (a stable sort), so a row's choice does not depend on how much
+    padding it carries in a batch. With `chunk` > 0, entries are ranked by the summed score of
+    their chunk of `chunk` consecutive real entries (counted from the row's first one), so whole
+    chunks are kept (ChunkKV); the last chunk taken may be cut short so that the count is exact.
     """
-    n = scores.shape[-1]
-    window = min(window, budget)
-    if budget >= n:
-        return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n)
-    head = scores[..., : n - window]
-    chosen = head.topk(budget - window, dim=-1).indices
-    recent = torch.arange(n - window, n, device=scores.device).expand(*scores.shape[:-1], window)
-    return torch.cat([chosen, recent], dim=-1).sort(dim=-1).values
+    b, h, n = scores.shape
+    real = (real if real.shape[1] == h else real[:, :1]).expand(b, h, n)
+    device = scores.device
+    budget = torch.tensor(budgets, device=device)[:, None, None]
+    window = torch.tensor(windows, device=device)[:, None, None]
+    newest_first = real.sum(-1, keepdim=True) - real.long().cumsum(-1)  # 0 for a row's newest entry
+    recent = real & (newest_first < window)
+    if chunk:
+        scores = _chunk_scores(scores, real & ~recent, chunk)
+    ranked = torch.where(recent, float("inf"), scores.float()).masked_fill(~real, float("-inf"))
+    count = min(n, max(budgets))
+    order = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :count]
+    taken = (torch.arange(count, device=device) < budget) & real.gather(-1, order)
+    index = torch.where(taken, order, n).sort(dim=-1).values
+    return index.masked_fill(index >= n, -1)
 
 
-def topk_chunks_keep_window(scores: torch.Tensor, budget: int, window: int, chunk: int) -> torch.Tensor:
-    """Like `topk_keep_window`, but positions are ranked by the summed score of their chunk of
-    `chunk` consecutive positions, so whole chunks are kept or dropped (ChunkKV); the last chunk
-    taken may be cut short so that the count is exact."""
-    n = scores.shape[-1]
-    span = n - min(window, budget)
-    n_chunks = -(-span // chunk)
-    per_chunk = F.pad(scores[..., :span], (0, n_chunks * chunk - span)).view(*scores.shape[:-1], n_chunks, chunk)
-    spread = per_chunk.sum(-1).repeat_interleave(chunk, dim=-1)[..., :span]
-    return topk_keep_window(torch.cat([spread, scores[..., span:]], dim=-1), budget, window)
+def _chunk_scores(scores: torch.Tensor, eligible: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each eligible entry's score replaced by the sum over its chunk of eligible entries."""
+    chunk_id = ((eligible.long().cumsum(-1) - 1) // chunk).clamp(min=0)
+    sums = torch.zeros_like(scores, dtype=torch.float32).scatter_add_(
+        -1, chunk_id, torch.where(eligible, scores.float(), 0.0)
+    )
+    return torch.where(eligible, sums.gather(-1, chunk_id), scores.float())
 
 
 def check_budget(budget: int | float) -> None:
@@ -136,12 +148,9 @@ def check_budget(budget: int | float) -> None:
 
 
 def resolve_budget(budget: int | float, context: int) -> int:
-    """A float in (0, 1] is a fraction of the context, an int a token count."""
+    """Entries to keep of a `context`-token prompt: a float in (0, 1] is a fraction of it, an int
+    a token count; a prompt within the budget keeps everything."""
     check_budget(budget)
     if isinstance(budget, float):
-        return max(1, round(budget * context))
-    if budget > context:
-        raise SqueezegenError(
-            f"budget of {budget} tokens is larger than the {context}-token context: lower it or pass a fraction"
-        )
-    return budget
+        return min(context, max(1, round(budget * context)))
+    return min(budget, context)

@@ -1,0 +1,147 @@
+"""The contract between the engine and a KV-cache / attention method.
+
+A method is a small config dataclass. The engine calls its hooks at fixed points of the loop; the
+defaults below are the full cache, so a method overrides only what it changes and names the hooks
+it overrides in `HOOKS` (the engine skips the others, and `Compose` routes them):
+
+- `prefill_attention`: the attention of one layer over a prefill chunk (TSA replaces it);
+- `select_cache`: after a layer's prefill attention, which cached entries each row keeps per KV
+  head (SnapKV, PyramidKV, FastKV, ...);
+- `propagate`: after a layer, which tokens of each row go on to the next layers (FastKV's TSP);
+- `refill`: after a layer, which prompt tokens to run the whole prefill again with (GemFilter);
+- `start_decode`: once, after the prefill, when the cache becomes fixed-capacity buffers: size
+  them (`decode_capacity`) and set up decode-time state;
+- `decode_attention`: per layer inside a decode step, after the new token joined the cache (H2O,
+  TOVA, StreamingLLM evict here). It runs inside the (possibly compiled) step: tensor operations
+  only, no host synchronisation, no Python branch on tensor values;
+- `after_decode_step`: once after each step, outside the compiled step (RPC compresses here).
+
+Rows of a batch are independent: every hook decides per row, from the row's real entries (left
+padding and empty slots have position -1), so each row gets what it would get alone.
+
+Per-generation state lives in `view.state` (an object from `new_state`), never on the config,
+so one config can be reused across calls and shared by many generations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from squeezegen.runtime.attention import dense_attention
+
+if TYPE_CHECKING:
+    from squeezegen.runtime.cache import LayerCache
+    from squeezegen.runtime.engine import Engine
+
+PREFILL_HOOKS = frozenset({"prefill_attention", "select_cache", "propagate", "refill"})
+DECODE_HOOKS = frozenset({"start_decode", "decode_attention", "after_decode_step"})
+
+
+@dataclass(eq=False)
+class LayerView:
+    """What a method sees of one layer while the engine runs it.
+
+    positions (B, Lq): positions of the tokens being run (-1 = padding); cache: the layer's
+    entries (`cache.pos` (B, Hkv, T), -1 = none); prompt_lengths: real tokens of each row in the
+    prompt chunk being prefilled; row_tokens: real tokens of each row reaching this layer (fewer
+    after a propagation); state: the method's own per-generation state; memo: scratch shared by
+    every method scoring this layer in this forward (evaluations share one prefill); engine: for
+    hooks that need the whole generation (use sparingly).
+    """
+
+    index: int
+    num_layers: int
+    layer_types: list[str]
+    scaling: float
+    positions: torch.Tensor
+    cache: LayerCache
+    prompt_lengths: list[int]
+    row_tokens: list[int]
+    state: object
+    memo: dict
+    engine: Engine
+
+    def for_method(self, method: Method) -> LayerView:
+        """The same layer as seen by another method (its own state): what `Compose` hands its parts."""
+        return dataclasses.replace(self, state=self.engine.state_of(method))
+
+    @property
+    def sliding(self) -> bool:
+        return self.layer_types[self.index] == "sliding_attention"
+
+    @property
+    def key_pos(self) -> torch.Tensor:
+        """Positions (B, Hkv, T) of the entries the layer holds, -1 for none."""
+        return self.cache.held()[2]
+
+
+@dataclass
+class Method:
+    """The full KV cache: every hook keeps everything."""
+
+    HOOKS: ClassVar[frozenset[str]] = frozenset()
+
+    def hooks(self) -> frozenset[str]:
+        """The hooks this method overrides; the engine calls only those."""
+        return self.HOOKS
+
+    def new_state(self) -> object:
+        """Per-generation state (a small dataclass); None for a stateless method."""
+        return None
+
+    # --- prefill -----------------------------------------------------------------------------------
+    def prefill_attention(
+        self,
+        view: LayerView,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        """Attention output (B, H, Lq, D) of a prefill chunk over the layer's whole cache
+        (key/value (B, Hkv, Lk, D)); `mask` (B, 1|Hkv, Lq, Lk) or, if None, `causal`."""
+        return dense_attention(query, key, value, view.scaling, mask, causal)
+
+    def select_cache(
+        self, view: LayerView, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Indices (B, Hkv or 1, T') of the entries each row keeps, -1 for none (a row keeping
+        fewer than T'); None keeps all. Called after the layer's prefill attention."""
+        return None
+
+    def propagate(self, view: LayerView, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Indices (B, T') of the tokens passed on to the next layer, ascending, -1 first for a
+        row passing fewer (it becomes left padding); None passes all. The last index of every row
+        must be its last token (its logits are the prefill's output)."""
+        return None
+
+    def refill(self, view: LayerView) -> torch.Tensor | None:
+        """Indices (B, k) of prompt tokens (-1 first for a row keeping fewer) to prefill again from
+        the first layer, alone and renumbered from 0, instead of finishing this pass; None finishes."""
+        return None
+
+    # --- decode ------------------------------------------------------------------------------------
+    def decode_capacity(self, view: LayerView, live: int, new_tokens: int) -> int:
+        """Slots the layer's decode buffer needs, given the most entries a row holds now (`live`)
+        and the decode steps to come: by default room for every new token."""
+        return live + new_tokens
+
+    def start_decode(self, engine: Engine) -> None:
+        """Once after the prefill, the cache already in its decode buffers: set up decode state."""
+
+    def decode_attention(self, view: LayerView, query: torch.Tensor) -> None:
+        """Sees the post-RoPE query (B, H, 1, D) of a decode step once the layer holds the new token;
+        may evict (mark entries empty). Runs inside the compiled step: no host synchronisation."""
+
+    def after_decode_step(self, engine: Engine, step: int) -> None:
+        """Runs after decode step `step` (0-based), between compiled steps: may rewrite the cache."""
+
+    def compresses_while_decoding(self) -> bool:
+        """Does the cache change between decode steps? Then forced text must go token by token,
+        and a token budget may exceed the prompt: the cache grows to it while decoding."""
+        return bool(self.hooks() & {"decode_attention", "after_decode_step"})
