@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -183,6 +186,70 @@ def test_save_never_overwrites_and_load_reports_corruption(tmp_path):
         sg.load(folder)
 
 
+def _saved(tmp_path, name="bin", config=None):
+    model, tok = sg.load("tiny-llama")
+    sg.binarize_(model, config or sg.OneBitConfig())
+    return model, tok, sg.save(model, tok, tmp_path / name)
+
+
+def test_binary_folder_without_its_manifest_is_refused_not_randomised(tmp_path):
+    _, _, folder = _saved(tmp_path)
+    (folder / "squeezegen_binary.json").unlink()  # config.json still says squeezegen_binary
+    with pytest.raises(SqueezegenError, match="squeezegen_binary.json is missing"):
+        sg.load(folder)
+
+
+def test_corrupt_tensor_data_of_the_same_size_is_refused(tmp_path):
+    model, _, folder = _saved(tmp_path)
+    weights = folder / "model.safetensors"
+    manifest = json.loads((folder / "squeezegen_binary.json").read_text())
+    assert manifest["sha256"] == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    data = bytearray(weights.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    name = next(k for k in header if k.endswith("self_attn.q_proj.out_scale"))
+    start = 8 + header_len + header[name]["data_offsets"][0]
+    data[start : start + 2] = struct.pack("<e", float("nan"))  # one fp16 scale becomes NaN
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SqueezegenError, match=r"corrupt binary checkpoint .*model\.safetensors: its sha256") as info:
+        sg.load(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_overwrite_replaces_only_an_earlier_checkpoint(tmp_path, monkeypatch):
+    from squeezegen.quant import checkpoint
+
+    model, tok, folder = _saved(tmp_path)
+    (folder / "binarize_report.json").write_text("{}")  # `squeezegen binarize` writes it alongside
+    other = sg.binarize_(sg.load("tiny-llama")[0], sg.SignConfig())
+    sg.save(other, tok, folder, overwrite=True)
+    assert sg.load(folder)[0].config.squeezegen_binary["method"] == "sign"
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def half_written(deployed, path):  # a full disk, a crash: the new write fails half-way
+        open(path, "wb").write(b"half")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_model", half_written)
+    with pytest.raises(OSError, match="no space"):
+        sg.save(model, tok, folder, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept  # the old checkpoint as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]  # nothing staged left behind
+
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(SqueezegenError, match="notes.txt"):
+        sg.save(model, tok, folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "notes.txt"} == kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(SqueezegenError, match="thesis.tex"):
+        sg.save(model, tok, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
 def test_schedule_and_batches():
     assert schedule(0, 100, 4) == pytest.approx(0.25) and schedule(3, 100, 4) == pytest.approx(1.0)
     assert schedule(4, 100, 4) == pytest.approx(1.0) and schedule(100, 100, 4) == pytest.approx(0.0)
@@ -263,7 +330,8 @@ def test_binarize_cli_distills_saves_and_refuses_to_overwrite(tmp_path):
 
 def test_distillation_runs_under_torchrun_with_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    # --standalone: torchrun picks a free port itself, so two runs at once do not collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "squeezegen.cli", "binarize", "--model", "tiny-llama", "--steps", "2", "--batch", "1"]
     cmd += ["--block", "32", "--bf16", "off", "--eval-blocks", "2", "--decode-tokens", "0", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

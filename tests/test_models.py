@@ -73,6 +73,11 @@ def test_missing_package_names_the_install_command():
         entry.gguf_path()
 
 
+def _release(version):
+    """What the end of the reading process does: give up its hold on a cache build."""
+    bundled._HELD.pop(version).close()
+
+
 def test_cache_is_built_once_atomically_and_rebuilt_when_the_source_changes(tmp_path):
     source = tmp_path / "model.gguf"
     source.write_bytes(b"v1")
@@ -83,9 +88,10 @@ def test_cache_is_built_once_atomically_and_rebuilt_when_the_source_changes(tmp_
         builds.append(folder)
         (folder / "weights").write_text("ok")
 
-    assert bundled._built_once(target, source, build) == target
-    assert (target / "weights").read_text() == "ok"
-    bundled._built_once(target, source, build)
+    first = bundled._built_once(target, source, build)
+    assert first.parent == target.parent and first.name.startswith("m@")
+    assert (first / "weights").read_text() == "ok"
+    assert bundled._built_once(target, source, build) == first
     assert len(builds) == 1  # second call reads the cache
 
     def broken(folder):
@@ -95,11 +101,74 @@ def test_cache_is_built_once_atomically_and_rebuilt_when_the_source_changes(tmp_
     source.write_bytes(b"version 2")
     with pytest.raises(RuntimeError):
         bundled._built_once(target, source, broken)
-    assert (target / "weights").read_text() == "ok"  # the old cache is untouched by a failed build
+    assert (first / "weights").read_text() == "ok"  # the old cache is untouched by a failed build
     left = [p.name for p in target.parent.iterdir() if p.suffix != ".lock"]
-    assert left == ["m"]  # no half-written folder left behind
-    bundled._built_once(target, source, build)
-    assert len(builds) == 2
+    assert left == [first.name]  # no half-written folder left behind
+    second = bundled._built_once(target, source, build)
+    assert len(builds) == 2 and second != first and (second / "weights").read_text() == "ok"
+
+
+def test_cache_is_shared_by_installs_in_different_places(tmp_path, monkeypatch):
+    one, two = tmp_path / "venv1" / "model.gguf", tmp_path / "venv2" / "model.gguf"
+    for source in (one, two):
+        source.parent.mkdir()
+        source.write_bytes(b"the same weights")
+    target, builds = tmp_path / "cache" / "m", []
+
+    def build(folder):
+        builds.append(folder)
+        (folder / "weights").write_text("ok")
+
+    versions = [bundled._built_once(target, source, build) for source in (one, two, one, two)]
+    assert len(builds) == 1 and len(set(versions)) == 1  # no rebuild back and forth
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr(bundled, "file_sha256", no_hashing)  # known (path, size, mtime): no re-read
+    assert bundled._built_once(target, two, build) == versions[0]
+
+
+def test_cache_rebuild_never_deletes_a_build_in_use(tmp_path):
+    source, target = tmp_path / "model.gguf", tmp_path / "cache" / "m"
+    source.write_bytes(b"version 1")
+
+    def build(folder):
+        (folder / "weights").write_text(source.read_text())
+
+    old = bundled._built_once(target, source, build)  # a reader still loading from it
+    source.write_bytes(b"version 2 (upgraded package)")
+    new = bundled._built_once(target, source, build)
+    assert new != old and (new / "weights").read_text() == "version 2 (upgraded package)"
+    assert (old / "weights").read_text() == "version 1"  # the reader's files are still there
+    _release(old)
+    assert bundled._built_once(target, source, build) == new
+    assert not old.exists()  # removed once nobody uses it and no install has its GGUF
+    assert [p.name for p in target.parent.iterdir() if p.suffix != ".lock"] == [new.name]
+
+
+def test_load_reports_broken_files_in_one_line(tmp_path):
+    model, tok = tiny("tiny-qwen2")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    data, text = weights.read_bytes(), config.read_text()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnsupportedModelError, match="could not load") as info:
+        sg.load(tmp_path)
+    assert "\n" not in str(info.value)
+    weights.write_bytes(data)
+    config.write_text(text[:-5])
+    with pytest.raises(UnsupportedModelError, match=r"config\.json is not readable JSON") as info:
+        sg.load(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", [None, 3, "", b"tiny-llama"])
+def test_load_rejects_what_is_not_a_name_or_path(name):
+    with pytest.raises(sg.SqueezegenError, match="model name or a folder path") as info:
+        sg.load(name)
+    assert "tiny-llama" in str(info.value)
 
 
 def test_gemma_without_its_extra_names_the_extra(monkeypatch):

@@ -7,15 +7,20 @@ safetensors folder in the squeezegen cache; later loads read that folder in abou
 from __future__ import annotations
 
 import fcntl
+import glob
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from squeezegen.errors import MissingDependencyError
-from squeezegen.staging import staged_folder
+from squeezegen.paths import cache_dir
+from squeezegen.staging import file_sha256, staged_folder
 
 
 @dataclass(frozen=True)
@@ -61,43 +66,128 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
-def cache_dir() -> Path:
-    """Where dequantized models live: $SQUEEZEGEN_CACHE, else ~/.cache/squeezegen."""
-    root = os.environ.get("SQUEEZEGEN_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "squeezegen"
+STAMP = "squeezegen-source.json"  # {"sha256", "size", "seen": {gguf path: mtime_ns}}
+READERS = ".readers.lock"  # every process using a build holds a shared lock on it until it exits
+_HELD: dict[Path, IO] = {}
 
 
-def _source_stamp(gguf: Path) -> dict:
+def _versions(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f"{glob.escape(target.name)}@*"))
+
+
+def _read_stamp(version: Path) -> dict | None:
+    try:
+        stamp = json.loads((version / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _write_stamp(version: Path, stamp: dict) -> None:
+    """Replace the stamp in one rename, so a reader sees the old one or the new one, never half."""
+    tmp = version / f".{STAMP}.tmp"
+    tmp.write_text(json.dumps(stamp))
+    os.replace(tmp, version / STAMP)
+
+
+def _hold(version: Path) -> bool:
+    """Mark `version` as in use by this process until it exits (a rebuild elsewhere then keeps it);
+    False when it was removed before the mark was taken."""
+    if version in _HELD:
+        return True
+    try:
+        handle = open(version / READERS)
+    except FileNotFoundError:
+        return False
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    if not (version / STAMP).is_file():  # removed while we waited for the lock
+        handle.close()
+        return False
+    _HELD[version] = handle
+    return True
+
+
+def _cached(target: Path, gguf: Path) -> Path | None:
+    """The build made from this GGUF file, found by its (path, size, mtime) without hashing it."""
     stat = gguf.stat()
-    return {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    for version in _versions(target):
+        stamp = _read_stamp(version)
+        if stamp and stamp.get("size") == stat.st_size and stamp.get("seen", {}).get(str(gguf)) == stat.st_mtime_ns:
+            if _hold(version):
+                return version
+    return None
+
+
+def _still_installed(stamp: dict) -> bool:
+    """Whether some GGUF file this build was made from is still there, unchanged."""
+    for path, mtime_ns in stamp.get("seen", {}).items():
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        if stat.st_size == stamp.get("size") and stat.st_mtime_ns == mtime_ns:
+            return True
+    return False
+
+
+def _remove_obsolete(target: Path) -> None:
+    """Delete builds no install still has the GGUF of, skipping those a process still uses."""
+    for version in _versions(target):
+        stamp = _read_stamp(version)
+        if stamp is None or _still_installed(stamp):
+            continue
+        try:
+            handle = open(version / READERS)
+        except FileNotFoundError:
+            continue
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use: a later load removes it
+            doomed = Path(tempfile.mkdtemp(prefix=f".{version.name}-old-", dir=version.parent))
+            version.rename(doomed / version.name)  # out of sight first, so no reader can pick it up
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _built_once(target: Path, gguf: Path, build: Callable[[Path], None]) -> Path:
-    """Return `target`, first running `build(tmp_folder)` unless a build from this same GGUF exists.
+    """Return the folder `build(tmp_folder)` makes from `gguf`, building it only the first time.
 
-    The folder is written under a temporary name and renamed into place, so an interrupted first
-    load never leaves a half-written cache behind; a changed GGUF file invalidates the cache.
+    Builds are named by the GGUF's content (`<target>@<sha256 prefix>`), so installs in different
+    places share one; each install's (path, size, mtime) is remembered in the stamp, so a later load
+    neither hashes the file nor rebuilds. A build appears whole (staged, then renamed) and is never
+    changed after; an old one is deleted only once no install has its GGUF and no process uses it.
     """
-    stamp = _source_stamp(gguf)
-    stamp_file = target / "squeezegen-source.json"
-
-    def current() -> bool:
-        return stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp
-
-    if current():
-        return target
+    lock_path = target.parent / f".{target.name}.lock"
+    version = _cached(target, gguf)
+    if version is not None:
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return version  # someone is building: they tidy up
+            _remove_obsolete(target)
+        return version
+    stat = gguf.stat()
+    size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    digest = file_sha256(gguf)
+    version = target.parent / f"{target.name}@{digest[:16]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     # processes started together (parallel evaluations) build once: the others wait, then reuse it
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if current():
-            return target
-        with staged_folder(target) as tmp:
-            build(tmp)
-            (tmp / "squeezegen-source.json").write_text(json.dumps(stamp))
-    return target
+        stamp = _read_stamp(version)
+        if stamp is None:
+            with staged_folder(version) as tmp:
+                build(tmp)
+                (tmp / READERS).touch()
+                stamp = {"sha256": digest, "size": size, "seen": {str(gguf): mtime_ns}}
+                _write_stamp(tmp, stamp)
+        elif stamp.get("seen", {}).get(str(gguf)) != mtime_ns:
+            _write_stamp(version, {**stamp, "seen": {**stamp.get("seen", {}), str(gguf): mtime_ns}})
+        _hold(version)  # cannot fail: removals happen under this lock
+        _remove_obsolete(target)
+    return version
 
 
 def dequantized_folder(entry: BundledModel) -> Path:
@@ -128,12 +218,11 @@ def dequantized_folder(entry: BundledModel) -> Path:
 def bundled_tokenizer_folder() -> Path:
     """A folder with the SmolLM2 tokenizer, for tiny test models (no weight dequantization)."""
     entry = BUNDLED["smollm2-135m"]
-    full = cache_dir() / "models" / entry.name
-    if (full / "squeezegen-source.json").exists():
+    gguf = entry.gguf_path()
+    full = _cached(cache_dir() / "models" / entry.name, gguf)
+    if full is not None:
         return full
     from transformers import AutoTokenizer
-
-    gguf = entry.gguf_path()
 
     def build(folder: Path) -> None:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)

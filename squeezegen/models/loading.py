@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from squeezegen.errors import SqueezegenError, UnknownModelError, UnsupportedModelError
 from squeezegen.models.bundled import BUNDLED, bundled_tokenizer_folder, dequantized_folder
 from squeezegen.models.tiny import TINY_CONFIGS, tiny_model
-
-# Decoder families whose HF layers the engine drives (see runtime/decoder.py).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+from squeezegen.runtime.decoder import SUPPORTED_MODEL_TYPES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,11 +44,31 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line: library errors often span several."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a one-line error naming the file (not a decoder traceback)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UnsupportedModelError(
+            f"{path} is not readable JSON ({one_line(exc)}): restore the file, or save or download the model again"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UnsupportedModelError(
+            f"{path} holds a JSON {type(data).__name__}, not an object: restore the file, or save the model again"
+        )
+    return data
+
+
 def _check_folder(path: Path) -> None:
     config = path / "config.json"
     if not config.exists():
         raise UnsupportedModelError(f"{path} has no config.json: point at a Hugging Face model folder")
-    model_type = json.loads(config.read_text()).get("model_type")
+    model_type = read_json(config).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{path} holds a {model_type!r} model; the engine supports {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -66,9 +86,14 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str) or not name_or_path:
+        got = "an empty string" if isinstance(name_or_path, str) else f"a {type(name_or_path).__name__}"
+        raise SqueezegenError(f"sg.load takes a model name or a folder path, got {got}: use one of {_available_line()}")
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    name = str(name_or_path)
+    name = name_or_path
     if name in TINY_CONFIGS:
         model = tiny_model(name, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_folder())
@@ -90,8 +115,10 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-        except (OSError, ValueError) as exc:  # corrupt or partial files
-            raise UnsupportedModelError(f"could not load {folder}: {exc}") from exc
+        except (OSError, ValueError, SafetensorError) as exc:  # corrupt or partial files
+            raise UnsupportedModelError(
+                f"could not load {folder}: {one_line(exc)}; restore its files, or save or download the model again"
+            ) from exc
         if model.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"{name} is a {model.config.model_type!r} model; the engine supports {', '.join(SUPPORTED_MODEL_TYPES)}"

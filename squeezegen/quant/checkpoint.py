@@ -3,10 +3,12 @@
     config.json              the base model's config (+ `squeezegen_binary`: method and settings)
     model.safetensors        packed signs (uint8, 8 per byte), 16-bit scales / router / bias,
                              16-bit embeddings, norms and lm_head
-    squeezegen_binary.json   manifest: method, bits per weight, bytes
+    squeezegen_binary.json   manifest: method, bits per weight, bytes, the files written and the
+                             sha256 of each tensor file
     tokenizer files
 
-`sg.load(folder)` recognises the manifest and rebuilds the model with packed layers.
+`sg.load(folder)` recognises the manifest (or, if it was lost, the config entry), checks the
+tensor files against their sha256 and rebuilds the model with packed layers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from squeezegen.errors import SqueezegenError
+from squeezegen.models.loading import one_line, read_json
 from squeezegen.quant.api import (
     binarize_,
     binary_layers,
@@ -28,23 +31,53 @@ from squeezegen.quant.api import (
     pack_,
     stored_bytes,
 )
-from squeezegen.staging import staged_folder
+from squeezegen.staging import file_sha256, staged_folder
 
 MANIFEST = "squeezegen_binary.json"
 WEIGHTS = "model.safetensors"
+REPORT = "binarize_report.json"  # `squeezegen binarize` writes it next to the checkpoint
+FORMAT = "squeezegen-binary/2"  # /2 adds "files" and "sha256"; /1 folders still load, unchecked
 
 
-def is_binary_folder(folder: Path) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
+def is_binary_folder(folder: str | Path) -> bool:
+    """Whether `sg.save` wrote `folder`: its manifest, or its config's `squeezegen_binary` entry (a
+    plain load would otherwise build those layers as fresh random nn.Linear)."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return True
+    config = folder / "config.json"
+    return config.is_file() and "squeezegen_binary" in read_json(config)
+
+
+def _replaceable(folder: Path, overwrite: bool) -> set[str]:
+    """What is in `folder` that saving there would replace; refuses anything but an earlier checkpoint."""
+    if folder.exists() and not folder.is_dir():
+        raise SqueezegenError(f"{folder} is a file: pass a folder path to sg.save")
+    names = {p.name for p in folder.iterdir()} if folder.exists() else set()
+    if not names:
+        return names
+    if not overwrite:
+        raise SqueezegenError(f"{folder} exists and is not empty: choose a new folder or pass overwrite=True")
+    if not is_binary_folder(folder):
+        raise SqueezegenError(
+            f"{folder} holds {sorted(names)[0]} but no squeezegen checkpoint: overwrite=True replaces only an "
+            "earlier sg.save; choose a new folder"
+        )
+    return names
 
 
 def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write the packed 1-bit model and its tokenizer to `folder` (the model itself is unchanged)."""
+    """Write the packed 1-bit model and its tokenizer to `folder` (the model itself is unchanged).
+
+    `overwrite=True` replaces an earlier checkpoint only, and only if the folder holds nothing else:
+    the new one is written beside it and swapped in, so a failed save leaves the old one as it was.
+    """
     folder = Path(folder)
     if not binary_layers(model):
         raise SqueezegenError("sg.save writes binarized models: apply sg.binarize_(model, config) first")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise SqueezegenError(f"{folder} exists and is not empty: choose a new folder or pass overwrite=True")
+    existing = _replaceable(folder, overwrite)
+    if (folder / MANIFEST).is_file():
+        existing -= set(read_json(folder / MANIFEST).get("files", []))
     deployed = copy.deepcopy(model)
     pack_(deployed)
     deployed.to(torch.float16)  # packed signs stay uint8
@@ -52,14 +85,44 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
         save_model(deployed, str(tmp / WEIGHTS))
         deployed.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        foreign = sorted(existing - {*files, MANIFEST, REPORT})
+        if foreign:
+            raise SqueezegenError(
+                f"{folder} also holds {foreign[0]}, which sg.save did not write: move it out or choose a new folder"
+            )
         manifest = {
-            "format": "squeezegen-binary/1",
+            "format": FORMAT,
             "binarization": deployed.config.squeezegen_binary,
             "bits_per_weight": bits_per_weight(deployed),
             "bytes": stored_bytes(deployed),
+            "files": [*files, MANIFEST],
+            "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return folder
+
+
+def _checked_manifest(folder: Path) -> dict:
+    """The manifest, once every tensor file it lists is there with the sha256 recorded at save."""
+    if not (folder / MANIFEST).is_file():
+        raise SqueezegenError(
+            f"{folder / 'config.json'} describes a squeezegen 1-bit model but {MANIFEST} is missing: "
+            "copy the whole folder again or save the model again"
+        )
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest.get("binarization"), dict):
+        raise SqueezegenError(f"{folder / MANIFEST} has no binarization entry: restore it or save the model again")
+    for name in {WEIGHTS, *manifest.get("sha256", {})}:
+        if not (folder / name).is_file():
+            raise SqueezegenError(f"{folder} has a {MANIFEST} but no {name}: the save is incomplete")
+    for name, digest in manifest.get("sha256", {}).items():
+        if file_sha256(folder / name) != digest:
+            raise SqueezegenError(
+                f"corrupt binary checkpoint {folder / name}: its sha256 is not the one in {MANIFEST}; "
+                "restore the file or save the model again"
+            )
+    return manifest
 
 
 def load_binary(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -67,20 +130,21 @@ def load_binary(folder: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
+    spec = _checked_manifest(folder)["binarization"]
     weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise SqueezegenError(f"{folder} has a {MANIFEST} but no {WEIGHTS}: the save is incomplete")
+    read_json(folder / "config.json")  # a broken config: name the file, not a transformers traceback
     try:
         config = AutoConfig.from_pretrained(folder)
-        spec = json.loads((folder / MANIFEST).read_text())["binarization"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise SqueezegenError(f"{folder} is not a readable squeezegen binary checkpoint: {exc}") from exc
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    binarize_(model, config_from_dict(spec))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        binarize_(model, config_from_dict(spec))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SqueezegenError(
+            f"{folder} is not a readable squeezegen binary checkpoint: {one_line(exc)}; save the model again"
+        ) from exc
     pack_(model)
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
-        raise SqueezegenError(f"corrupt binary checkpoint {weights}: {exc}") from exc
+        raise SqueezegenError(f"corrupt binary checkpoint {weights}: {one_line(exc)}") from exc
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(dtype).eval(), tokenizer
