@@ -2,6 +2,7 @@
 LiteRT pipeline, the schedulers against diffusers, and the CLI's errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from squeezegen.cli import main
+from squeezegen.mobile import export as export_mod
 from squeezegen.mobile import rewrites as rw
 from squeezegen.mobile.check import check_model
 from squeezegen.mobile.export import export_pipeline, load_manifest
@@ -222,6 +224,141 @@ def test_litert_pipeline_writes_png(exported, tmp_path, capsys):
     assert Image.open(out).size == (32, 32)
     assert main([*argv, "--out", str(tmp_path / "again.png"), "--seed", "3"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+# ---- exports never overwrite silently, and a file cut short is named ----
+
+
+def _copy_export(exported, tmp_path):
+    return shutil.copytree(exported["fp32"][0], tmp_path / "export")
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _staging_left(tmp_path):
+    return [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _refuse_work(*_args, **_kwargs):
+    raise AssertionError("slow work started before the refusal")
+
+
+def test_export_refuses_non_empty_out_before_any_work(exported, tmp_path, capsys, monkeypatch):
+    out = _copy_export(exported, tmp_path)
+    before = _files(out)
+    monkeypatch.setattr(export_mod, "resolve_model", _refuse_work)
+    argv = ["mobile", "export", "--model", "tiny-sd", "--modules", "text_encoder"]
+    assert main([*argv, "--out", str(out)]) == 2
+    (line,) = _error_line(capsys)
+    assert "is not empty" in line and "--overwrite" in line
+    assert _files(out) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main([*argv, "--out", str(mine), "--overwrite"]) == 2  # not an export: nothing there to replace
+    assert "no manifest.json" in _error_line(capsys)[0] and (mine / "notes.txt").read_text() == "mine"
+
+
+def test_export_overwrite_merges_modules_and_keeps_user_files(exported, tiny_dir, parts, tmp_path, capsys):
+    out = _copy_export(exported, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    earlier = json.loads((out / "manifest.json").read_text())
+    # an earlier layout wrote the text encoder under another name (as --unet-parts changes the UNet's files)
+    (out / "text_encoder.tflite").rename(out / "text_encoder_v0.tflite")
+    earlier["modules"]["text_encoder"]["file"] = "text_encoder_v0.tflite"
+    (out / "manifest.json").write_text(json.dumps(earlier))
+    argv = ["mobile", "export", "--model", str(tiny_dir), "--out", str(out), "--modules", "text_encoder"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert "kept from the earlier export" in capsys.readouterr().out
+    merged = load_manifest(out)
+    assert list(merged["modules"]) == ["text_encoder", "unet", "vae_decoder"]
+    assert merged["modules"]["unet"] == earlier["modules"]["unet"]
+    assert merged["modules"]["vae_decoder"] == earlier["modules"]["vae_decoder"]
+    assert merged["modules"]["text_encoder"]["file"] == "text_encoder.tflite"
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "text_encoder_v0.tflite").exists()
+    assert not _staging_left(tmp_path)
+    errors = _module_errors(out, parts)  # the merged folder is a whole, working export
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_export_overwrite_refuses_mismatched_settings(exported, tiny_dir, tmp_path, capsys, monkeypatch):
+    out = _copy_export(exported, tmp_path)
+    before = _files(out)
+    monkeypatch.setattr(export_mod, "convert_module", _refuse_work)
+    argv = ["mobile", "export", "--model", str(tiny_dir), "--out", str(out), "--modules", "vae_decoder"]
+    assert main([*argv, "--recipe", "int8-weight-only", "--overwrite"]) == 2
+    (line,) = _error_line(capsys)
+    assert "recipe ('fp32' there, 'int8-weight-only' now)" in line and "drop --modules" in line
+    assert _files(out) == before and not _staging_left(tmp_path)
+
+
+def test_interrupted_export_leaves_no_half_folder(exported, tiny_dir, tmp_path, monkeypatch):
+    out = _copy_export(exported, tmp_path)
+    before = _files(out)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "convert_module", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_pipeline(tiny_dir, out, modules=("text_encoder",), overwrite=True)
+    assert _files(out) == before
+    with pytest.raises(KeyboardInterrupt):
+        export_pipeline(tiny_dir, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not _staging_left(tmp_path)
+
+
+def test_check_json_refuses_existing_file(exported, tmp_path, capsys):
+    model = str(exported["fp32"][0] / "text_encoder.tflite")
+    report = tmp_path / "ops.json"
+    report.write_text("mine")
+    argv = ["mobile", "check", "--backend", "static", model, "--json", str(report)]
+    assert main(argv) == 2
+    (line,) = _error_line(capsys)
+    assert str(report) in line and "--overwrite" in line and report.read_text() == "mine"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(report.read_text())[0]["path"] == model
+
+
+@pytest.mark.parametrize("keep", ["half", 1000])
+def test_check_rejects_truncated_tflite(exported, tmp_path, capsys, keep):
+    # the int8 UNet keeps its weights after the op table, so half of it still lists every op
+    whole = (exported["int8-weight-only"][0] / "unet.tflite").read_bytes()
+    cut = tmp_path / "unet.tflite"
+    cut.write_bytes(whole[: len(whole) // 2 if keep == "half" else keep])
+    assert main(["mobile", "check", "--backend", "static", str(cut)]) == 2
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("squeezegen: error:")]
+    assert str(cut) in line and "truncated" in line and "re-export" in line
+    assert "ops," not in captured.out and "Traceback" not in captured.err
+    assert main(["mobile", "check", "--backend", "static", str(exported["int8-weight-only"][0] / "unet.tflite")]) == 0
+
+
+def test_generate_rejects_truncated_module_files(exported, tmp_path, capsys):
+    out = _copy_export(exported, tmp_path)
+    argv = ["mobile", "generate", "--model", str(out), "--prompt", "a cat", "--steps", "1"]
+    for name in ("unet.tflite", "text_encoder.tflite", "vae_decoder.tflite", "token_embedding.npy"):
+        whole = (out / name).read_bytes()
+        (out / name).write_bytes(whole[: len(whole) // 2])
+        assert main([*argv, "--out", str(tmp_path / "x.png")]) == 2, name
+        (line,) = _error_line(capsys)
+        assert str(out / name) in line and "truncated" in line, line
+        (out / name).write_bytes(whole)
+    assert main([*argv, "--out", str(tmp_path / "x.png")]) == 0
+
+
+def test_eval_mini_refuses_earlier_exports_and_json(tmp_path, capsys):
+    (tmp_path / "mini").mkdir()
+    (tmp_path / "work" / "fp32").mkdir(parents=True)
+    (tmp_path / "work" / "fp32" / "notes.txt").write_text("mine")
+    argv = ["mobile", "eval-mini", "--model", str(tmp_path / "mini"), "--work", str(tmp_path / "work")]
+    assert main([*argv, "--recipes", "fp32"]) == 2
+    assert "is not empty" in _error_line(capsys)[0]
+    (tmp_path / "eval.json").write_text("mine")
+    assert main([*argv, "--recipes", "fp16", "--json", str(tmp_path / "eval.json")]) == 2
+    assert "already exists" in _error_line(capsys)[0]
 
 
 # ---- schedulers against diffusers ----

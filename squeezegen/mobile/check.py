@@ -56,15 +56,41 @@ def _schema():
     return schema
 
 
+def open_tflite(path: Path, threads: int = 1):
+    """A LiteRT interpreter for `path`, once LiteRT's loader has checked every offset and constant buffer against
+    the file's size: the op table of a truncated file can still read as whole, so the census alone would pass it."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        from squeezegen.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "reading .tflite files needs ai-edge-litert: pip install 'squeezegen[mobile]'"
+        ) from exc
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise SqueezegenError(
+            f"{path} is truncated or not a .tflite model (no TFL3 identifier): "
+            "re-export it with `squeezegen mobile export`"
+        )
+    try:
+        return Interpreter(model_path=str(path), num_threads=threads)
+    except (ValueError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or ["LiteRT cannot load it"])[0]
+        raise SqueezegenError(
+            f"{path} is truncated or not a valid .tflite model ({reason}): re-export it with `squeezegen mobile export`"
+        ) from None
+
+
 def op_census(path: str | Path) -> list[dict]:
     """Every operator of every subgraph: name, input/output shapes and types, which inputs are constant."""
     schema = _schema()
     path = Path(path)
     if not path.is_file():
         raise SqueezegenError(f"{path} does not exist: pass .tflite files written by `squeezegen mobile export`")
+    open_tflite(path)
     buf = path.read_bytes()
-    if len(buf) < 8 or buf[4:8] != b"TFL3":
-        raise SqueezegenError(f"{path} is not a .tflite flatbuffer (no TFL3 identifier)")
     model = schema.Model.GetRootAsModel(buf, 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}

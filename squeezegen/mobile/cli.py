@@ -42,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     check_recipe(args.recipe)
     _check_model_arg(args.model)
     _require_mobile()
-    from squeezegen.mobile.export import export_pipeline
+    from squeezegen.mobile.export import export_pipeline, module_files
     from squeezegen.mobile.rewrites import RewriteConfig
 
     rewrites = RewriteConfig(split_threshold=args.split_threshold).disabled(*args.no_rewrite)
@@ -55,16 +55,20 @@ def cmd_export(args: argparse.Namespace) -> None:
         height=args.height,
         width=args.width,
         modules=tuple(args.modules),
+        overwrite=args.overwrite,
     )
     for name, entry in manifest["modules"].items():
-        files = ", ".join(entry.get("files", [entry.get("file")]))
-        print(f"{name:13s} {entry['bytes'] / 2**20:9.2f} MiB  {files}  ({entry['convert_s']:.1f} s)")
+        files = ", ".join(module_files(entry))
+        took = f"{entry['convert_s']:.1f} s" if name in args.modules else "kept from the earlier export"
+        print(f"{name:13s} {entry['bytes'] / 2**20:9.2f} MiB  {files}  ({took})")
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
 
 
 def cmd_check(args: argparse.Namespace) -> None:
     from squeezegen.mobile.check import check_model
 
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise SqueezegenError(f"{args.json} already exists: choose another --json or pass --overwrite")
     bad = 0
     reports = []
     for path in args.files:
@@ -80,6 +84,7 @@ def cmd_check(args: argparse.Namespace) -> None:
             print(f"  {count:5d} x {reason}")
         bad += not report.ok
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
             json.dumps(
                 [
@@ -130,13 +135,17 @@ def cmd_train_mini(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_mini(args: argparse.Namespace) -> None:
-    from squeezegen.mobile.export import MANIFEST  # noqa: F401  (fast import check)
+    from squeezegen.mobile.export import earlier_export
 
     if not Path(args.model).is_dir():
         raise SqueezegenError(f"model folder {args.model} does not exist: run `squeezegen mobile train-mini` first")
     for recipe in args.recipes:
         if recipe not in RECIPE_NAMES:
             raise SqueezegenError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPE_NAMES)}")
+    for recipe in args.recipes:  # before any export, not after the first one
+        earlier_export(Path(args.work) / recipe, args.overwrite)
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise SqueezegenError(f"{args.json} already exists: choose another --json or pass --overwrite")
     _require_mobile()
     from squeezegen.mobile.miniature import evaluate_mini
 
@@ -149,6 +158,7 @@ def cmd_eval_mini(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         seed=args.seed,
         png_dir=args.png_dir,
+        overwrite=args.overwrite,
     )
     print("| backend | accuracy | size (MiB) | mean abs pixel diff vs PyTorch |")
     print("|---|---|---|---|")
@@ -168,12 +178,24 @@ def add_mobile_parser(sub: argparse._SubParsersAction) -> None:
 
     p = msub.add_parser("export", help="export a diffusers SD pipeline to text-encoder / UNet / VAE-decoder .tflite")
     p.add_argument("--model", required=True, help="diffusers SD 1.x/2.x folder, tiny-sd, or sd15 / sd21-base (random)")
-    p.add_argument("--out", required=True, help="output folder (three .tflite files + manifest.json)")
+    p.add_argument("--out", required=True, help="output folder (three .tflite files + manifest.json), new or empty")
     p.add_argument("--recipe", default="fp32", help=f"one of {', '.join(RECIPE_NAMES)}")
     p.add_argument("--unet-parts", type=int, default=1, help="split the UNet into this many files (full-size SD)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the UNet's sample size x 8)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--modules", nargs="+", default=["text_encoder", "unet", "vae_decoder"])
+    p.add_argument(
+        "--modules",
+        nargs="+",
+        default=["text_encoder", "unet", "vae_decoder"],
+        help="export only these; with --overwrite the other modules of the export in --out are kept",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the export in --out: the modules exported now replace theirs, the others stay (recipe, size "
+        "and other settings must match), and files no export wrote are kept; the folder changes only once the "
+        "export has finished",
+    )
     p.add_argument(
         "--no-rewrite",
         nargs="*",
@@ -187,7 +209,8 @@ def add_mobile_parser(sub: argparse._SubParsersAction) -> None:
     p = msub.add_parser("check", help="list ops that would leave the mobile GPU delegate (exit 1 if any)")
     p.add_argument("files", nargs="+", help=".tflite files")
     p.add_argument("--backend", default="auto", choices=["auto", "static", "gpu"])
-    p.add_argument("--json", default=None, help="also write the op census here")
+    p.add_argument("--json", default=None, help="also write the op census here (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_check)
 
     p = msub.add_parser("generate", help="text-to-image with the exported LiteRT files only")
@@ -220,4 +243,5 @@ def add_mobile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png-dir", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace earlier exports in --work and the --json file")
     p.set_defaults(func=cmd_eval_mini)

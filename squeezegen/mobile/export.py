@@ -8,9 +8,11 @@ and int32 tensors), so every op of the three files stays on the GPU path.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from squeezegen.mobile.rewrites import RewriteConfig, apply_rewrites, count_repl
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+MODULES = ("text_encoder", "unet", "vae_decoder")
 
 
 def _litert_torch():
@@ -85,68 +88,194 @@ def export_pipeline(
     height: int | None = None,
     width: int | None = None,
     guidance_batch: int = 2,
-    modules: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder"),
+    modules: tuple[str, ...] = MODULES,
+    overwrite: bool = False,
 ) -> dict:
-    """Export `model` to LiteRT files in `out`; returns (and writes) the manifest."""
+    """Export `model` to LiteRT files in `out`; returns (and writes) the manifest.
+
+    Everything is written to a sibling folder that replaces `out` only once the export is complete. The
+    modules of an earlier export in `out` that are not re-exported are kept (their settings must match),
+    and so is every file no export wrote.
+    """
     check_recipe(recipe)
     rewrites = rewrites or RewriteConfig()
-    unknown = set(modules) - {"text_encoder", "unet", "vae_decoder"}
+    unknown = set(modules) - set(MODULES)
     if unknown:
-        raise SqueezegenError(f"unknown module(s) {sorted(unknown)}: choose from text_encoder, unet, vae_decoder")
-    out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        sd = resolve_model(model, Path(tmp))
-        out.mkdir(parents=True, exist_ok=True)
-        unet_cfg = sd.unet.config
-        factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-        height = height or unet_cfg.sample_size * factor
-        width = width or unet_cfg.sample_size * factor
-        if height % (factor * 2 ** (len(unet_cfg.block_out_channels) - 1)) or width % factor:
-            raise SqueezegenError(f"--height/--width must be multiples of {factor * 8}, got {height}x{width}")
-        lh, lw = height // factor, width // factor
-        hidden = sd.text_encoder.config.hidden_size
-        manifest: dict = {
-            "format": FORMAT,
-            "source": str(model),
-            "recipe": recipe,
-            "rewrites": asdict(rewrites),
-            "image": {"height": height, "width": width, "channels": sd.vae.config.out_channels},
-            "latent": {"channels": unet_cfg.in_channels, "height": lh, "width": lw},
-            "guidance_batch": guidance_batch,
-            "max_length": sd.max_length,
-            "scheduler": sd.scheduler_config,
-            "modules": {},
-        }
-        if sd.tokenizer_dir is not None:
-            shutil.copytree(sd.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
-            manifest["tokenizer"] = sorted(f"tokenizer/{p.name}" for p in (out / "tokenizer").iterdir())
-        table = sd.text_encoder.get_input_embeddings().weight.detach().numpy()
-        table = table.astype(np.float32 if recipe == "fp32" else np.float16)
-        np.save(out / "token_embedding.npy", table)
-        manifest["token_embedding"] = {
-            "file": "token_embedding.npy",
-            "bytes": (out / "token_embedding.npy").stat().st_size,
-        }
-
-        with torch.no_grad():
-            if "text_encoder" in modules:
-                te = TextEncoder(apply_rewrites(sd.text_encoder, rewrites), sd.max_length)
-                entry = convert_module(
-                    te, (torch.zeros(1, sd.max_length, hidden),), out / "text_encoder.tflite", recipe
-                )
-                entry["rewrites"] = count_replacements(te)
-                manifest["modules"]["text_encoder"] = entry
-            if "unet" in modules:
-                unet = apply_rewrites(sd.unet, rewrites)
-                manifest["modules"]["unet"] = export_unet(unet, out, recipe, unet_parts, guidance_batch, lh, lw, sd)
-            if "vae_decoder" in modules:
-                vae = VaeDecoder(apply_rewrites(sd.vae, rewrites))
-                args = (torch.zeros(1, sd.vae.config.latent_channels, lh, lw),)
-                entry = convert_module(vae, args, out / "vae_decoder.tflite", recipe)
-                entry["rewrites"] = count_replacements(vae)
-                manifest["modules"]["vae_decoder"] = entry
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        raise SqueezegenError(f"unknown module(s) {sorted(unknown)}: choose from {', '.join(MODULES)}")
+    out = Path(out).absolute()  # `.` has no name to stage beside
+    earlier = earlier_export(out, overwrite)
+    kept = {k: v for k, v in (earlier or {}).get("modules", {}).items() if k not in modules}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.with_name(f".{out.name}-export-{uuid.uuid4().hex[:8]}")
+    staged.mkdir()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            sd = resolve_model(model, Path(tmp))
+            manifest = _settings(sd, str(model), recipe, rewrites, height, width, guidance_batch)
+            _write_shared(sd, staged, manifest)
+            if kept:
+                _check_matches(out, earlier, manifest)
+            new = _convert_modules(sd, staged, manifest, rewrites, unet_parts, modules)
+        manifest["modules"] = {m: new[m] if m in new else kept[m] for m in MODULES if m in new or m in kept}
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            _carry_over(out, staged, _written_by(earlier, set(modules)) if earlier else set())
+            shutil.copymode(out, staged)
+        _swap_in(staged, out)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
     return manifest
+
+
+def earlier_export(out: Path, overwrite: bool) -> dict | None:
+    """The manifest of the export in `out` (None when `out` is new or empty). Refuses a non-empty `out`
+    without `overwrite`, and one with files but no manifest: there is no export there to replace."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise SqueezegenError(f"--out {out} is a file: choose a folder")
+    if not any(out.iterdir()):
+        return None
+    if not overwrite:
+        raise SqueezegenError(f"{out} is not empty: choose a new --out or pass --overwrite to replace the export in it")
+    if not (out / MANIFEST).is_file():
+        raise SqueezegenError(f"{out} holds files but no {MANIFEST}, so no export to replace: choose a new --out")
+    return load_manifest(out)
+
+
+def _settings(
+    sd: SDParts,
+    source: str,
+    recipe: str,
+    rewrites: RewriteConfig,
+    height: int | None,
+    width: int | None,
+    guidance_batch: int,
+) -> dict:
+    """The manifest without its modules: what every module of one export must share."""
+    unet_cfg = sd.unet.config
+    factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    height = height or unet_cfg.sample_size * factor
+    width = width or unet_cfg.sample_size * factor
+    if height % (factor * 2 ** (len(unet_cfg.block_out_channels) - 1)) or width % factor:
+        raise SqueezegenError(f"--height/--width must be multiples of {factor * 8}, got {height}x{width}")
+    return {
+        "format": FORMAT,
+        "source": source,
+        "recipe": recipe,
+        "rewrites": asdict(rewrites),
+        "image": {"height": height, "width": width, "channels": sd.vae.config.out_channels},
+        "latent": {"channels": unet_cfg.in_channels, "height": height // factor, "width": width // factor},
+        "guidance_batch": guidance_batch,
+        "max_length": sd.max_length,
+        "scheduler": sd.scheduler_config,
+        "modules": {},
+    }
+
+
+def _check_matches(out: Path, earlier: dict, manifest: dict) -> None:
+    """Refuse to keep modules of an earlier export whose settings differ: the pipeline would mix, say, two latent
+    sizes or recipes."""
+    differ = []
+    for key, value in manifest.items():
+        there = earlier.get(key)
+        if key != "modules" and json.loads(json.dumps(value)) != there:
+            differ.append(key if isinstance(value, dict) else f"{key} ({there!r} there, {value!r} now)")
+    if differ:
+        raise SqueezegenError(
+            f"the export in {out} has a different {', '.join(differ)}: drop --modules to re-export all three "
+            "modules, or choose a new --out"
+        )
+
+
+def _write_shared(sd: SDParts, out: Path, manifest: dict) -> None:
+    """The tokenizer and the token-embedding table (looked up on the host), with their manifest entries."""
+    if sd.tokenizer_dir is not None:
+        shutil.copytree(sd.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+        manifest["tokenizer"] = sorted(f"tokenizer/{p.name}" for p in (out / "tokenizer").iterdir())
+    table = sd.text_encoder.get_input_embeddings().weight.detach().numpy()
+    table = table.astype(np.float32 if manifest["recipe"] == "fp32" else np.float16)
+    np.save(out / "token_embedding.npy", table)
+    manifest["token_embedding"] = {"file": "token_embedding.npy", "bytes": (out / "token_embedding.npy").stat().st_size}
+
+
+def _convert_modules(
+    sd: SDParts, out: Path, manifest: dict, rewrites: RewriteConfig, unet_parts: int, modules: tuple[str, ...]
+) -> dict:
+    """Convert `modules` into `out`; returns their manifest entries."""
+    recipe, lat = manifest["recipe"], manifest["latent"]
+    entries: dict = {}
+    with torch.no_grad():
+        if "text_encoder" in modules:
+            te = TextEncoder(apply_rewrites(sd.text_encoder, rewrites), sd.max_length)
+            hidden = sd.text_encoder.config.hidden_size
+            entry = convert_module(te, (torch.zeros(1, sd.max_length, hidden),), out / "text_encoder.tflite", recipe)
+            entry["rewrites"] = count_replacements(te)
+            entries["text_encoder"] = entry
+        if "unet" in modules:
+            unet = apply_rewrites(sd.unet, rewrites)
+            batch = manifest["guidance_batch"]
+            entries["unet"] = export_unet(unet, out, recipe, unet_parts, batch, lat["height"], lat["width"], sd)
+        if "vae_decoder" in modules:
+            vae = VaeDecoder(apply_rewrites(sd.vae, rewrites))
+            args = (torch.zeros(1, sd.vae.config.latent_channels, lat["height"], lat["width"]),)
+            entry = convert_module(vae, args, out / "vae_decoder.tflite", recipe)
+            entry["rewrites"] = count_replacements(vae)
+            entries["vae_decoder"] = entry
+    return entries
+
+
+def _written_by(manifest: dict, modules: set[str]) -> set[str]:
+    """The files an earlier export wrote for `modules` and for the pipeline as a whole: this export replaces them."""
+    files = {MANIFEST, *manifest.get("tokenizer", [])}
+    if "token_embedding" in manifest:
+        files.add(manifest["token_embedding"]["file"])
+    for name, entry in manifest["modules"].items():
+        if name in modules:
+            files.update(module_files(entry))
+    return files
+
+
+def module_files(entry: dict) -> list[str]:
+    """The file names of one module's manifest entry (the UNet may be in parts)."""
+    return entry.get("files", [entry["file"]])
+
+
+def _carry_over(out: Path, staged: Path, replaced: set[str]) -> None:
+    """Hard-link (or copy) into `staged` every entry of `out` that this export neither wrote nor replaces:
+    the kept modules and any file a user put there."""
+    for root, dirs, files in os.walk(out):
+        for name in dirs + files:
+            src = Path(root) / name
+            rel = src.relative_to(out)
+            dst = staged / rel
+            if rel.as_posix() in replaced or dst.exists() or dst.is_symlink():
+                continue
+            if src.is_symlink():
+                dst.symlink_to(os.readlink(src))
+            elif src.is_dir():
+                dst.mkdir()
+            else:
+                try:
+                    os.link(src, dst)
+                except OSError:  # no hard links on this file system or for this file
+                    shutil.copy2(src, dst)
+
+
+def _swap_in(staged: Path, out: Path) -> None:
+    """Replace `out` by the complete folder `staged` with two renames; if the second fails, `out` is put back."""
+    if not out.exists():
+        staged.rename(out)
+        return
+    old = out.with_name(f"{staged.name}-old")
+    out.rename(old)
+    try:
+        staged.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
 
 
 def unet_example_inputs(unet, batch: int, lh: int, lw: int, context_len: int) -> tuple[torch.Tensor, ...]:
@@ -195,7 +324,10 @@ def load_manifest(folder: str | Path) -> dict:
         raise SqueezegenError(f"model folder {folder} does not exist: run `squeezegen mobile export --out {folder}`")
     if not path.is_file():
         raise SqueezegenError(f"{folder} has no {MANIFEST}: pass a folder written by `squeezegen mobile export`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SqueezegenError(f"{path} is not valid JSON ({exc}): re-export into a new folder") from None
     if manifest.get("format") != FORMAT:
         raise SqueezegenError(f"{path} has format {manifest.get('format')}, this version reads {FORMAT}: re-export")
     return manifest

@@ -205,6 +205,7 @@ def evaluate_mini(
     seed: int = 0,
     scheduler: str = "dpm++",
     png_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Classifier accuracy of images from the PyTorch modules and from each exported recipe.
 
@@ -230,7 +231,7 @@ def evaluate_mini(
     }
     backends: list[tuple[str, object, dict]] = [("pytorch", TorchModules(model_dir), {})]
     for recipe in recipes:
-        manifest = export_pipeline(model_dir, work / recipe, recipe=recipe)
+        manifest = export_pipeline(model_dir, work / recipe, recipe=recipe, overwrite=overwrite)
         size = sum(m["bytes"] for m in manifest["modules"].values()) + manifest["token_embedding"]["bytes"]
         backends.append((f"litert-{recipe}", LiteRTModules(work / recipe), {"bytes": size}))
     for name, modules, extra in backends:

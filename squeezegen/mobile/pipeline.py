@@ -13,22 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
-from squeezegen.errors import MissingDependencyError, SqueezegenError
+from squeezegen.errors import SqueezegenError
+from squeezegen.mobile.check import open_tflite
 from squeezegen.mobile.export import load_manifest
 from squeezegen.mobile.schedulers import make_scheduler
 
 
-def _interpreter(path: Path, threads: int):
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "running .tflite files needs ai-edge-litert: pip install 'squeezegen[mobile]'"
-        ) from exc
+def _whole(path: Path, entry: dict) -> Path:
+    """`path` as the export wrote it: a file of another size is truncated or was replaced, and must not be loaded."""
     if not path.is_file():
         raise SqueezegenError(f"{path} is missing: re-run `squeezegen mobile export`")
-    interp = Interpreter(model_path=str(path), num_threads=threads)
-    return interp.get_signature_runner()
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise SqueezegenError(
+            f"{path} is {size} bytes, not the {entry['bytes']} the export wrote (truncated or changed): "
+            "re-export it with `squeezegen mobile export --overwrite`"
+        )
+    return path
+
+
+def _interpreter(folder: Path, entry: dict, threads: int):
+    return open_tflite(_whole(folder / entry["file"], entry), threads).get_signature_runner()
 
 
 class LiteRTModules:
@@ -41,10 +46,11 @@ class LiteRTModules:
         missing = [m for m in ("text_encoder", "unet", "vae_decoder") if m not in mods]
         if missing:
             raise SqueezegenError(f"{self.folder} has no {', '.join(missing)}: export all three modules")
-        self.table = np.load(self.folder / self.manifest["token_embedding"]["file"]).astype(np.float32)
-        self._te = _interpreter(self.folder / mods["text_encoder"]["file"], threads)
-        self._unet = [(_interpreter(self.folder / p["file"], threads), p) for p in mods["unet"]["parts"]]
-        self._vae = _interpreter(self.folder / mods["vae_decoder"]["file"], threads)
+        embedding = self.manifest["token_embedding"]
+        self.table = np.load(_whole(self.folder / embedding["file"], embedding)).astype(np.float32)
+        self._te = _interpreter(self.folder, mods["text_encoder"], threads)
+        self._unet = [(_interpreter(self.folder, p, threads), p) for p in mods["unet"]["parts"]]
+        self._vae = _interpreter(self.folder, mods["vae_decoder"], threads)
 
     @staticmethod
     def _run(runner, entry: dict, *arrays: np.ndarray) -> list[np.ndarray]:
