@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from squeezegen import __version__
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.spec import BUDGET_GRAMMAR, parse_budget, parse_params
 from squeezegen.mobile.cli import add_mobile_parser
+
+GRAMMAR_HELP = BUDGET_GRAMMAR.replace("%", "%%")  # argparse expands % in help
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaints in the one-line form of every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"squeezegen: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _budget_arg(text: str) -> float | int:
@@ -18,6 +30,59 @@ def _budget_arg(text: str) -> float | int:
         return parse_budget(text)
     except SqueezegenError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    """A count (tokens, samples, repeats): refused at parse time, before a model is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """nan and inf parse as floats but sample nothing sensible (inf silently meant uniform)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def _device_arg(text: str) -> str:
+    if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use {DEVICES}")
+    return text
+
+
+def _read_prompt(path: Path) -> str:
+    """The prompt file as text; a folder, unreadable or non-UTF-8 file is the user's to fix."""
+    if path.is_dir():
+        raise SqueezegenError(f"prompt file {path} is a folder: pass the file holding the prompt")
+    if not path.is_file():
+        raise SqueezegenError(f"prompt file {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SqueezegenError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SqueezegenError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+            "save it as UTF-8"
+        ) from None
+    if "\0" in text:
+        raise SqueezegenError(f"prompt file {path} holds NUL bytes: it looks binary, pass a text file")
+    return text
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -28,13 +93,17 @@ def _add_model_args(parser: argparse.ArgumentParser, default: str | None = None)
         help="bundled name (see `squeezegen models`), tiny test model, or local HF folder",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device", default="cpu", type=_device_arg, help=DEVICES)
 
 
 def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="full", help="KV/attention method (see `squeezegen methods`)")
     parser.add_argument(
-        "--method-arg", nargs="*", default=[], metavar="KEY=VALUE", help="method parameters, e.g. budget=512 window=32"
+        "--method-arg",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"method parameters, e.g. budget=512 window=32; a budget is {GRAMMAR_HELP}",
     )
 
 
@@ -62,10 +131,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise SqueezegenError(f"prompt file {path} does not exist")
-        prompt = path.read_text()
+        prompt = _read_prompt(Path(args.prompt_file))
     else:
         prompt = args.prompt
     if not prompt or not prompt.strip():
@@ -129,8 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from squeezegen.evals.report import markdown_tables, report_paths, summarize, write_report
-    from squeezegen.evals.runner import EvalConfig, run_eval
+    from squeezegen.evals.report import markdown_tables, report_files, summarize, write_report
+    from squeezegen.evals.runner import EvalConfig, EvalFolder, run_eval
     from squeezegen.methods.spec import MethodSpec
 
     config = EvalConfig(
@@ -144,14 +210,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat,
     )
-    paths = report_paths(args.out, args.overwrite)  # before hours of work, not after
+    settings = config.settings(args.model, args.dtype)
+    out = Path(args.out)
+    paths = report_files(out)
+    with EvalFolder(out, settings, resume=args.resume, overwrite=args.overwrite) as folder:  # before any work
+        import squeezegen as sg
 
-    import squeezegen as sg
-
-    model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
-    records = run_eval(model, tok, config)
-    meta = {"model": args.model, "command": " ".join(sys.argv), **{k: v for k, v in vars(args).items() if k != "func"}}
-    write_report(records, paths, meta)
+        model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
+        folder.start()
+        total = len(config.contexts) * len(config.tasks) * config.samples
+        try:
+            records = run_eval(model, tok, config, done=dict(folder.done), save=folder.save)
+        except KeyboardInterrupt:
+            again = " instead of --overwrite" if args.overwrite else ""
+            print(
+                f"squeezegen: interrupted: {len(folder.done)} of {total} samples are saved in {folder.records_path}; "
+                f"rerun the same command with --resume{again} to finish",
+                file=sys.stderr,
+            )
+            raise
+        meta = {
+            "settings": settings,
+            "command": " ".join(sys.argv),
+            **{k: v for k, v in vars(args).items() if k != "func"},
+        }
+        write_report(records, paths, meta)
     print(markdown_tables(summarize(records)))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -160,8 +243,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     from squeezegen.evals.report import markdown_tables, merge_records, report_paths, summarize, write_report
 
     paths = report_paths(args.out, args.overwrite)
-    records = merge_records(args.merge)
-    write_report(records, paths, {"command": " ".join(sys.argv), "merged": args.merge})
+    settings, records = merge_records(args.merge)
+    meta = {"command": " ".join(sys.argv), "merged": args.merge}
+    if settings is not None:
+        meta["settings"] = settings  # so that the merged report can be merged again
+    write_report(records, paths, meta)
     print(markdown_tables(summarize(records)))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -319,7 +405,8 @@ def cmd_profile_layers(args: argparse.Namespace) -> None:
 
     import squeezegen as sg
     from squeezegen.evals.corpus import prose
-    from squeezegen.methods.layer_profile import choose_sparse, measure_drift, measure_sensitivity, save_profile
+    from squeezegen.evals.layer_profile import choose_sparse, measure_drift, measure_sensitivity
+    from squeezegen.methods.sparse_layers import save_profile
 
     model, tok = sg.load(args.model, dtype=args.dtype, device=args.device)
     ids = tok(prose(tok, args.tokens + 2048, seed=args.seed)).input_ids[: args.tokens]
@@ -405,7 +492,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="squeezegen", description="Make large generative models cheap to run.")
+    parser = _Parser(prog="squeezegen", description="Make large generative models cheap to run.")
+    parser.add_argument("--version", action="version", version=f"squeezegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the models that can be loaded by name")
@@ -422,9 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     _add_method_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -434,21 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="RULER-style accuracy of methods x KV budgets x context lengths")
     _add_model_args(p, default="smollm2-135m")
     p.add_argument("--tasks", nargs="+", default=["niah_number"], help="see squeezegen/evals/tasks.py")
-    p.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096], help="context lengths in tokens")
+    p.add_argument("--contexts", nargs="+", type=_positive_int, default=[2048, 4096], help="context lengths in tokens")
     p.add_argument(
         "--methods",
         nargs="+",
         default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"],
-        help="NAME or NAME:key=value,key=value (full is always included)",
+        help=f"NAME or NAME:key=value,key=value (full is always included); a budget is {GRAMMAR_HELP}",
     )
     p.add_argument(
         "--budgets",
         nargs="+",
         type=_budget_arg,
         default=[0.1, 0.25, 0.5, 0.75],
-        help=f"KV budgets, each {BUDGET_GRAMMAR}",
+        help=f"KV budgets, each {GRAMMAR_HELP}",
     )
-    p.add_argument("--samples", type=int, default=20, help="seeded samples per task and context")
+    p.add_argument("--samples", type=_positive_int, default=20, help="seeded samples per task and context")
     p.add_argument(
         "--modes",
         nargs="+",
@@ -456,9 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seen: question inside the compressed prompt; unseen: asked after compression",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
-    p.add_argument("--out", default="results/eval", help="folder for records.json, table.md and the plot")
+    p.add_argument(
+        "--out", default="results/eval", help="folder for records.jsonl (as it goes), records.json, table.md, the plot"
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same flags)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_eval)
 
@@ -470,45 +561,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of held-out text with each method's compression applied")
     _add_model_args(p, default="smollm2-135m")
-    p.add_argument("--methods", nargs="+", default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"])
-    p.add_argument("--budgets", nargs="+", type=_budget_arg, default=[0.1, 0.25, 0.5], help=f"each {BUDGET_GRAMMAR}")
-    p.add_argument("--context", type=int, default=2048, help="tokens prefilled (and compressed) first")
-    p.add_argument("--continuation", type=int, default=256, help="tokens scored after the context")
-    p.add_argument("--texts", type=int, default=2, help="held-out passages")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"],
+        help=f"NAME or NAME:key=value,... (full is always scored); a budget is {GRAMMAR_HELP}",
+    )
+    p.add_argument("--budgets", nargs="+", type=_budget_arg, default=[0.1, 0.25, 0.5], help=f"each {GRAMMAR_HELP}")
+    p.add_argument("--context", type=_positive_int, default=2048, help="tokens prefilled (and compressed) first")
+    p.add_argument("--continuation", type=_positive_int, default=256, help="tokens scored after the context")
+    p.add_argument("--texts", type=_positive_int, default=2, help="held-out passages")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill, TTFT, decode speed and memory of methods, as ratios to full")
     _add_model_args(p, default="smollm2-135m")
-    p.add_argument("--context", nargs="+", type=int, default=[4096], help="context lengths in tokens")
-    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
+    p.add_argument("--context", nargs="+", type=_positive_int, default=[4096], help="context lengths in tokens")
+    p.add_argument("--batch", nargs="+", type=_positive_int, default=[1], help="batch sizes")
     p.add_argument(
         "--methods",
         nargs="+",
         default=["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"],
-        help="NAME or NAME:key=value,... (full is always measured)",
+        help=f"NAME or NAME:key=value,... (full is always measured); a budget is {GRAMMAR_HELP}",
     )
     p.add_argument(
-        "--budget", type=_budget_arg, default=0.25, help=f"KV budget of methods not given one: {BUDGET_GRAMMAR}"
+        "--budget", type=_budget_arg, default=0.25, help=f"KV budget of methods not given one: {GRAMMAR_HELP}"
     )
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=_positive_int, default=64)
+    p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-long", help="throughput and KV memory of long generations (decode-time compression)")
     _add_model_args(p, default="smollm2-135m")
-    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7168], help="generated tokens per row")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="batch sizes")
+    p.add_argument(
+        "--lengths", nargs="+", type=_positive_int, default=[2048, 4096, 7168], help="generated tokens per row"
+    )
+    p.add_argument("--batch", nargs="+", type=_positive_int, default=[1, 4], help="batch sizes")
     p.add_argument(
         "--methods",
         nargs="+",
         default=["rpc", "h2o", "tova", "streaming_llm"],
-        help="NAME or NAME:key=value,... (full is always measured)",
+        help=f"NAME or NAME:key=value,... (full is always measured); a budget is {GRAMMAR_HELP}",
     )
-    p.add_argument("--prompt-tokens", type=int, default=128, help="tokens of the (real text) prompt")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=128, help="tokens of the (real text) prompt")
     p.add_argument(
         "--kv-budget",
         type=int,
@@ -522,14 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reasoning-needle", help="recall of a fact stated early in a long forced generation")
     _add_model_args(p, default="smollm2-135m")
     p.add_argument("--path-tokens", type=int, default=2048, help="tokens of forced 'reasoning' before the question")
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=20, help="samples decoded together")
+    p.add_argument("--samples", type=_positive_int, default=20)
+    p.add_argument("--batch-size", type=_positive_int, default=20, help="samples decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--methods",
         nargs="+",
         default=["rpc", "h2o", "tova", "streaming_llm"],
-        help="NAME or NAME:key=value,... (full is always run)",
+        help=f"NAME or NAME:key=value,... (full is always run); a budget is {GRAMMAR_HELP}",
     )
     p.add_argument(
         "--kv-budget", type=int, default=None, help="token cap of budgeted methods (default: RPC's peak cache)"
@@ -540,12 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench-tsa", help="Token Sparse Attention vs dense: attention time in sparse layers, prefill")
     _add_model_args(p, default="smollm2-135m")
-    p.add_argument("--context", nargs="+", type=int, default=[8192], help="prompt lengths in tokens")
+    p.add_argument("--context", nargs="+", type=_positive_int, default=[8192], help="prompt lengths in tokens")
     p.add_argument("--taus", nargs="+", type=float, default=[0.005])
     p.add_argument("--min-tokens", type=int, default=1024)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--layers", default=None, help="sparse layers, e.g. 15-29 (default: the saved profile)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=_positive_int, default=1)
     p.add_argument("--out", default="results/bench-tsa")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=cmd_bench_tsa)
@@ -568,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("binarize", help="1-bit weights (BinaryMoS, OneBit, plain sign), distilled from the float model")
     p.add_argument("--model", default="smollm2-135m", help="bundled name, tiny test model, or local HF folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    p.add_argument(
+        "--device", default="cpu", type=_device_arg, help="cpu or cuda (under torchrun: one GPU per process)"
+    )
     p.add_argument("--method", default="binarymos", choices=["binarymos", "onebit", "sign"])
     p.add_argument("--experts", type=int, default=4, help="BinaryMoS scaling experts")
     p.add_argument("--steps", type=int, default=150, help="distillation steps (0: binarize only)")
@@ -599,14 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--context", type=int, default=4000, help="context length in tokens")
+    p.add_argument("--context", type=_positive_int, default=4000, help="context length in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         args.func(args)
     except SqueezegenError as exc:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import squeezegen as sg
+from squeezegen.errors import SqueezegenError
 from squeezegen.evals.tasks import make_sample
 from squeezegen.methods import method
+
+ANSWER_TOKENS = 32
+ROOM = 100  # tokens of chat template and question around the context
 
 # (label, method name, parameters): the reference, SnapKV and FastKV keeping the same 25% of the
 # prompt's KV (FastKV also propagates 25% past its middle layer), and FastKV at its defaults
@@ -19,13 +23,22 @@ DEMO_METHODS = (
 def run_demo(model_name: str = "smollm2-135m", context_tokens: int = 4000, seed: int = 0) -> None:
     print(f"loading {model_name} ...")
     model, tok = sg.load(model_name)
+    most = model.config.max_position_embeddings - ANSWER_TOKENS - ROOM
+    if context_tokens > most:
+        raise SqueezegenError(f"--context {context_tokens} is beyond what {model_name} takes: use at most {most}")
     sample = make_sample("niah_number", tok, context_tokens, seed)
     print(f"question after ~{context_tokens} tokens of Python documentation prose: {sample.question}")
     print(f"expected answer: {sample.answers[0]}\n")
     rows = []
     for label, name, params in DEMO_METHODS:
         res = sg.generate(
-            model, tok, sample.prompt, method=method(name, **params), max_new_tokens=32, chat=True, progress=True
+            model,
+            tok,
+            sample.prompt,
+            method=method(name, **params),
+            max_new_tokens=ANSWER_TOKENS,
+            chat=True,
+            progress=True,
         )
         t = res.timings
         answer = res.texts[0].strip().replace("\n", " ")

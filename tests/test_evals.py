@@ -67,7 +67,7 @@ def test_fanned_out_prefill_equals_separate_runs(seen):
     shared = answer_all(model, tok, chunks, METHODS, decoding, question_seen=seen)
     row = [chunks[0] + chunks[1]] if seen else chunks
     for label, m in METHODS.items():
-        engine = Engine(model, m, reserve=12 + len(chunks[1]))
+        engine = Engine(model, m, reserve=decoding.max_new_tokens - 1)
         alone = decode_loop(engine, tok, prefill_rows(engine, [row], tok.pad_token_id), decoding, 0.0)
         assert shared[label].token_ids == alone.token_ids, label
         assert shared[label].cache_lengths == alone.cache_lengths, label
@@ -172,32 +172,37 @@ def test_swept_parameter_names_the_one_varying_numeric_parameter():
     assert swept_parameter(["token_sparse:tau=0.005"]) is None  # nothing swept
 
 
+def record(method, sample, score, context=8):
+    return {
+        "task": "t",
+        "context": context,
+        "sample": sample,
+        "mode": "seen",
+        "method": method,
+        "budget": None,
+        "score": score,
+        "output": "",
+        "answers": ["1"],
+        "prompt_tokens": 8,
+        "kv_bytes": 1,
+    }
+
+
+def write_records(folder, records, meta=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "records.json").write_text(json.dumps({"meta": meta or {}, "records": records}))
+    return folder
+
+
 def test_report_merges_split_sweeps_keeping_shared_records_once(tmp_path):
-    from squeezegen.cli import main
     from squeezegen.evals.report import merge_records
 
-    def record(method, sample, score):
-        return {
-            "task": "t",
-            "context": 8,
-            "sample": sample,
-            "mode": "seen",
-            "method": method,
-            "budget": None,
-            "score": score,
-            "output": "",
-            "answers": ["1"],
-            "prompt_tokens": 8,
-            "kv_bytes": 1,
-        }
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     a = [record("full", 0, 1.0), record("token_sparse:tau=0.1", 0, 0.0)]
-    b = [record("full", 0, 0.0), record("token_sparse:tau=0.5", 0, 1.0)]  # full again: the first is kept
-    (tmp_path / "a" / "records.json").write_text(json.dumps({"records": a}))
-    (tmp_path / "b" / "records.json").write_text(json.dumps({"records": b}))
-    merged = merge_records([tmp_path / "a", tmp_path / "b"])
+    b = [record("full", 0, 1.0), record("token_sparse:tau=0.5", 0, 1.0)]  # full measured alike in both
+    write_records(tmp_path / "a", a)
+    write_records(tmp_path / "b", b)
+    settings, merged = merge_records([tmp_path / "a", tmp_path / "b"])
+    assert settings is None
     assert [(r["method"], r["score"]) for r in merged] == [
         ("full", 1.0),
         ("token_sparse:tau=0.1", 0.0),
@@ -206,3 +211,152 @@ def test_report_merges_split_sweeps_keeping_shared_records_once(tmp_path):
     assert main(["report", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     assert "| token_sparse:tau=0.5 | 100 |" in (tmp_path / "m" / "table.md").read_text()
     assert main(["report", "--merge", str(tmp_path / "nope"), "--out", str(tmp_path / "n")]) == 2
+
+
+SETTINGS = {"model": "tiny-llama", "dtype": "float32", "seed": 0, "max_new_tokens": 4, "chat": True}
+
+
+def merge_error(capsys, tmp_path, *folders):
+    code = main(["report", "--merge", *map(str, folders), "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("squeezegen: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "merged" / "records.json").exists()
+    return err
+
+
+def test_merge_refuses_reports_measured_differently(tmp_path, capsys):
+    a = write_records(tmp_path / "a", [record("full", 0, 1.0)], {"settings": SETTINGS})
+    b = write_records(tmp_path / "b", [record("snapkv", 0, 1.0)], {"settings": {**SETTINGS, "model": "tiny-qwen2"}})
+    err = merge_error(capsys, tmp_path, a, b)
+    assert "measured differently (model: 'tiny-llama' vs 'tiny-qwen2')" in err
+    c = write_records(tmp_path / "c", [record("snapkv", 0, 1.0)], {"settings": {**SETTINGS, "seed": 1, "chat": False}})
+    assert "seed: 0 vs 1; chat: True vs False" in merge_error(capsys, tmp_path, a, c)
+
+
+def test_merge_refuses_to_drop_records_of_the_same_key_from_another_run(tmp_path, capsys):
+    a = write_records(tmp_path / "a", [record("full", 0, 1.0)])
+    b = write_records(tmp_path / "b", [record("full", 0, 0.0), record("snapkv", 0, 1.0)])  # another run's full
+    err = merge_error(capsys, tmp_path, a, b)
+    assert "both hold full at budget all, t 8 sample 0 seen, with different results" in err
+    # runs that say they were measured alike share the full cache even where its output varied
+    a = write_records(tmp_path / "a2", [record("full", 0, 1.0)], {"settings": SETTINGS})
+    b = write_records(tmp_path / "b2", [record("full", 0, 0.0), record("snapkv", 0, 1.0)], {"settings": SETTINGS})
+    assert main(["report", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "records.json").read_text())
+    assert [(r["method"], r["score"]) for r in merged["records"]] == [("full", 1.0), ("snapkv", 1.0)]
+    assert merged["meta"]["settings"] == SETTINGS  # the merged report can be merged again
+    c = write_records(tmp_path / "c", [record("tova", 0, 1.0)], {"settings": {**SETTINGS, "max_new_tokens": 8}})
+    assert "max_new_tokens: 4 vs 8" in merge_error(capsys, tmp_path, tmp_path / "m", c)
+
+
+def test_merge_reads_reports_written_before_settings_were_stored(tmp_path, capsys):
+    old = {"model": "tiny-llama", "dtype": "float32", "seed": 0, "max_new_tokens": 4, "no_chat": False, "out": "x"}
+    a = write_records(tmp_path / "a", [record("full", 0, 1.0)], old)
+    b = write_records(tmp_path / "b", [record("snapkv", 0, 1.0)], {"settings": SETTINGS})
+    assert main(["report", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    c = write_records(tmp_path / "c", [record("tova", 0, 1.0)], {**old, "no_chat": True})
+    assert "chat: True vs False" in merge_error(capsys, tmp_path, a, c)
+
+
+def test_merge_of_a_truncated_report_is_one_line(tmp_path, capsys):
+    a = write_records(tmp_path / "a", [record("full", 0, 1.0)])
+    b = write_records(tmp_path / "b", [record("snapkv", s, 1.0) for s in range(5)])
+    text = (b / "records.json").read_text()
+    (b / "records.json").write_text(text[: len(text) // 2])
+    assert "records.json is not a complete eval report" in merge_error(capsys, tmp_path, a, b)
+
+
+EVAL = [
+    "eval",
+    "--model",
+    "tiny-llama",
+    "--tasks",
+    "niah_number",
+    "niah_word",
+    "--contexts",
+    "300",
+    "--samples",
+    "3",
+    "--methods",
+    "tova",
+    "--budgets",
+    "0.5",
+    "--max-new-tokens",
+    "4",
+]
+
+
+def counting(monkeypatch, stop_after=None):
+    """Count the samples computed; raise KeyboardInterrupt (Ctrl-C) when `stop_after` are done."""
+    import squeezegen.evals.runner as runner
+
+    real, calls = runner.eval_sample, []
+
+    def eval_sample(*args):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(args[3:])
+        return real(*args)
+
+    monkeypatch.setattr(runner, "eval_sample", eval_sample)
+    return calls
+
+
+def test_interrupted_eval_resumes_to_the_same_records(tmp_path, capsys, monkeypatch):
+    assert main([*EVAL, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "records.json").read_text())["records"]
+    assert len(whole) == 6 * 2 * 2  # samples x modes x (full + tova)
+
+    out = tmp_path / "split"
+    calls = counting(monkeypatch, stop_after=4)
+    assert main([*EVAL, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"squeezegen: interrupted: 4 of 6 samples are saved in {out / 'records.jsonl'}; "
+        "rerun the same command with --resume to finish"
+    )
+    assert len((out / "records.jsonl").read_text().splitlines()) == 4 and not (out / "records.json").exists()
+    assert main([*EVAL, "--out", str(out)]) == 2  # neither discarded nor silently continued
+    assert "--resume to continue it" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    calls = counting(monkeypatch)
+    assert main([*EVAL, "--out", str(out), "--resume"]) == 0
+    assert sorted(calls) == [("niah_word", 300, 1), ("niah_word", 300, 2)]  # only the unfinished samples
+    assert json.loads((out / "records.json").read_text())["records"] == whole
+    assert (out / "table.md").read_text() == (tmp_path / "whole" / "table.md").read_text()
+
+
+def test_resume_refuses_other_settings_and_drops_a_half_written_sample(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    counting(monkeypatch, stop_after=2)
+    assert main([*EVAL, "--out", str(out)]) == 130
+    capsys.readouterr()
+    assert main([*EVAL, "--out", str(out), "--resume", "--samples", "4", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("squeezegen: error: ") and err.count("\n") == 1
+    assert "samples: 3 then, 4 now; seed: 0 then, 1 now" in err
+    assert main([*EVAL, "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+    lines = (out / "records.jsonl").read_text()
+    (out / "records.jsonl").write_text(lines + lines.splitlines()[0][:50])  # killed mid-write
+    monkeypatch.undo()
+    calls = counting(monkeypatch)
+    assert main([*EVAL, "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 4
+    assert len((out / "records.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_second_eval_on_the_same_folder_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    from squeezegen.evals.runner import EvalFolder
+
+    calls = counting(monkeypatch)
+    with EvalFolder(tmp_path, {"model": "tiny-llama"}):  # another run holds the folder
+        assert main([*EVAL, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"squeezegen: error: {tmp_path} is in use by another `squeezegen eval`: wait for it or " + (
+            "choose another --out\n"
+        )
+    assert calls == []
+    assert main([*EVAL, "--out", str(tmp_path), "--samples", "1"]) == 0  # released when that run ends

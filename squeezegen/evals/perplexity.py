@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
-from squeezegen.methods.base import Method
 from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.hooks import Method
 
 HELD_OUT_SEED = 10_000  # haystacks of the tasks use small seeds; this text starts elsewhere
 
@@ -31,8 +31,10 @@ def held_out_ids(tokenizer, tokens: int, seed: int = HELD_OUT_SEED) -> list[int]
 @torch.inference_mode()
 def continuation_nll(model, ids: list[int], context: int, method: Method | None = None) -> list[float]:
     """Negative log-likelihood (nats) of every token after the first `context` ones."""
-    if not 0 < context < len(ids):
-        raise SqueezegenError(f"context must be between 1 and {len(ids) - 1} tokens, got {context}")
+    if context < 1:
+        raise SqueezegenError(f"context must be at least 1 token, got {context}")
+    if context >= len(ids):
+        raise SqueezegenError(f"no tokens to score after a context of {context}: give {context + 1} or more ids")
     device = next(model.parameters()).device
     tokens = torch.tensor([ids], device=device)
     engine = Engine(model, method, reserve=len(ids) - context)
@@ -69,6 +71,14 @@ def run_nll(
 ) -> dict[str, list[list[float]]]:
     """Per-token NLL of `continuation` tokens after `context` tokens, per labelled method, for each
     of `texts` held-out passages."""
+    for name, value in (("context", context), ("continuation", continuation), ("texts", texts)):
+        if value < 1:
+            raise SqueezegenError(f"{name} must be at least 1, got {value}")
+    limit = model.config.max_position_embeddings
+    if context + continuation > limit:
+        raise SqueezegenError(
+            f"context {context} + continuation {continuation} tokens exceed the model's {limit}: shorten either"
+        )
     passages = [held_out_ids(tokenizer, context + continuation, HELD_OUT_SEED + i) for i in range(texts)]
     return {label: [continuation_nll(model, ids, context, m) for ids in passages] for label, m in methods.items()}
 

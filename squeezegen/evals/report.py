@@ -137,37 +137,100 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+FINAL_FILES = ("records.json", "summary.json", "table.md", "accuracy_vs_budget.png")
+
+# the settings that decide what a record of a given key measured; a split sweep shares them
+MEASURED_ALIKE = ("model", "dtype", "seed", "max_new_tokens", "chat")
+
+
+def report_files(out_dir: str | Path) -> dict[str, Path]:
+    """The files of an eval report in `out_dir`, by role (see `write_report`)."""
+    return {
+        key: Path(out_dir) / name
+        for key, name in zip(("records", "summary", "table", "plot"), FINAL_FILES, strict=True)
+    }
+
+
 def report_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Where the report goes; refuses to replace an earlier report unless `overwrite`."""
-    out = Path(out_dir)
-    paths = {
-        "records": out / "records.json",
-        "summary": out / "summary.json",
-        "table": out / "table.md",
-        "plot": out / "accuracy_vs_budget.png",
-    }
-    return claim(paths, overwrite)
+    return claim(report_files(out_dir), overwrite)
+
+
+def refuse_file_as_folder(path: Path) -> None:
+    """A folder that is to hold results must not be an existing file (nor lie under one)."""
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise SqueezegenError(f"{folder} is a file, not a folder: choose a folder for --out")
 
 
 def claim(paths: dict[str, Path], overwrite: bool = False) -> dict[str, Path]:
     """Refuse, before any work is done, to replace files a user already has."""
+    for p in paths.values():
+        refuse_file_as_folder(p.parent)
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not overwrite:
         raise SqueezegenError(f"{', '.join(taken)} already exist: choose another --out or pass --overwrite")
     return paths
 
 
-def merge_records(folders: list[str | Path]) -> list[dict]:
-    """The records of several `squeezegen eval` reports (one sweep split across processes); a
-    configuration measured in more than one (the full cache) is kept once, from the first."""
-    merged: dict[tuple, dict] = {}
+def run_settings(meta: dict) -> dict | None:
+    """The settings an eval report was measured with: stored as `settings` since runs resume,
+    read from the command's flags in reports written before; None when the report says nothing."""
+    if "settings" in meta:
+        return meta["settings"]
+    if "model" not in meta:
+        return None
+    return {**{k: meta.get(k) for k in MEASURED_ALIKE if k != "chat"}, "chat": not meta.get("no_chat", False)}
+
+
+def read_report(folder: str | Path) -> tuple[dict | None, list[dict]]:
+    """(settings or None, records) of a folder written by `squeezegen eval` or `squeezegen report`."""
+    path = Path(folder) / "records.json"
+    if not path.is_file():
+        raise SqueezegenError(f"{path} does not exist: pass folders written by `squeezegen eval`")
+    try:
+        data = json.loads(path.read_text())
+        return run_settings(data.get("meta") or {}), list(data["records"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise SqueezegenError(
+            f"{path} is not a complete eval report (cut short?): finish its run with `squeezegen eval ... --resume`"
+        ) from None
+
+
+def merge_records(folders: list[str | Path]) -> tuple[dict | None, list[dict]]:
+    """(shared settings, records) of several `squeezegen eval` reports (one sweep split across
+    processes). All must be measured alike (same model, dtype, seed, ...); a record measured in
+    more than one (the full cache) is kept once. Where a report does not say how it was measured,
+    records of the same key must agree, or they came from different runs and merging is refused."""
+    shared: dict | None = None
+    first: str | None = None
+    merged: dict[tuple, tuple[str, bool, dict]] = {}  # key -> (folder, its settings known, record)
     for folder in folders:
-        path = Path(folder) / "records.json"
-        if not path.is_file():
-            raise SqueezegenError(f"{path} does not exist: pass folders written by `squeezegen eval`")
-        for r in json.loads(path.read_text())["records"]:
-            merged.setdefault((r["task"], r["context"], r["sample"], r["mode"], r["method"], r["budget"]), r)
-    return list(merged.values())
+        settings, records = read_report(folder)
+        if settings is not None:
+            alike = {k: settings.get(k) for k in MEASURED_ALIKE}
+            if shared is None:
+                shared, first = alike, str(folder)
+            elif alike != shared:
+                differing = "; ".join(
+                    f"{k}: {shared[k]!r} vs {alike[k]!r}" for k in MEASURED_ALIKE if alike[k] != shared[k]
+                )
+                raise SqueezegenError(
+                    f"{first} and {folder} were measured differently ({differing}): merge only reports of one setup"
+                )
+        for r in records:
+            key = (r["task"], r["context"], r["sample"], r["mode"], r["method"], r["budget"])
+            if key not in merged:
+                merged[key] = (str(folder), settings is not None, r)
+                continue
+            where, known, kept = merged[key]
+            if not (known and settings is not None) and kept != r:
+                raise SqueezegenError(
+                    f"{where} and {folder} both hold {r['method']} at budget {budget_label(r['budget'])}, "
+                    f"{r['task']} {r['context']} sample {r['sample']} {r['mode']}, with different results: "
+                    "they come from different runs; merge only reports of one setup"
+                )
+    return shared, [r for _, _, r in merged.values()]
 
 
 def write_report(records: list[dict], paths: dict[str, Path], meta: dict | None = None) -> None:

@@ -1,0 +1,151 @@
+"""Bad input through the `squeezegen` command: one `squeezegen: error:` line and exit status 2."""
+
+import argparse
+
+import pytest
+
+import squeezegen
+from squeezegen.cli import build_parser, main
+from squeezegen.methods.spec import BUDGET_GRAMMAR
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(code, err, message):
+    assert code == 2, err
+    assert err.startswith("squeezegen: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "nul.txt").write_bytes(b"text\x00more")
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("latin1.txt", "is not UTF-8 text (byte 0xe9 at offset 3)"),
+        ("binary.bin", "is not UTF-8 text (byte 0x80 at offset 128)"),
+        ("nul.txt", "holds NUL bytes"),
+        ("folder", "is a folder"),
+    ],
+)
+def test_unreadable_prompt_files(capsys, prompt_files, name, message):
+    code, _, err = run(capsys, "generate", "--model", "tiny-llama", "--prompt-file", str(prompt_files / name))
+    assert_one_line(code, err, message)
+
+
+GENERATE = ["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "2"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*GENERATE, "--temperature", "nan"], "argument --temperature: must be a finite number, got 'nan'"),
+        ([*GENERATE, "--temperature", "inf"], "argument --temperature: must be a finite number, got 'inf'"),
+        ([*GENERATE, "--temperature", "-1"], "temperature must be"),
+        ([*GENERATE, "--top-p", "-0.5"], "top_p must be in (0, 1]"),
+        ([*GENERATE, "--top-p", "nan"], "argument --top-p: must be a finite number"),
+        ([*GENERATE, "--top-k", "-1"], "top_k must be >= 0"),
+        ([*GENERATE, "--device", "bogus"], "unknown device 'bogus': use cpu, cuda, cuda:N, mps or auto"),
+        ([*GENERATE, "--method", "snapkv", "--method-arg", "budget=1", "budget=2"], "'budget' is given twice"),
+        ([*GENERATE, "--method", "snapkv", "--method-arg", "budget=2.5"], "a fractional budget must be in (0, 1]"),
+        (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "the following arguments are required: command"),
+        (["perplexity", "--model", "tiny-llama", "--texts", "0"], "argument --texts: must be at least 1, got 0"),
+        (["perplexity", "--model", "tiny-llama", "--continuation", "0"], "argument --continuation: must be at least 1"),
+        (["perplexity", "--model", "tiny-llama", "--context", "-5"], "argument --context: must be at least 1"),
+        (
+            [
+                "perplexity",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "snapkv",
+                "--context",
+                "8000",
+                "--continuation",
+                "300",
+            ],
+            "exceed the model's 8192",
+        ),
+        (["eval", "--model", "tiny-llama", "--samples", "0"], "argument --samples: must be at least 1, got 0"),
+        (["eval", "--model", "tiny-llama", "--contexts", "300", "0"], "argument --contexts: must be at least 1"),
+        (["eval", "--model", "tiny-llama", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+        (["eval", "--model", "tiny-llama", "--samples", "two"], "expected a whole number, got 'two'"),
+        (["bench", "--model", "tiny-llama", "--repeats", "0"], "argument --repeats: must be at least 1"),
+        (["bench", "--model", "tiny-llama", "--new-tokens", "0"], "argument --new-tokens: must be at least 1"),
+        (["bench", "--model", "tiny-llama", "--context", "0"], "argument --context: must be at least 1"),
+        (["bench", "--model", "tiny-llama", "--batch", "0"], "argument --batch: must be at least 1"),
+        (["bench-long", "--model", "tiny-llama", "--lengths", "0"], "argument --lengths: must be at least 1"),
+        (["reasoning-needle", "--model", "tiny-llama", "--samples", "0"], "argument --samples: must be at least 1"),
+        (["bench-tsa", "--model", "tiny-llama", "--repeats", "0"], "argument --repeats: must be at least 1"),
+        (["demo", "--model", "tiny-llama", "--context", "100000"], "beyond what tiny-llama takes: use at most 8060"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert_one_line(code, err, message)
+
+
+def test_eval_out_that_is_a_file_is_refused_before_any_compute(tmp_path, capsys, monkeypatch):
+    import squeezegen.evals.runner as runner
+
+    monkeypatch.setattr(runner, "eval_sample", lambda *a: pytest.fail("computed before refusing --out"))
+    taken = tmp_path / "results.txt"
+    taken.write_text("mine")
+    for out in (taken, taken / "sub"):
+        code, _, err = run(capsys, "eval", "--model", "tiny-llama", "--contexts", "300", "--out", str(out))
+        assert_one_line(code, err, f"{taken} is a file, not a folder")
+    code, _, err = run(capsys, "report", "--merge", str(tmp_path), "--out", str(taken))
+    assert_one_line(code, err, "is a file, not a folder")
+    assert taken.read_text() == "mine"
+
+
+def test_h2o_accepts_the_defaults_that_methods_prints(capsys):
+    code, out, _ = run(capsys, "methods")
+    (line,) = [line for line in out.splitlines() if line.startswith("h2o ")]
+    defaults = line.split()[1:]
+    assert "window=None" in defaults
+    prompt = "The quick brown fox jumps over the lazy dog. " * 20  # long enough for h2o to evict
+    code, out, err = run(
+        capsys, "generate", "--model", "tiny-llama", "--prompt", prompt, "--max-new-tokens", "3", "--ignore-eos",
+        "--json", "--method", "h2o", "--method-arg", *defaults,
+    )  # fmt: skip
+    assert code == 0, err
+    assert '"window": null' in out
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out == f"squeezegen {squeezegen.__version__}\n"
+
+
+def test_help_is_intact_and_states_the_budget_grammar(capsys):
+    """Every flag that takes a budget (a budget flag, a method spec, method parameters) says how
+    to write one, and each command's --help still prints (a bare % in help text breaks it)."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, sub in commands.choices.items():
+        budget_flags = [
+            a for a in sub._actions if "budget" in a.dest and a.type is not int or a.dest in ("methods", "method_arg")
+        ]
+        for action in budget_flags:
+            assert BUDGET_GRAMMAR.replace("%", "%%") in action.help, (name, action.dest)
+            checked += 1
+        code, out, err = run(capsys, name, "--help")
+        assert code == 0 and out.startswith("usage: squeezegen") and not err, (name, err)
+        if budget_flags:
+            assert BUDGET_GRAMMAR in " ".join(out.split()), name
+    assert checked >= 9
