@@ -130,3 +130,26 @@ def test_smollm2_binarymos_packs_to_under_1_25th_and_round_trips(tmp_path):
     assert linear["float32_linear"] / linear["binary_linear"] >= 25
     # on disk: packed linear layers plus 16-bit embeddings and norms, a quarter of the float model or less
     assert (folder / "model.safetensors").stat().st_size < 0.25 * sum(p.numel() * 4 for p in float_model.parameters())
+
+
+SMOLLM2_METHODS = {
+    "streaming_llm": {"budget": 0.3},
+    "snapkv": {"budget": 128},
+    "pyramidkv": {"budget": 0.3},
+    "h2o": {"budget": 0.3},
+    "tova": {"budget": 128},
+    "fastkv": {},
+    "gemfilter": {"budget": 0.3},
+    "rpc": {"P": 16, "R": 4},
+    "token_sparse": {"tau": 0.05, "min_tokens": 64, "window": 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOLLM2_METHODS))
+def test_smollm2_padded_batch_rows_equal_each_row_alone(name):
+    model, tok = smollm2()
+    prompts = [prose(tok, n, seed=s) + "\n\nIn short," for n, s in ((150, 31), (600, 32), (350, 33))]
+    method = sg.method(name, **SMOLLM2_METHODS[name])
+    alone = [sg.generate(model, tok, p, method=method, max_new_tokens=24, ignore_eos=True).token_ids[0] for p in prompts]
+    batch = sg.generate(model, tok, prompts, method=method, max_new_tokens=24, ignore_eos=True)
+    assert batch.token_ids == alone

@@ -4,7 +4,8 @@ to the second, and the prefill attention itself to a third if given (Token Spars
 front of any cache method). Each part keeps its own state.
 
 A decode method that evicts to a budget (H2O, TOVA, StreamingLLM) takes over the cache the
-prefill method kept: it records its caps (and H2O its accumulated scores) for those entries.
+prefill method kept and holds it at that size (or at its own budget, if larger) while decoding:
+it records its caps (and H2O its accumulated scores) for those entries.
 """
 
 from __future__ import annotations
