@@ -27,6 +27,19 @@ def test_greedy_tokens_identical_to_hf_generate(name):
     assert res.finish_reasons == ["length"]
 
 
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-mistral"])
+def test_long_prompt_greedy_tokens_identical_to_hf_generate(name):
+    """A prompt many times tiny-gemma3's 16-token window: its sliding layers prefill band by band."""
+    model, tok = tiny(name)
+    ids = tok(" ".join([PROMPT] * 8), return_tensors="pt")
+    assert ids.input_ids.shape[1] > 6 * 16
+    ref = model.generate(**ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    res = sg.generate(
+        model, tok, tok.decode(ids.input_ids[0], skip_special_tokens=True), max_new_tokens=40, ignore_eos=True
+    )
+    assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_left_padded_batch_logits_match_hf_at_every_step(name):
     model, tok = tiny(name)

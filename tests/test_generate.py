@@ -97,6 +97,12 @@ def test_sampling_is_seeded():
         (dict(prompts="word " * 9000), "exceeds the model's 8192-token context"),
         (dict(temperature=-1), "temperature"),
         (dict(stop=[""]), "stop strings"),
+        (dict(max_new_tokens=4.0), "max_new_tokens must be an int"),
+        (dict(context=5), "context must be a string"),
+        (dict(method="snapkv"), r"sg.method\('snapkv'\)"),
+        (dict(temperature=float("nan")), "finite"),
+        (dict(temperature=float("inf")), "finite"),
+        (dict(prompts=7), "prompts must be a string"),
     ],
 )
 def test_bad_input_gets_a_clear_error(kwargs, message):
@@ -104,6 +110,38 @@ def test_bad_input_gets_a_clear_error(kwargs, message):
     args = dict(prompts=PROMPT, max_new_tokens=4) | kwargs
     with pytest.raises(SqueezegenError, match=message):
         sg.generate(model, tok, args.pop("prompts"), **args)
+
+
+def test_a_model_that_is_not_one_is_named():
+    _, tok = tiny("tiny-llama")
+    with pytest.raises(SqueezegenError, match="sg.load"):
+        sg.generate(None, tok, PROMPT)
+    with pytest.raises(SqueezegenError, match="unknown device 'bogus'"):
+        sg.load("tiny-llama", device="bogus")
+
+
+def test_the_host_may_look_every_few_steps():
+    """Reading tokens every 5 steps (as on a GPU) changes nothing a row returns, also for stop
+    strings and EOS found between looks."""
+    model, tok = tiny("tiny-llama")
+    from squeezegen.runtime.engine import Engine
+    from squeezegen.runtime.generate import Decoding, decode_loop, encode, prefill_rows
+
+    prompts = [PROMPT, "Another, rather different prompt about mountains."]
+    free = sg.generate(model, tok, prompts, max_new_tokens=20, ignore_eos=True)
+    stop = free.texts[0][10:13]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = free.token_ids[1][6]
+    try:
+        results = []
+        for every in (1, 5):
+            engine = Engine(model, reserve=19)
+            logits = prefill_rows(engine, encode(tok, prompts, None, False), tok.pad_token_id)
+            results.append(decode_loop(engine, tok, logits, Decoding(20, stop=[stop], look_every=every), 0.0))
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert results[0].finish_reasons == ["stop", "eos"]
+    assert results[0].token_ids == results[1].token_ids and results[0].texts == results[1].texts
 
 
 def test_batch_rows_finish_independently():

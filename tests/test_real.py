@@ -150,6 +150,8 @@ def test_smollm2_padded_batch_rows_equal_each_row_alone(name):
     model, tok = smollm2()
     prompts = [prose(tok, n, seed=s) + "\n\nIn short," for n, s in ((150, 31), (600, 32), (350, 33))]
     method = sg.method(name, **SMOLLM2_METHODS[name])
-    alone = [sg.generate(model, tok, p, method=method, max_new_tokens=24, ignore_eos=True).token_ids[0] for p in prompts]
+    alone = [
+        sg.generate(model, tok, p, method=method, max_new_tokens=24, ignore_eos=True).token_ids[0] for p in prompts
+    ]
     batch = sg.generate(model, tok, prompts, method=method, max_new_tokens=24, ignore_eos=True)
     assert batch.token_ids == alone

@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import torch
 
+from squeezegen.errors import SqueezegenError
+
 
 @lru_cache(maxsize=1)
 def pydoc_paragraphs() -> tuple[str, ...]:
@@ -45,7 +47,7 @@ def prose(tokenizer, n_tokens: int, seed: int = 0) -> str:
         used += cost
         i += 1
         if i - start > len(paragraphs):
-            raise ValueError(f"the corpus holds fewer than {n_tokens} tokens")
+            raise SqueezegenError(f"the corpus holds fewer than {n_tokens} tokens: ask for less text")
     return "\n\n".join(out)
 
 
@@ -54,7 +56,7 @@ def split_text(part: str, held_out: float = 0.1) -> str:
     paragraphs = pydoc_paragraphs()
     cut = round(len(paragraphs) * (1 - held_out))
     if part not in ("train", "test"):
-        raise ValueError(f"part must be train or test, got {part!r}")
+        raise SqueezegenError(f"part must be train or test, got {part!r}")
     return "\n\n".join(paragraphs[:cut] if part == "train" else paragraphs[cut:])
 
 
@@ -63,5 +65,5 @@ def token_blocks(tokenizer, text: str, block: int) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     count = len(ids) // block
     if count == 0:
-        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one block of {block}")
+        raise SqueezegenError(f"the text holds {len(ids)} tokens, fewer than one block of {block}: use a smaller block")
     return torch.tensor(ids[: count * block]).view(count, block)

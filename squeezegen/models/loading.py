@@ -41,7 +41,10 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SqueezegenError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SqueezegenError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
 
 
 def one_line(exc: BaseException) -> str:
