@@ -22,10 +22,10 @@ from squeezegen.quant import (
 )
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import GenerationResult, Timings, generate
-
-__version__ = "0.1.0"
+from squeezegen.version import __version__
 
 __all__ = [
+    "__version__",
     "BinaryMoSConfig",
     "OneBitConfig",
     "SignConfig",

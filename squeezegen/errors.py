@@ -19,3 +19,8 @@ class UnsupportedModelError(SqueezegenError):
 
 class MissingDependencyError(SqueezegenError, ImportError):
     pass
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line: library errors often span several."""
+    return " ".join(str(exc).split()) or type(exc).__name__

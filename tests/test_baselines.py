@@ -227,6 +227,7 @@ def test_public_method_api():
         "gemfilter",
         "rpc",
         "token_sparse",
+        "kvzip",
     }
     assert "kernel_fn" not in listing["token_sparse"] and listing["token_sparse"]["tau"] == 0.005
     assert listing["fastkv"]["tsp_rate"] == 0.2 and listing["fastkv"]["window"] == 8

@@ -1,8 +1,9 @@
+import argparse
 import json
 
 import pytest
 
-from squeezegen.cli import main
+from squeezegen.cli import build_parser, main
 from squeezegen.methods import parse_params
 
 
@@ -79,3 +80,25 @@ def test_models_and_methods_listings(capsys):
     assert code == 0 and "smollm2-135m" in out and "tiny-gemma3" in out
     code, out, _ = run(capsys, "methods")
     assert code == 0 and out.startswith("full")
+
+
+def _subcommands(parser, path=()):
+    """Every command path under `parser`: ("generate",), ("mobile",), ("mobile", "export"), ..."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name)
+                yield from _subcommands(sub, (*path, name))
+
+
+COMMANDS = list(_subcommands(build_parser()))
+
+
+def test_the_command_tree_is_all_there():
+    assert len(COMMANDS) >= 20 and ("mobile", "eval-mini") in COMMANDS and ("bench-binary",) in COMMANDS
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(capsys, command):
+    code, out, err = run(capsys, *command, "--help")
+    assert code == 0 and out.startswith(f"usage: squeezegen {' '.join(command)}") and not err

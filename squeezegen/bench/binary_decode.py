@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import statistics
 
+from squeezegen.runtime.generate import generate
+
 DECODE_PROMPT = "The interpreter reads each statement, checks it, and then"
 
 
 def decode_tokens_per_s(model, tokenizer, tokens: int) -> float:
-    import squeezegen as sg
-
-    result = sg.generate(model, tokenizer, DECODE_PROMPT, max_new_tokens=tokens, ignore_eos=True)
+    result = generate(model, tokenizer, DECODE_PROMPT, max_new_tokens=tokens, ignore_eos=True)
     return result.timings.decode_tokens_per_s
 
 

@@ -58,7 +58,7 @@ def answer_all(
     shared = {label: m for label, m in methods.items() if select_only(m)}
     if shared:
         fan = _FanOut(shared)
-        engine = Engine(model, fan, reserve=reserve)
+        engine = Engine(model, fan, reserve=reserve, tokenizer=tokenizer)
         start = time.perf_counter()
         logits = engine.prefill(*_left_pad([row[0]], pad_id, engine.parts.embed.weight.device))
         prefill_s = time.perf_counter() - start
@@ -72,7 +72,7 @@ def answer_all(
     for label, method in methods.items():
         if label in shared:
             continue
-        engine = Engine(model, method, reserve=reserve)
+        engine = Engine(model, method, reserve=reserve, tokenizer=tokenizer)
         start = time.perf_counter()
         logits = prefill_rows(engine, [row], pad_id)
         results[label] = decode_loop(engine, tokenizer, logits, decoding, time.perf_counter() - start)

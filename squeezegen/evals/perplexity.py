@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.corpus import prose
+from squeezegen.methods.spec import MethodSpec, expand
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.hooks import Method
 
@@ -83,12 +84,31 @@ def run_nll(
     return {label: [continuation_nll(model, ids, context, m) for ids in passages] for label, m in methods.items()}
 
 
-def run_perplexity(
-    model, tokenizer, methods: dict[str, Method], context: int, continuation: int, texts: int = 2
-) -> dict[str, float]:
+def labelled(specs: list[MethodSpec], budgets: list[float | int]) -> dict[str, Method]:
+    """Every method to score by its label, `name@budget` (`name` alone without a budget, full first),
+    as `markdown_table` reads them back."""
+    methods = expand(specs, budgets)
+    return {label if budget is None else f"{label}@{budget}": m for (label, budget), m in methods.items()}
+
+
+def pooled_perplexity(nll: dict[str, list[list[float]]]) -> dict[str, float]:
     """Perplexity per labelled method, NLL pooled over the passages of `run_nll`."""
-    nll = run_nll(model, tokenizer, methods, context, continuation, texts)
     return {label: perplexity([x for text in per_text for x in text]) for label, per_text in nll.items()}
+
+
+def markdown_table(ppl: dict[str, float], context: int, continuation: int, texts: int) -> str:
+    """A row per labelled method (see `labelled`): mean NLL, perplexity and its ratio to the full cache's."""
+    lines = [
+        f"perplexity of {continuation} tokens after {context} ({texts} held-out passages)",
+        "",
+        "| method | budget | mean NLL | perplexity | vs full |",
+        "|---|---|---|---|---|",
+    ]
+    for label, value in ppl.items():
+        name, _, budget = label.partition("@")
+        budget = budget or ("all" if name == "full" else "own")  # RPC sizes its cache itself
+        lines.append(f"| {name} | {budget} | {math.log(value):.4f} | {value:.2f} | {value / ppl['full']:.3f}x |")
+    return "\n".join(lines)
 
 
 def plot_nll(nll: dict[str, list[list[float]]], context: int, path, window: int = 256) -> None:

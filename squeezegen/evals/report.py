@@ -156,20 +156,24 @@ def report_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, Path
     return claim(report_files(out_dir), overwrite)
 
 
-def refuse_file_as_folder(path: Path) -> None:
+def refuse_file_as_folder(path: Path, flag: str = "--out") -> None:
     """A folder that is to hold results must not be an existing file (nor lie under one)."""
     for folder in (path, *path.parents):
         if folder.exists() and not folder.is_dir():
-            raise SqueezegenError(f"{folder} is a file, not a folder: choose a folder for --out")
+            raise SqueezegenError(f"{folder} is a file, not a folder: choose a folder for {flag}")
 
 
-def claim(paths: dict[str, Path], overwrite: bool = False) -> dict[str, Path]:
-    """Refuse, before any work is done, to replace files a user already has."""
+def claim(paths: dict[str, Path], overwrite: bool = False, flag: str = "--out", hint: str = "") -> dict[str, Path]:
+    """Refuse, before any work is done, to replace files a user already has: the one place that does.
+
+    `flag` is the option that chose the paths, `hint` another way out.
+    """
     for p in paths.values():
-        refuse_file_as_folder(p.parent)
+        refuse_file_as_folder(p.parent, flag)
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not overwrite:
-        raise SqueezegenError(f"{', '.join(taken)} already exist: choose another --out or pass --overwrite")
+        verb = "exists" if len(taken) == 1 else "exist"
+        raise SqueezegenError(f"{', '.join(taken)} already {verb}: choose another {flag}{hint} or pass --overwrite")
     return paths
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.fanout import answer_all
-from squeezegen.evals.report import FINAL_FILES, refuse_file_as_folder
+from squeezegen.evals.report import FINAL_FILES, claim, refuse_file_as_folder
 from squeezegen.evals.tasks import TASKS, make_sample
 from squeezegen.methods.spec import MethodSpec, expand
 from squeezegen.runtime.generate import Decoding, encode
@@ -186,14 +186,11 @@ class EvalFolder:
 
     def _refuse_earlier_run(self) -> None:
         """Refuse to replace an earlier run's results (a run that finished no sample holds none)."""
-        taken = [self.out / name for name in FINAL_FILES if (self.out / name).exists()]
+        paths = {name: self.out / name for name in FINAL_FILES}
         if self.records_path.exists() and self.records_path.stat().st_size:
-            taken.append(self.records_path)
-        if taken and not self.overwrite:
-            hint = ", --resume to continue it" if self.records_path in taken and not self.resume else ""
-            raise SqueezegenError(
-                f"{', '.join(map(str, taken))} already exist: choose another --out{hint} or pass --overwrite"
-            )
+            paths["records_jsonl"] = self.records_path
+        hint = ", --resume to continue it" if "records_jsonl" in paths and not self.resume else ""
+        claim(paths, self.overwrite, hint=hint)
 
     def _load(self) -> None:
         """The finished samples of the run being resumed, after checking it is the same run."""

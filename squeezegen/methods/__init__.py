@@ -9,6 +9,7 @@ from squeezegen.methods.fastkv import FastKV
 from squeezegen.methods.full import Full
 from squeezegen.methods.gemfilter import GemFilter
 from squeezegen.methods.h2o import H2O
+from squeezegen.methods.kvzip import KVzip
 from squeezegen.methods.pyramidkv import PyramidKV
 from squeezegen.methods.registry import REGISTRY, method, methods
 from squeezegen.methods.rpc import RPC
@@ -28,6 +29,7 @@ __all__ = [
     "FastKV",
     "Full",
     "GemFilter",
+    "KVzip",
     "Method",
     "MethodSpec",
     "PyramidKV",

@@ -9,6 +9,7 @@ from squeezegen.methods.fastkv import FastKV
 from squeezegen.methods.full import Full
 from squeezegen.methods.gemfilter import GemFilter
 from squeezegen.methods.h2o import H2O
+from squeezegen.methods.kvzip import KVzip
 from squeezegen.methods.pyramidkv import PyramidKV
 from squeezegen.methods.rpc import RPC
 from squeezegen.methods.snapkv import SnapKV
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Method]] = {
     "gemfilter": GemFilter,
     "rpc": RPC,
     "token_sparse": TokenSparse,
+    "kvzip": KVzip,
 }
 
 

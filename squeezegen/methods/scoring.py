@@ -119,7 +119,7 @@ def keep_top(
     newest_first = real.sum(-1, keepdim=True) - real.long().cumsum(-1)  # 0 for a row's newest entry
     recent = real & (newest_first < window)
     if chunk:
-        scores = _chunk_scores(scores, real & ~recent, chunk)
+        scores = chunk_scores(scores, real & ~recent, chunk)
     ranked = torch.where(recent, float("inf"), scores.float()).masked_fill(~real, float("-inf"))
     count = min(n, max(budgets))
     order = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :count]
@@ -128,8 +128,32 @@ def keep_top(
     return index.masked_fill(index >= n, -1)
 
 
-def _chunk_scores(scores: torch.Tensor, eligible: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each eligible entry's score replaced by the sum over its chunk of eligible entries."""
+def keep_global(
+    scores: torch.Tensor, real: torch.Tensor, must: torch.Tensor, totals: list[int], floors: list[int]
+) -> torch.Tensor:
+    """Which entries (B, U, n) each row keeps when its budget is shared by U units (the KV heads
+    of a layer for AdaKV, every layer's heads for KVzip): `totals[row]` entries in all, at least
+    `floors[row]` per unit (its best), the rest to the best-scored anywhere; `must` entries
+    (sinks, a recent window) count as the best. Ties go to the earlier unit and entry."""
+    b, u, n = scores.shape
+    device = scores.device
+    real, must = real.expand(b, u, n), must.expand(b, u, n)
+    ranked = torch.where(must, float("inf"), scores.float()).masked_fill(~real, float("-inf"))
+    floor = torch.tensor(floors, device=device)[:, None, None]
+    total = torch.tensor(totals, device=device)[:, None]
+    order = ranked.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=device).expand_as(order))
+    kept = (rank < floor) & real
+    rest = ranked.masked_fill(kept, float("-inf")).view(b, u * n)
+    left = (total - kept.view(b, -1).sum(-1, keepdim=True)).clamp(min=0)
+    order = rest.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(u * n, device=device).expand_as(order))
+    return kept | ((rank < left) & real.reshape(b, u * n)).view(b, u, n)
+
+
+def chunk_scores(scores: torch.Tensor, eligible: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each eligible entry's score replaced by the sum over its chunk of `chunk` consecutive
+    eligible entries, counted from the row's first one."""
     chunk_id = ((eligible.long().cumsum(-1) - 1) // chunk).clamp(min=0)
     sums = torch.zeros_like(scores, dtype=torch.float32).scatter_add_(
         -1, chunk_id, torch.where(eligible, scores.float(), 0.0)

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.methods.scoring import attention_probs, check_budget, keep_top, pool1d, reduce_gqa, resolve_budget
+from squeezegen.methods.scoring import (
+    attention_probs,
+    check_budget,
+    chunk_scores,
+    keep_global,
+    keep_top,
+    pool1d,
+    reduce_gqa,
+    resolve_budget,
+)
+from squeezegen.runtime.cache import compact_index
 from squeezegen.runtime.hooks import LayerView, Method
 
 if TYPE_CHECKING:
@@ -36,7 +46,9 @@ class ScoredSelection(Method):
     budget: a token count (int) or a fraction of the context (float <= 1), counted per row at
     prefill; a prompt within the budget keeps everything. kernel/pooling: smoothing of the scores
     along the sequence; gqa: how the query heads of a KV group are combined ("mean", "sum",
-    "max"); chunk > 0 keeps whole chunks of that many tokens.
+    "max"); chunk > 0 keeps whole chunks of that many tokens; adaptive: the layer's budget goes
+    to its KV heads by their pooled scores (AdaKV), each head keeping at least `floor` of its
+    even share (uneven heads then get buffers of their own, so the memory saved is real).
     """
 
     HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache"})
@@ -47,9 +59,13 @@ class ScoredSelection(Method):
     pooling: str = "avg"
     gqa: str = "mean"
     chunk: int = 0
+    adaptive: bool = False
+    floor: float = 0.2
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        if not 0 <= self.floor <= 1:
+            raise SqueezegenError(f"floor is a share of a head's even budget, in [0, 1]; got {self.floor}")
         if (self.window is not None and self.window < 0) or self.chunk < 0:
             raise SqueezegenError("window and chunk must be >= 0")
         if self.kernel < 1 or (self.kernel > 1 and self.kernel % 2 == 0):
@@ -109,12 +125,32 @@ class ScoredSelection(Method):
         """Indices each row keeps given scores over the cached entries (every real entry when
         its budget holds them all: the same path runs, so budget 1.0 is the full cache by test)."""
         windows = [self.recent(b) for b in budgets]
-        return keep_top(scores, view.key_pos >= 0, budgets, windows, self.chunk)
+        real = view.key_pos >= 0
+        if not self.adaptive or scores.shape[1] == 1:
+            return keep_top(scores, real, budgets, windows, self.chunk)
+        return adaptive_keep(scores, real, budgets, windows, self.floor, self.chunk)
 
     def select_cache(self, view, query, key, value):
         if view.sliding:
             return None
         return self.choose(view, self.kv_scores(view, query, key), self.row_budgets(view))
+
+
+def adaptive_keep(
+    scores: torch.Tensor, real: torch.Tensor, budgets: list[int], windows: list[int], floor: float, chunk: int = 0
+) -> torch.Tensor:
+    """AdaKV: indices (B, Hkv, K) of the entries each row keeps when its `budgets[row]` per head
+    are pooled over the layer's KV heads: the newest `windows[row]` of every head, at least
+    `floor` of the even share per head, the rest to the best scores of any head."""
+    b, h, n = scores.shape
+    real = real.expand(b, h, n)
+    newest_first = real.sum(-1, keepdim=True) - real.long().cumsum(-1)
+    recent = real & (newest_first < torch.tensor(windows, device=scores.device)[:, None, None])
+    if chunk:
+        scores = chunk_scores(scores, real & ~recent, chunk)
+    floors = [round(floor * budget) for budget in budgets]
+    keep = keep_global(scores, real, recent, [budget * h for budget in budgets], floors)
+    return compact_index(keep)
 
 
 @dataclass

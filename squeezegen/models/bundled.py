@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO
 
 from squeezegen.errors import MissingDependencyError
+from squeezegen.files import file_sha256, staged_folder
 from squeezegen.paths import cache_dir
-from squeezegen.staging import file_sha256, staged_folder
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from squeezegen.errors import SqueezegenError, UnknownModelError, UnsupportedModelError
+from squeezegen.errors import SqueezegenError, UnknownModelError, UnsupportedModelError, one_line
+from squeezegen.files import read_json
 from squeezegen.models.bundled import BUNDLED, bundled_tokenizer_folder, dequantized_folder
 from squeezegen.models.tiny import TINY_CONFIGS, tiny_model
 from squeezegen.runtime.decoder import SUPPORTED_MODEL_TYPES
@@ -45,26 +45,6 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError):
         raise SqueezegenError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line: library errors often span several."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or a one-line error naming the file (not a decoder traceback)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        raise UnsupportedModelError(
-            f"{path} is not readable JSON ({one_line(exc)}): restore the file, or save or download the model again"
-        ) from exc
-    if not isinstance(data, dict):
-        raise UnsupportedModelError(
-            f"{path} holds a JSON {type(data).__name__}, not an object: restore the file, or save the model again"
-        )
-    return data
 
 
 def _check_folder(path: Path) -> None:

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from squeezegen.errors import SqueezegenError
-from squeezegen.models.loading import one_line, read_json
+from squeezegen.errors import SqueezegenError, one_line
+from squeezegen.files import file_sha256, read_json, staged_folder
 from squeezegen.quant.api import (
     binarize_,
     binary_layers,
@@ -31,7 +31,6 @@ from squeezegen.quant.api import (
     pack_,
     stored_bytes,
 )
-from squeezegen.staging import file_sha256, staged_folder
 
 MANIFEST = "squeezegen_binary.json"
 WEIGHTS = "model.safetensors"

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.api import binary_layers
+from squeezegen.runtime.device import native_bf16
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,9 +46,7 @@ def use_bf16(mode: str, device: torch.device) -> bool:
         raise SqueezegenError(f"bf16 must be auto, on or off, got {mode!r}")
     if mode != "auto":
         return mode == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return native_bf16(device)
 
 
 def distill_loss(student_out, teacher_out, hidden_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from squeezegen.runtime.device import native_bf16
+
 ATTENTION_NAME = "squeezegen"
 
 
@@ -104,7 +106,16 @@ def decode_attention(
     so grouped-query attention needs no K/V copies."""
     b, h, _, d = query.shape
     packed = query.reshape(b, key.shape[1], h // key.shape[1], d)
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=visible[:, :, None, :], scale=scaling)
+    if query.dtype == torch.float32 or query.device.type != "cpu" or not native_bf16("cpu"):
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=visible[:, :, None, :], scale=scaling)
+    else:
+        # on a CPU with native bf16, SDPA's kernel for one query took 140 of 174.5 ms of a SmolLM2
+        # step at 8K (AMX, benchmarks/decode_profile.py --dtype bfloat16): two matmuls use the
+        # matrix units, the softmax in float32. Without native bf16 (AVX2) matmuls in bf16 are
+        # emulated and SDPA is the faster of the two (7-9x at 2K and 8K, measured here)
+        scores = torch.matmul(packed, key.transpose(-1, -2)).float() * scaling
+        probs = scores.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(dim=-1)
+        out = torch.matmul(probs.to(value.dtype), value)
     return out.reshape(b, h, 1, d)
 
 

@@ -151,6 +151,7 @@ class KVCache:
     def __init__(self, num_layers: int) -> None:
         self.layers = [LayerCache() for _ in range(num_layers)]
         self.peak_bytes = 0
+        self.decode_bytes = 0  # what the decode buffers hold (a compressed document's cost)
 
     def nbytes(self) -> int:
         """Bytes of keys and values held now in all layers."""
@@ -162,3 +163,66 @@ class KVCache:
     def lengths(self) -> list[int]:
         """The most entries any row and KV head holds, per layer."""
         return [int(layer.live().max()) if layer.keys is not None else 0 for layer in self.layers]
+
+
+class HeadSplitCache:
+    """A layer whose KV heads hold very different numbers of entries (head-adaptive budgets),
+    each head in a buffer of its own (B, 1, T_h, D): the memory held is what the heads keep, not
+    the largest head's count times the heads. Attention runs head by head."""
+
+    def __init__(self, heads: list[LayerCache]) -> None:
+        self.heads = heads
+        self.window = None
+        self.static = False
+
+    @classmethod
+    def of(cls, cache: LayerCache) -> HeadSplitCache:
+        k, v, p = cache.held()
+        heads = []
+        for h in range(k.shape[1]):
+            index = compact_index(p[:, h : h + 1] >= 0)
+            part = LayerCache()
+            part._set(k[:, h : h + 1], v[:, h : h + 1], p[:, h : h + 1])
+            part.keep(index)
+            heads.append(part)
+        return cls(heads)
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # a layer is in use when its heads are
+        return self.heads[0].keys
+
+    def live(self) -> torch.Tensor:
+        return torch.cat([head.live() for head in self.heads], dim=1)
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads side by side (B, Hkv, T, D), padded to the longest (for inspection: it copies)."""
+        parts = [head.held() for head in self.heads]
+        width = max(p[0].shape[2] for p in parts)
+        pad = torch.nn.functional.pad
+        k = torch.cat([pad(p[0], (0, 0, 0, width - p[0].shape[2])) for p in parts], dim=1)
+        v = torch.cat([pad(p[1], (0, 0, 0, width - p[1].shape[2])) for p in parts], dim=1)
+        pos = torch.cat([pad(p[2], (0, width - p[2].shape[2]), value=EMPTY) for p in parts], dim=1)
+        return k, v, pos
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        for h, head in enumerate(self.heads):
+            head.append(keys[:, h : h + 1], values[:, h : h + 1], positions)
+
+    def to_static_room(self, steps: int) -> None:
+        """Decode buffers with room for `steps` more tokens in every head."""
+        for head in self.heads:
+            head.to_static(int(head.live().max()) + steps)
+        self.static = True
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor) -> None:
+        for h, head in enumerate(self.heads):
+            head.write(keys[:, h : h + 1], values[:, h : h + 1], position)
+
+    def nbytes(self) -> int:
+        return sum(head.nbytes() for head in self.heads)
+
+
+def padding_share(cache: LayerCache) -> float:
+    """The share of a layer's slots that hold no entry (what splitting its heads would save)."""
+    pos = cache.held()[2]
+    return float((pos < 0).float().mean()) if pos.numel() else 0.0

@@ -9,6 +9,8 @@ function of device tensors (no host synchronisation), which `torch.compile` can 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -20,21 +22,31 @@ from squeezegen.runtime.attention import (
     route_attention,
     visibility_mask,
 )
-from squeezegen.runtime.cache import EMPTY, KVCache
-from squeezegen.runtime.compiled import compiled_step
+from squeezegen.runtime.cache import EMPTY, HeadSplitCache, KVCache, LayerCache, padding_share
 from squeezegen.runtime.decoder import DecoderParts
 from squeezegen.runtime.hooks import LayerView, Method
+from squeezegen.runtime.step import compiled_step, decode_step
+
+# A layer whose slots are more than this share padding (heads kept uneven counts) gets a buffer per head.
+SPLIT_PADDING = 0.2
 
 
 class Engine:
     """State of one generation: the cache, token positions and the methods' states."""
 
     def __init__(
-        self, model: torch.nn.Module, method: Method | None = None, reserve: int = 0, compile: bool = False
+        self,
+        model: torch.nn.Module,
+        method: Method | None = None,
+        reserve: int = 0,
+        compile: bool = False,
+        tokenizer=None,
     ) -> None:
         """`reserve`: decode steps to size the decode buffers for (they grow if more come);
-        `compile`: run decode steps through `torch.compile` (see runtime/compiled.py)."""
+        `compile`: run decode steps through `torch.compile` (see runtime/compiled.py);
+        `tokenizer`: for methods that write text of their own (KVzip's reconstruction prompt)."""
         self.model = model
+        self.tokenizer = tokenizer
         self.parts = DecoderParts.of(model)
         self.method = method if method is not None else Method()
         self.hooks = self.method.hooks()
@@ -51,6 +63,7 @@ class Engine:
         self._row_tokens: list[int] = []  # real tokens per row in the layers being run
         self._chunk_lengths: list[int] = []  # real tokens per row of the chunk being prefilled
         self._refill: torch.Tensor | None = None
+        self._probe: tuple[int, Callable] | None = None
         self._masks: dict = {}
         self._memo: tuple[int, dict] = (-1, {})
         self._horizon = 0  # decode steps the buffers are sized for; 0 = not decoding yet
@@ -107,12 +120,18 @@ class Engine:
         positions = (start[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, EMPTY)
         self.next_pos = start + valid.sum(-1)
         self.prompt_lengths = self.next_pos.clone()
+        self.chunk_ids = input_ids  # the chunk being prefilled (after_prefill hooks read it)
         self._chunk_lengths = valid.sum(-1).tolist()
         self._row_tokens = list(self._chunk_lengths)
         self._padded = not bool(valid.all())
         self._compress = compress and bool(self.hooks)
         logits = self._forward(self.parts.embed(input_ids), positions, progress, all_logits)
         if logits is not None:
+            if self._compress and "after_prefill" in self.hooks:
+                self.method.after_prefill(self)
+            if self._compress:
+                self._split_uneven_heads()
+            self.cache.note_peak()
             return logits
         # the method stopped this pass and chose a shorter prompt to prefill instead (GemFilter)
         if bool((start > 0).any()):
@@ -164,6 +183,41 @@ class Engine:
                 rope = parts.rope(hidden, positions.clamp(min=0))
         return parts.logits(hidden) if all_logits else parts.logits(hidden[:, -1:])[:, -1]
 
+    def _split_uneven_heads(self) -> None:
+        """Give each KV head its own buffer in layers where heads kept very different counts, so
+        their padding is not held; not for methods that rewrite the cache while decoding."""
+        if self.hooks & {"decode_attention", "after_decode_step"}:
+            return
+        for i, cache in enumerate(self.cache.layers):
+            if isinstance(cache, LayerCache) and cache.keys is not None and padding_share(cache) > SPLIT_PADDING:
+                self.cache.layers[i] = HeadSplitCache.of(cache)
+
+    @torch.inference_mode()
+    def probe(
+        self, input_ids: torch.Tensor, row: int, observe: Callable[[LayerView, torch.Tensor, torch.Tensor], None]
+    ):
+        """Run tokens (1, L) after row `row`'s prefilled cache, leaving no trace: they attend over
+        what the row holds and to each other (causally) at the positions that follow it, and
+        `observe(view, query, key)` sees each layer's post-RoPE query (1, H, L, D) and their own
+        keys (1, Hkv, L, D); nothing is stored. For scoring passes (KVzip's reconstruction)."""
+        saved = self.positions, self._probe
+        start = self.next_pos[row : row + 1]
+        self.positions = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+        self._probe = (row, observe)
+        try:
+            hidden = self.parts.embed(input_ids)
+            rope = self.parts.rope(hidden, self.positions)
+            for i, layer in enumerate(self.parts.layers):
+                hidden = layer(
+                    hidden,
+                    attention_mask=None,
+                    position_ids=self.positions,
+                    position_embeddings=rope[self.parts.layer_types[i]],
+                    sg_engine=self,
+                )
+        finally:
+            self.positions, self._probe = saved
+
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run one new token per row (B,); returns the logits (B, V) for the token after it."""
@@ -187,8 +241,12 @@ class Engine:
         for i, cache in enumerate(self.cache.layers):
             if cache.keys is None:
                 raise SqueezegenError("decode needs a prefill first: call engine.prefill(input_ids)")
-            cache.to_static(self._capacity(i, self._horizon))
+            if isinstance(cache, HeadSplitCache):
+                cache.to_static_room(self._horizon)
+            else:
+                cache.to_static(self._capacity(i, self._horizon))
         self.cache.note_peak()
+        self.cache.decode_bytes = self.cache.nbytes()
         if "start_decode" in self.hooks:
             self.method.start_decode(self)
 
@@ -203,6 +261,9 @@ class Engine:
         end (slots keep their places, so per-slot method state stays valid)."""
         self._horizon *= 2
         for i, cache in enumerate(self.cache.layers):
+            if isinstance(cache, HeadSplitCache):
+                cache.to_static_room(self._horizon - self.decode_steps)
+                continue
             extra = self._capacity(i, self._horizon) - cache.used
             if extra > 0:
                 cache.grow(extra)
@@ -220,6 +281,10 @@ class Engine:
     ) -> torch.Tensor:
         """Add this step's keys/values to the layer's cache and attend over all it holds."""
         cache = self.cache.layers[layer]
+        if self._probe is not None:
+            return self._probe_attend(layer, query, key, value, scaling, window)
+        if isinstance(cache, HeadSplitCache):
+            return self._split_attend(cache, query, key, value, scaling)
         if cache.static:  # a decode step
             cache.write(key, value, self.positions[:, 0])
             out = decode_attention(query, cache.keys, cache.values, cache.pos >= 0, scaling)
@@ -254,6 +319,33 @@ class Engine:
         self.cache.note_peak()
         return out
 
+    def _split_attend(self, cache: HeadSplitCache, query, key, value, scaling):
+        """Attention head by head over a layer whose heads have buffers of their own."""
+        groups = query.shape[1] // len(cache.heads)
+        if cache.static:
+            cache.write(key, value, self.positions[:, 0])
+        else:
+            cache.append(key, value, self.positions)
+        outs = []
+        for h, head in enumerate(cache.heads):
+            q = query[:, h * groups : (h + 1) * groups]
+            k, v, pos = head.held()
+            if cache.static:
+                outs.append(decode_attention(q, k, v, pos >= 0, scaling))
+            else:
+                outs.append(dense_attention(q, k, v, scaling, visibility_mask(self.positions, pos)))
+        return torch.cat(outs, dim=1)
+
+    def _probe_attend(self, layer, query, key, value, scaling, window):
+        """A probe's attention over its row's entries and its own keys; the cache is left as it is."""
+        row, observe = self._probe
+        held_k, held_v, held_pos = (x[row : row + 1] for x in self.cache.layers[layer].held())
+        keys, values = torch.cat([held_k, key], dim=2), torch.cat([held_v, value], dim=2)
+        key_pos = torch.cat([held_pos, self.positions[:, None].expand(-1, key.shape[1], -1)], dim=2)
+        out = dense_attention(query, keys, values, scaling, visibility_mask(self.positions, key_pos, window))
+        observe(self.view(layer), query, key)
+        return out
+
     def _prefill_mask(self, key_pos: torch.Tensor, fresh: bool, window: int | None) -> torch.Tensor:
         """Masks of fresh layers depend only on this chunk's positions: build once per forward."""
         if not fresh:
@@ -267,7 +359,7 @@ class Engine:
         """A twin of this engine after its prefill, as if `method` had run that prefill itself:
         each layer keeps the entries `keep[layer]` (None = all) and the method keeps the state
         it built here. Valid for methods that only select (see evals/fanout.py)."""
-        twin = Engine(self.model, method, reserve=self.reserve, compile=self.compile)
+        twin = Engine(self.model, method, reserve=self.reserve, compile=self.compile, tokenizer=self.tokenizer)
         twin.states[id(method)] = self.state_of(method)
         twin.next_pos = self.next_pos.clone()
         twin.prompt_lengths = self.prompt_lengths.clone()
@@ -279,23 +371,7 @@ class Engine:
             dst._set(*src.held())  # shared: prefill-phase buffers are never written in place
             if keep.get(layer) is not None:
                 dst.keep(keep[layer])  # gathers into new buffers
+        twin._compress = True
+        twin._split_uneven_heads()
         twin.cache.note_peak()
         return twin
-
-
-def decode_step(engine: Engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One decode step over every layer: tokens (B,) at positions (B,) -> next-token logits (B, V).
-    Device tensors in, device tensors out; the caches are written in place."""
-    parts = engine.parts
-    engine.positions = positions[:, None]
-    hidden = parts.embed(tokens[:, None])
-    rope = parts.rope(hidden, engine.positions)
-    for i, layer in enumerate(parts.layers):
-        hidden = layer(
-            hidden,
-            attention_mask=None,
-            position_ids=engine.positions,
-            position_embeddings=rope[parts.layer_types[i]],
-            sg_engine=engine,
-        )
-    return parts.logits(hidden[:, -1])

@@ -40,6 +40,7 @@ class GenerationResult:
     finish_reasons: list[str]  # "eos", "stop" or "length"
     timings: Timings
     kv_bytes: int  # peak bytes of keys + values held by the cache during the generation
+    kv_bytes_decode: int  # bytes the decode buffers held once the prompt was compressed
     cache_lengths: list[int]  # entries per layer at the end
     logits: list[torch.Tensor] | None = field(default=None, repr=False)  # per step (B, V) if asked
 
@@ -284,6 +285,7 @@ def decode_loop(
         finish_reasons=rows.finish,
         timings=Timings(prefill_s, decode_s, generated - batch, prefill_s + decode_s, first_token_s),
         kv_bytes=engine.cache.peak_bytes,
+        kv_bytes_decode=engine.cache.decode_bytes or engine.cache.nbytes(),
         cache_lengths=engine.cache.lengths(),
         logits=step_logits if output_logits else None,
     )
@@ -354,9 +356,8 @@ def generate(
             "shorten the prompt or lower max_new_tokens"
         )
     device = next(model.parameters()).device
-    engine = Engine(
-        model, method, reserve=max_new_tokens - 1, compile=compile_by_default(device) if compile is None else compile
-    )
+    compile = compile_by_default(device) if compile is None else compile
+    engine = Engine(model, method, reserve=max_new_tokens - 1, compile=compile, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     logits = prefill_rows(engine, rows, pad_id, progress)

@@ -9,6 +9,8 @@ it overrides in `HOOKS` (the engine skips the others, and `Compose` routes them)
   head (SnapKV, PyramidKV, FastKV, ...);
 - `propagate`: after a layer, which tokens of each row go on to the next layers (FastKV's TSP);
 - `refill`: after a layer, which prompt tokens to run the whole prefill again with (GemFilter);
+- `after_prefill`: once the compressed chunk has gone through every layer: may score it with
+  extra passes that leave no trace (`engine.probe`) and select across layers and heads (KVzip);
 - `start_decode`: once, after the prefill, when the cache becomes fixed-capacity buffers: size
   them (`decode_capacity`) and set up decode-time state;
 - `decode_attention`: per layer inside a decode step, after the new token joined the cache (H2O,
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from squeezegen.runtime.cache import LayerCache
     from squeezegen.runtime.engine import Engine
 
-PREFILL_HOOKS = frozenset({"prefill_attention", "select_cache", "propagate", "refill"})
+PREFILL_HOOKS = frozenset({"prefill_attention", "select_cache", "propagate", "refill", "after_prefill"})
 DECODE_HOOKS = frozenset({"start_decode", "decode_attention", "after_decode_step"})
 
 
@@ -124,6 +126,10 @@ class Method:
         """Indices (B, k) of prompt tokens (-1 first for a row keeping fewer) to prefill again from
         the first layer, alone and renumbered from 0, instead of finishing this pass; None finishes."""
         return None
+
+    def after_prefill(self, engine: Engine) -> None:
+        """Once after a compressed prefill chunk has run through every layer (each holds all of
+        its entries still, unless `select_cache` chose): may probe and rewrite the cache."""
 
     # --- decode ------------------------------------------------------------------------------------
     def decode_capacity(self, view: LayerView, live: int, new_tokens: int) -> int:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from squeezegen.errors import MissingDependencyError, SqueezegenError
+from squeezegen.evals.report import claim
 
 RECIPE_NAMES = ("fp32", "fp16", "int8-weight-only", "int8-dynamic")
 
@@ -34,6 +35,16 @@ def _check_model_arg(model: str) -> None:
         raise SqueezegenError(
             f"model folder {path} does not exist: pass a diffusers SD folder or one of {', '.join(CONFIGS)}"
         )
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The denoising flags that `mobile generate` and `mobile eval-mini` share."""
+    return {"steps": args.steps, "guidance": args.guidance, "seed": args.seed}
+
+
+def _write_json(path: str, data: object) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -67,8 +78,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_check(args: argparse.Namespace) -> None:
     from squeezegen.mobile.check import check_model
 
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise SqueezegenError(f"{args.json} already exists: choose another --json or pass --overwrite")
+    if args.json:
+        claim({"json": Path(args.json)}, args.overwrite, flag="--json")
     bad = 0
     reports = []
     for path in args.files:
@@ -84,16 +95,11 @@ def cmd_check(args: argparse.Namespace) -> None:
             print(f"  {count:5d} x {reason}")
         bad += not report.ok
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                [
-                    {"path": r.path, "method": r.method, "ops": dict(r.ops), "off_gpu": dict(r.off_gpu), "ok": r.ok}
-                    for r in reports
-                ],
-                indent=2,
-            )
-        )
+        census = [
+            {"path": r.path, "method": r.method, "ops": dict(r.ops), "off_gpu": dict(r.off_gpu), "ok": r.ok}
+            for r in reports
+        ]
+        _write_json(args.json, census)
     if bad:
         raise SystemExit(1)
 
@@ -111,11 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.model,
         [args.prompt],
         threads=args.threads,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
         scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
+        **_sampling(args),
     )
     path = save_png(res.images[0], args.out)
     t = res.timings
@@ -144,8 +148,8 @@ def cmd_eval_mini(args: argparse.Namespace) -> None:
             raise SqueezegenError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPE_NAMES)}")
     for recipe in args.recipes:  # before any export, not after the first one
         earlier_export(Path(args.work) / recipe, args.overwrite)
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise SqueezegenError(f"{args.json} already exists: choose another --json or pass --overwrite")
+    if args.json:
+        claim({"json": Path(args.json)}, args.overwrite, flag="--json")
     _require_mobile()
     from squeezegen.mobile.miniature import evaluate_mini
 
@@ -154,11 +158,9 @@ def cmd_eval_mini(args: argparse.Namespace) -> None:
         args.work,
         recipes=tuple(args.recipes),
         per_digit=args.per_digit,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
         png_dir=args.png_dir,
         overwrite=args.overwrite,
+        **_sampling(args),
     )
     print("| backend | accuracy | size (MiB) | mean abs pixel diff vs PyTorch |")
     print("|---|---|---|---|")
@@ -167,11 +169,10 @@ def cmd_eval_mini(args: argparse.Namespace) -> None:
         diff = f"{r['mean_abs_pixel_diff_vs_pytorch']:.2f}" if "mean_abs_pixel_diff_vs_pytorch" in r else "-"
         print(f"| {name} | {r['accuracy']:.3f} | {size} | {diff} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        _write_json(args.json, res)
 
 
-def add_mobile_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """The `mobile` command tree (export / check / generate / train-mini / eval-mini)."""
     mobile = sub.add_parser("mobile", help="Stable Diffusion on phones: LiteRT export, GPU check, LiteRT pipeline")
     msub = mobile.add_subparsers(dest="mobile_command", required=True)

@@ -1,0 +1,205 @@
+"""What every `squeezegen` command shares: the parser, argument types and groups, and its output files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.evals.report import claim
+from squeezegen.methods.spec import BUDGET_GRAMMAR, MethodSpec, parse_budget, parse_params
+from squeezegen.runtime.hooks import Method
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+GRAMMAR_HELP = BUDGET_GRAMMAR.replace("%", "%%")  # argparse expands % in help
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+PREFILL_METHODS = ["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova"]
+DECODE_METHODS = ["rpc", "h2o", "tova", "streaming_llm"]
+
+Settings = TypeVar("Settings")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its complaints in the one-line form of every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"squeezegen: error: {message} (see `{self.prog} --help`)\n")
+
+
+def budget_arg(text: str) -> float | int:
+    try:
+        return parse_budget(text)
+    except SqueezegenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """A count (tokens, samples, repeats): refused at parse time, before a model is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """nan and inf parse as floats but sample nothing sensible (inf silently meant uniform)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use {DEVICES}")
+    return text
+
+
+def read_prompt(path: Path) -> str:
+    """The prompt file as text; a folder, unreadable or non-UTF-8 file is the user's to fix."""
+    if path.is_dir():
+        raise SqueezegenError(f"prompt file {path} is a folder: pass the file holding the prompt")
+    if not path.is_file():
+        raise SqueezegenError(f"prompt file {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SqueezegenError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SqueezegenError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+            "save it as UTF-8"
+        ) from None
+    if "\0" in text:
+        raise SqueezegenError(f"prompt file {path} holds NUL bytes: it looks binary, pass a text file")
+    return text
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--model",
+        required=default is None,
+        default=default,
+        help="bundled name (see `squeezegen models`), tiny test model, or local HF folder",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", type=device_arg, help=DEVICES)
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model, tokenizer) as `add_model_args` chose them."""
+    from squeezegen.models.loading import load
+
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """One method and its parameters (generate)."""
+    parser.add_argument("--method", default="full", help="KV/attention method (see `squeezegen methods`)")
+    parser.add_argument(
+        "--method-arg",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"method parameters, e.g. budget=512 window=32; a budget is {GRAMMAR_HELP}",
+    )
+
+
+def build_method(args: argparse.Namespace) -> Method:
+    from squeezegen.methods import method
+
+    return method(args.method, **parse_params(args.method_arg))
+
+
+def add_methods_arg(parser: argparse.ArgumentParser, default: list[str], full: str) -> None:
+    """--methods: what a sweep compares with the full cache; `full` says what it always does with that one."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=default,
+        help=f"NAME or NAME:key=value,... (full is always {full}); a budget is {GRAMMAR_HELP}",
+    )
+
+
+def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
+    """The methods of `add_methods_arg`, parsed."""
+    return [MethodSpec.parse(m) for m in args.methods]
+
+
+def settings_from(cls: type[Settings], args: argparse.Namespace, **given: object) -> Settings:
+    """A sweep's settings dataclass: each field is `given` or else the flag of the same name, so that a
+    field without a flag is an error here rather than a default the command silently never sets."""
+    return cls(**{f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_output_args(parser: argparse.ArgumentParser, default: str | None, about: str | None = None) -> None:
+    """--out (a folder; required without a default) and --overwrite, for `Outputs`."""
+    parser.add_argument("--out", required=default is None, default=default, help=about)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+
+
+def command_meta(args: argparse.Namespace) -> dict:
+    """The command's arguments, stored with its results so that they say how they were made."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+class Outputs:
+    """A command's result files by role (table, json, plot), claimed before any work, so that a taken
+    --out is refused (by `claim`, unless --overwrite) before a model is loaded; written at the end."""
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = paths  # claimed by the caller (an eval's folder, `report_paths`)
+
+    @classmethod
+    def claimed(cls, paths: dict[str, Path], overwrite: bool) -> Outputs:
+        return cls(claim(paths, overwrite))
+
+    @classmethod
+    def under(cls, args: argparse.Namespace, **names: str) -> Outputs:
+        """The files named by role in the folder of `add_output_args`, claimed."""
+        return cls.claimed({role: Path(args.out) / name for role, name in names.items()}, args.overwrite)
+
+    def write(
+        self,
+        args: argparse.Namespace,
+        table: str,
+        data: dict,
+        plot: Callable[[Path], None] | None = None,
+        heading: str | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        """Whichever of these the paths name: the table (markdown, under `heading` in the file only),
+        `data` with `meta` and the command's arguments (JSON), the plot; then `show` the table."""
+        for path in self.paths.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if "table" in self.paths:
+            self.paths["table"].write_text(f"{heading}\n\n{table}\n" if heading else table + "\n")
+        if "json" in self.paths:
+            record = {"meta": {**(meta or {}), **command_meta(args)}, **data}
+            self.paths["json"].write_text(json.dumps(record, indent=1))
+        if "plot" in self.paths:
+            plot(self.paths["plot"])
+        self.show(table)
+
+    def show(self, table: str) -> None:
+        """The table on stdout, then where the files are."""
+        print(table)
+        if self.paths:
+            print(f"wrote {', '.join(str(p) for p in self.paths.values())}")

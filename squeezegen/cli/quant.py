@@ -1,0 +1,180 @@
+"""`squeezegen binarize`: binarize a model, distill it from its float self, measure, save packed.
+
+The training text is the first 90% of the bundled corpus; perplexity is measured on the held-out
+10%. Decode speed of the packed model and the float model is measured side by side in one run
+(interleaved rounds, medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from squeezegen.cli import common
+from squeezegen.errors import SqueezegenError
+
+if TYPE_CHECKING:
+    import torch
+
+    from squeezegen.quant.api import BinaryConfig
+    from squeezegen.quant.distill import DistillConfig
+
+
+def cmd_binarize(args: argparse.Namespace) -> None:
+    from squeezegen.evals.report import claim
+    from squeezegen.quant.api import BinaryMoSConfig, OneBitConfig, SignConfig
+    from squeezegen.quant.distill import DistillConfig
+
+    config = {"binarymos": lambda: BinaryMoSConfig(experts=args.experts), "onebit": OneBitConfig, "sign": SignConfig}
+    steps = args.steps
+    if args.method == "sign" and steps:
+        print("sign is the untrained floor: no distillation")
+        steps = 0
+    if steps < 0 or args.batch < 1 or args.block < 2:
+        raise SqueezegenError("--steps must be >= 0, --batch >= 1 and --block >= 2")
+    train = DistillConfig(
+        steps=steps,
+        batch=args.batch,
+        block=args.block,
+        lr=args.lr,
+        hidden_weight=args.hidden_weight,
+        checkpointing=not args.no_checkpointing,
+        bf16=args.bf16,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    if not out.is_dir() or any(out.iterdir()):  # an empty folder holds nothing to lose
+        claim({"model": out}, args.overwrite)  # before the model is loaded
+    report = binarize_model(
+        args.model,
+        config[args.method](),
+        train,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        decode_tokens=args.decode_tokens,
+        eval_blocks=args.eval_blocks,
+        device=args.device,
+    )
+    if report is not None:
+        print("\n".join(summary_lines(report)))
+        print(f"wrote {args.out} (load it with sg.load) and {args.out}/binarize_report.json")
+
+
+def binarize_model(
+    model_name: str,
+    config: BinaryConfig,
+    train: DistillConfig,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    decode_tokens: int = 32,
+    eval_blocks: int | None = None,
+    device: str = "cpu",
+) -> dict | None:
+    """Binarize `model_name`, distill it (unless `train.steps` is 0), save the packed model to `out`
+    and return the report (None on ranks other than 0 under torchrun)."""
+    from squeezegen.bench.binary_decode import compare_decode
+    from squeezegen.evals.corpus import split_text, token_blocks
+    from squeezegen.evals.perplexity import block_perplexity
+    from squeezegen.models.loading import load
+    from squeezegen.quant.api import binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
+    from squeezegen.quant.checkpoint import save
+    from squeezegen.quant.distill import distill
+
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    teacher, tok = load(model_name, device=device)
+    student = binarize_(copy.deepcopy(teacher), config)
+    history: list[dict] = []
+    started = time.perf_counter()
+    if train.steps > 0:
+        blocks = token_blocks(tok, split_text("train"), train.block)
+        history = distill(student, teacher, blocks, train, out.with_name(out.name + ".ckpt"), resume=resume)
+    train_s = time.perf_counter() - started
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    pack_(student)
+    held_out = token_blocks(tok, split_text("test"), train.block)[:eval_blocks]
+    report = {
+        "model": model_name,
+        "binarization": config_to_dict(config),
+        "train": {**train.__dict__, "tokens": train.steps * train.batch * train.block * _world(), "seconds": train_s},
+        "eval_tokens": held_out.numel(),
+        "perplexity_float": block_perplexity(teacher, held_out),
+        "perplexity_binary": block_perplexity(student, held_out),
+        "bits_per_weight": bits_per_weight(student),
+        "bytes": stored_bytes(student),
+        "float_model_bytes": resident_bytes(teacher),
+        "binary_model_resident_bytes": resident_bytes(student),
+        "history": history,
+    }
+    if decode_tokens > 0:
+        speeds = compare_decode({"float": teacher, "binary": student}, tok, decode_tokens)
+        report["decode_tok_s_float"], report["decode_tok_s_binary"] = speeds["float"], speeds["binary"]
+    save(student, tok, out, overwrite=overwrite)
+    (out / "binarize_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers in memory, as it runs."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The report of `binarize_model`, as the command prints it."""
+    b, mib = report["bytes"], 2**20
+    resident, float_bytes = report["binary_model_resident_bytes"] / mib, report["float_model_bytes"] / mib
+    lines = [
+        f"method            {report['binarization']}",
+        f"distillation      {report['train']['steps']} steps, {report['train']['tokens']:,} tokens, "
+        f"{report['train']['seconds'] / 60:.1f} min",
+        f"perplexity        float {report['perplexity_float']:.2f}  binary {report['perplexity_binary']:.2f}  "
+        f"(held-out, {report['eval_tokens']:,} tokens)",
+        f"bits per weight   {report['bits_per_weight']:.3f} (binarized linear layers, scales and router included)",
+        f"linear layers     {b['binary_linear'] / 2**20:.1f} MiB packed vs {b['float32_linear'] / 2**20:.1f} MiB "
+        f"float32 (1/{b['float32_linear'] / b['binary_linear']:.1f})",
+        f"whole model       {b['total'] / mib:.1f} MiB on disk; in memory {resident:.1f} MiB packed vs "
+        f"{float_bytes:.1f} MiB float",
+    ]
+    if "decode_tok_s_float" in report:
+        f, q = report["decode_tok_s_float"], report["decode_tok_s_binary"]
+        lines.append(f"decode tokens/s   float {f:.1f}  packed binary {q:.1f}  ({q / f:.2f}x, interleaved in one run)")
+    return lines
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("binarize", help="1-bit weights (BinaryMoS, OneBit, plain sign), distilled from the float model")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, tiny test model, or local HF folder")
+    p.add_argument(
+        "--device", default="cpu", type=common.device_arg, help="cpu or cuda (under torchrun: one GPU per process)"
+    )
+    p.add_argument("--method", default="binarymos", choices=["binarymos", "onebit", "sign"])
+    p.add_argument("--experts", type=int, default=4, help="BinaryMoS scaling experts")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps (0: binarize only)")
+    p.add_argument("--batch", type=int, default=2, help="blocks per step and process")
+    p.add_argument("--block", type=int, default=256, help="tokens per block (training and held-out)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--hidden-weight", type=float, default=10.0, help="weight of the hidden-state MSE")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast")
+    p.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    p.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored (default: all)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens timed for decode speed (0: skip)")
+    p.add_argument("--out", required=True, help="folder for the packed model")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=cmd_binarize)
