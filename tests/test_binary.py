@@ -109,7 +109,7 @@ def test_sign_layer_scale_is_mean_abs_per_output_row():
 
 
 def test_binarize_replaces_block_linears_only():
-    model, _ = sg.load("tiny-llama")
+    model, _ = sg.load("tiny-llama", dtype="float32")
     embed, head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
     sg.binarize_(model, sg.BinaryMoSConfig(experts=2))
     layers = model.model.layers
@@ -119,13 +119,13 @@ def test_binarize_replaces_block_linears_only():
     assert torch.equal(model.model.embed_tokens.weight, embed)
     with pytest.raises(SqueezegenError, match="already binarized"):
         sg.binarize_(model, sg.OneBitConfig())
-    plain, _ = sg.load("tiny-llama")
+    plain, _ = sg.load("tiny-llama", dtype="float32")
     with pytest.raises(SqueezegenError, match="binarize_"):
         sg.bits_per_weight(plain)
 
 
 def test_bits_per_weight_by_hand():
-    model, _ = sg.load("tiny-llama")
+    model, _ = sg.load("tiny-llama", dtype="float32")
     cfg = model.config
     sg.binarize_(model, sg.BinaryMoSConfig(experts=4))
     d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
@@ -133,13 +133,13 @@ def test_bits_per_weight_by_hand():
     weights = sum(i * o for i, o in shapes)
     extra = sum(4 * (i + o) + 4 * i for i, o in shapes)  # scales (E x (in + out)) + router (E x in)
     assert sg.bits_per_weight(model) == pytest.approx((weights + 16 * extra) / weights)
-    onebit, _ = sg.load("tiny-llama")
+    onebit, _ = sg.load("tiny-llama", dtype="float32")
     sg.binarize_(onebit, sg.OneBitConfig())
     assert sg.bits_per_weight(onebit) == pytest.approx((weights + 16 * sum(i + o for i, o in shapes)) / weights)
 
 
 def test_packed_forward_equals_unpacked_and_frees_latent_weights():
-    model, _ = sg.load("tiny-llama")
+    model, _ = sg.load("tiny-llama", dtype="float32")
     sg.binarize_(model, sg.BinaryMoSConfig())
     ids = torch.tensor([[1, 50, 7, 300, 9]])
     reference = copy.deepcopy(model)
@@ -154,7 +154,7 @@ def test_packed_forward_equals_unpacked_and_frees_latent_weights():
 
 @pytest.mark.parametrize("config", [sg.BinaryMoSConfig(experts=3), sg.OneBitConfig(), sg.SignConfig()])
 def test_save_load_round_trip_identical_logits(tmp_path, config):
-    model, tok = sg.load("tiny-llama")
+    model, tok = sg.load("tiny-llama", dtype="float32")
     sg.binarize_(model, config)
     with torch.no_grad():  # trained-looking state: signs and scales away from their init
         for layer in model.modules():
@@ -163,7 +163,7 @@ def test_save_load_round_trip_identical_logits(tmp_path, config):
     sg.pack_(model)
     ids = torch.tensor([[1, 50, 7, 300, 9, 11]])
     folder = sg.save(model, tok, tmp_path / "bin")
-    loaded, tok2 = sg.load(folder)
+    loaded, tok2 = sg.load(folder, dtype="float32")
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert tok2("hello world").input_ids == tok("hello world").input_ids
     packed_bytes = sum(m.packed.numel() for m in loaded.modules() if getattr(m, "packed", None) is not None)
@@ -171,7 +171,7 @@ def test_save_load_round_trip_identical_logits(tmp_path, config):
 
 
 def test_save_never_overwrites_and_load_reports_corruption(tmp_path):
-    model, tok = sg.load("tiny-llama")
+    model, tok = sg.load("tiny-llama", dtype="float32")
     sg.binarize_(model, sg.OneBitConfig())
     folder = sg.save(model, tok, tmp_path / "bin")
     keep = (folder / "model.safetensors").read_bytes()
@@ -180,14 +180,14 @@ def test_save_never_overwrites_and_load_reports_corruption(tmp_path):
     assert (folder / "model.safetensors").read_bytes() == keep
     (folder / "model.safetensors").write_bytes(keep[: len(keep) // 2])
     with pytest.raises(SqueezegenError, match="corrupt"):
-        sg.load(folder)
+        sg.load(folder, dtype="float32")
     (folder / "model.safetensors").unlink()
     with pytest.raises(SqueezegenError, match="incomplete"):
-        sg.load(folder)
+        sg.load(folder, dtype="float32")
 
 
 def _saved(tmp_path, name="bin", config=None):
-    model, tok = sg.load("tiny-llama")
+    model, tok = sg.load("tiny-llama", dtype="float32")
     sg.binarize_(model, config or sg.OneBitConfig())
     return model, tok, sg.save(model, tok, tmp_path / name)
 
@@ -196,7 +196,7 @@ def test_binary_folder_without_its_manifest_is_refused_not_randomised(tmp_path):
     _, _, folder = _saved(tmp_path)
     (folder / "squeezegen_binary.json").unlink()  # config.json still says squeezegen_binary
     with pytest.raises(SqueezegenError, match="squeezegen_binary.json is missing"):
-        sg.load(folder)
+        sg.load(folder, dtype="float32")
 
 
 def test_corrupt_tensor_data_of_the_same_size_is_refused(tmp_path):
@@ -212,7 +212,7 @@ def test_corrupt_tensor_data_of_the_same_size_is_refused(tmp_path):
     data[start : start + 2] = struct.pack("<e", float("nan"))  # one fp16 scale becomes NaN
     weights.write_bytes(bytes(data))
     with pytest.raises(SqueezegenError, match=r"corrupt binary checkpoint .*model\.safetensors: its sha256") as info:
-        sg.load(folder)
+        sg.load(folder, dtype="float32")
     assert "\n" not in str(info.value)
 
 
@@ -221,9 +221,9 @@ def test_overwrite_replaces_only_an_earlier_checkpoint(tmp_path, monkeypatch):
 
     model, tok, folder = _saved(tmp_path)
     (folder / "binarize_report.json").write_text("{}")  # `squeezegen binarize` writes it alongside
-    other = sg.binarize_(sg.load("tiny-llama")[0], sg.SignConfig())
+    other = sg.binarize_(sg.load("tiny-llama", dtype="float32")[0], sg.SignConfig())
     sg.save(other, tok, folder, overwrite=True)
-    assert sg.load(folder)[0].config.squeezegen_binary["method"] == "sign"
+    assert sg.load(folder, dtype="float32")[0].config.squeezegen_binary["method"] == "sign"
     kept = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def half_written(deployed, path):  # a full disk, a crash: the new write fails half-way
@@ -260,7 +260,7 @@ def test_schedule_and_batches():
 
 
 def _student():
-    teacher, tok = sg.load("tiny-llama")
+    teacher, tok = sg.load("tiny-llama", dtype="float32")
     student = sg.binarize_(copy.deepcopy(teacher), sg.BinaryMoSConfig(experts=2))
     torch.manual_seed(0)
     blocks = torch.randint(0, 1000, (6, 16))
@@ -317,7 +317,7 @@ def test_binarize_cli_distills_saves_and_refuses_to_overwrite(tmp_path):
     args = ["binarize", "--model", "tiny-llama", "--steps", "2", "--batch", "1", "--block", "32", "--bf16", "off"]
     args += ["--eval-blocks", "2", "--decode-tokens", "4", "--out", str(out)]
     assert main(args) == 0
-    model, _ = sg.load(out)
+    model, _ = sg.load(out, dtype="float32")
     assert sg.bits_per_weight(model) > 1 and (out / "binarize_report.json").is_file()
     assert (tmp_path / "bin.ckpt" / "checkpoint.pt").is_file()
     assert main(args) == 2  # the saved model is kept
@@ -339,4 +339,4 @@ def test_distillation_runs_under_torchrun_with_two_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = (out / "binarize_report.json").read_text()
     assert '"tokens": 128' in report  # 2 steps x 1 block x 32 tokens x 2 processes
-    sg.load(out)
+    sg.load(out, dtype="float32")

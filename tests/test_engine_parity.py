@@ -77,9 +77,9 @@ def test_model_generate_is_unchanged_by_the_engine():
     after = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(before, after)
     with torch.inference_mode():
-        assert torch.equal(model(ids.input_ids).logits, sg.load("tiny-llama")[0](ids.input_ids).logits)
+        assert torch.equal(model(ids.input_ids).logits, sg.load("tiny-llama", dtype="float32")[0](ids.input_ids).logits)
 
 
 def tiny_model_fresh():
     """A tiny model the engine has never touched (the shared fixture may have run already)."""
-    return sg.load("tiny-llama")
+    return sg.load("tiny-llama", dtype="float32")

@@ -34,7 +34,7 @@ def test_dtype_is_applied():
 
 def test_unknown_name_lists_what_is_available():
     with pytest.raises(UnknownModelError) as info:
-        sg.load("no-such-model")
+        sg.load("no-such-model", dtype="float32")
     message = str(info.value)
     assert "no-such-model" in message and "smollm2-135m" in message and "tiny-llama" in message
 
@@ -43,7 +43,7 @@ def test_local_folder_round_trip(tmp_path):
     model, tok = tiny("tiny-qwen2")
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    loaded, _ = sg.load(tmp_path)
+    loaded, _ = sg.load(tmp_path, dtype="float32")
     ids = tok("a short test", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -51,20 +51,20 @@ def test_local_folder_round_trip(tmp_path):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(UnsupportedModelError, match="no config.json"):
-        sg.load(tmp_path)
+        sg.load(tmp_path, dtype="float32")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UnsupportedModelError, match="'gpt2'.*supports llama"):
-        sg.load(tmp_path)
+        sg.load(tmp_path, dtype="float32")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UnsupportedModelError, match="no weights"):
-        sg.load(tmp_path)
+        sg.load(tmp_path, dtype="float32")
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UnsupportedModelError, match="could not load"):
-        sg.load(tmp_path)
+        sg.load(tmp_path, dtype="float32")
     file = tmp_path / "weights.bin"
     file.write_bytes(b"x")
     with pytest.raises(UnsupportedModelError, match="is a file"):
-        sg.load(file)
+        sg.load(file, dtype="float32")
 
 
 def test_missing_package_names_the_install_command():
@@ -155,19 +155,19 @@ def test_load_reports_broken_files_in_one_line(tmp_path):
     data, text = weights.read_bytes(), config.read_text()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(UnsupportedModelError, match="could not load") as info:
-        sg.load(tmp_path)
+        sg.load(tmp_path, dtype="float32")
     assert "\n" not in str(info.value)
     weights.write_bytes(data)
     config.write_text(text[:-5])
     with pytest.raises(UnsupportedModelError, match=r"config\.json is not readable JSON") as info:
-        sg.load(tmp_path)
+        sg.load(tmp_path, dtype="float32")
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", [None, 3, "", b"tiny-llama"])
 def test_load_rejects_what_is_not_a_name_or_path(name):
     with pytest.raises(sg.SqueezegenError, match="model name or a folder path") as info:
-        sg.load(name)
+        sg.load(name, dtype="float32")
     assert "tiny-llama" in str(info.value)
 
 
@@ -177,7 +177,7 @@ def test_gemma_without_its_extra_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "gemma3" in name else real(name, *a))
     with pytest.raises(MissingDependencyError, match=r"squeezegen\[gemma\]"):
-        sg.load("gemma3-270m")
+        sg.load("gemma3-270m", dtype="float32")
 
 
 def test_cache_built_once_when_processes_start_together(tmp_path):
@@ -204,3 +204,38 @@ def test_cache_built_once_when_processes_start_together(tmp_path):
     for t in threads:
         t.join()
     assert len(builds) == 1 and results == ["ok"] * 3
+
+
+def test_dtype_auto_follows_native_bf16(monkeypatch):
+    from squeezegen.runtime import device
+
+    assert sg.load("tiny-llama")[0].dtype == torch.float32  # this test run: no native bf16
+    monkeypatch.setattr(device, "_native_bf16", lambda kind: kind == "cpu")
+    assert device.auto_dtype("cpu") == torch.bfloat16 and device.auto_dtype("cuda") == torch.float32
+    assert sg.load("tiny-llama")[0].dtype == torch.bfloat16
+    assert sg.load("tiny-llama", dtype="float32")[0].dtype == torch.float32  # an explicit dtype wins
+
+
+def test_the_cli_says_and_records_what_auto_chose(capsys, tmp_path):
+    from squeezegen.cli import main
+
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny-llama",
+            "--context",
+            "300",
+            "--methods",
+            "snapkv",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and "dtype auto -> float32 on cpu" in capsys.readouterr().err
+    assert json.loads((out / "bench.json").read_text())["meta"]["dtype"] == "float32"

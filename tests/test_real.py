@@ -70,7 +70,7 @@ def test_cli_capital_of_france(capsys):
 
 
 def test_gemma3_greedy_identical_to_hf_generate():
-    model, tok = sg.load("gemma3-270m")
+    model, tok = sg.load("gemma3-270m", dtype="float32")
     prompt = prose(tok, 700, seed=5) + "\n\nTo summarise the passage above,"  # longer than the 512 sliding window
     ids = tok(prompt, return_tensors="pt")
     ref = model.generate(**ids, max_new_tokens=32, do_sample=False)
@@ -79,7 +79,7 @@ def test_gemma3_greedy_identical_to_hf_generate():
 
 
 def test_gemma3_long_prompt_through_banded_sliding_layers_matches_hf():
-    model, tok = sg.load("gemma3-270m")
+    model, tok = sg.load("gemma3-270m", dtype="float32")
     prompt = prose(tok, 1400, seed=6) + "\n\nTo summarise the passage above,"  # > 2 x the 512 window
     ids = tok(prompt, return_tensors="pt")
     ref = model.generate(**ids, max_new_tokens=16, do_sample=False)
@@ -123,7 +123,7 @@ def test_smollm2_binarymos_packs_to_under_1_25th_and_round_trips(tmp_path):
     assert sg.bits_per_weight(model) <= 32 / 25  # the linear layers: <= 1/25 of their float32 bytes
     sg.pack_(model)
     folder = sg.save(model, tok, tmp_path / "smollm2-binarymos")
-    loaded, _ = sg.load(folder)
+    loaded, _ = sg.load(folder, dtype="float32")
     ids = tok("The interpreter reads each statement and", return_tensors="pt").input_ids
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     linear = sg.stored_bytes(loaded)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -99,15 +100,32 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = None) 
         default=default,
         help="bundled name (see `squeezegen models`), tiny test model, or local HF folder",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 where the hardware has native bf16 (CUDA, AMX / AVX512-BF16 CPUs), else float32",
+    )
     parser.add_argument("--device", default="cpu", type=device_arg, help=DEVICES)
+
+
+def resolve_dtype_arg(args: argparse.Namespace) -> str:
+    """--dtype as the name of the dtype it means on this machine (auto resolved), said on stderr
+    once and kept in `args` (so the command's JSON records what ran)."""
+    from squeezegen.models.loading import resolve_device, resolve_dtype
+
+    chosen = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
+    if args.dtype == "auto":
+        print(f"dtype auto -> {chosen} on {args.device}", file=sys.stderr)
+    args.dtype = chosen
+    return chosen
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """(model, tokenizer) as `add_model_args` chose them."""
     from squeezegen.models.loading import load
 
-    return load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, dtype=resolve_dtype_arg(args), device=args.device)
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -106,13 +106,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """A long-context question answered by the bundled real model under each of `DEMO_METHODS`, with its costs."""
+    import torch
+
     from squeezegen.evals.tasks import make_sample
     from squeezegen.methods import method
-    from squeezegen.models.loading import load
     from squeezegen.runtime.generate import generate
 
     print(f"loading {args.model} ...")
-    model, tok = load(args.model)
+    model, tok = common.load_model(args)
+    print(f"{args.model} in {args.dtype} on {args.device}, {torch.get_num_threads()} threads")
     most = model.config.max_position_embeddings - ANSWER_TOKENS - ROOM
     if args.context > most:
         raise SqueezegenError(f"--context {args.context} is beyond what {args.model} takes: use at most {most}")
@@ -171,7 +173,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")
-    p.add_argument("--model", default="smollm2-135m")
+    common.add_model_args(p, default="smollm2-135m")
     p.add_argument("--context", type=common.positive_int, default=4000, help="context length in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

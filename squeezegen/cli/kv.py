@@ -15,7 +15,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from squeezegen.evals.runner import EvalConfig, EvalFolder, run_eval
 
     config = common.settings_from(EvalConfig, args, methods=common.method_specs(args), chat=not args.no_chat)
-    settings = config.settings(args.model, args.dtype)
+    settings = config.settings(args.model, common.resolve_dtype_arg(args))
     out = Path(args.out)
     outputs = common.Outputs(report_files(out))  # claimed by EvalFolder, which knows --resume
     with EvalFolder(out, settings, resume=args.resume, overwrite=args.overwrite) as folder:  # before any work

@@ -13,6 +13,7 @@ from squeezegen.files import read_json
 from squeezegen.models.bundled import BUNDLED, bundled_tokenizer_folder, dequantized_folder
 from squeezegen.models.tiny import TINY_CONFIGS, tiny_model
 from squeezegen.runtime.decoder import SUPPORTED_MODEL_TYPES
+from squeezegen.runtime.device import auto_dtype
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,11 +29,14 @@ def _available_line() -> str:
     return ", ".join(available_models()) + ", or a local Hugging Face model folder"
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 where `device` runs it natively, float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     if dtype not in _DTYPES:
-        raise SqueezegenError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+        raise SqueezegenError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -60,8 +64,11 @@ def _check_folder(path: Path) -> None:
         raise UnsupportedModelError(f"{path} has a config but no weights (*.safetensors): is the download complete?")
 
 
-def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | None = "cpu"):
+def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str | None = "cpu"):
     """Load a causal LM and its tokenizer: `(model, tokenizer)`, both plain Hugging Face objects.
+
+    `dtype="auto"` is bfloat16 on a GPU or CPU with native bf16 matrix units (AMX, AVX512-BF16),
+    float32 elsewhere (`runtime.device.auto_dtype`); `model.dtype` tells which was chosen.
 
     `name_or_path` is a bundled name (`smollm2-135m`, `gemma3-270m`), a tiny test model
     (`tiny-llama`, ...), a local folder with config.json and safetensors weights, or a folder
@@ -74,8 +81,8 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device:
     if not isinstance(name_or_path, str) or not name_or_path:
         got = "an empty string" if isinstance(name_or_path, str) else f"a {type(name_or_path).__name__}"
         raise SqueezegenError(f"sg.load takes a model name or a folder path, got {got}: use one of {_available_line()}")
-    torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
     name = name_or_path
     if name in TINY_CONFIGS:
         model = tiny_model(name, dtype=torch_dtype)
