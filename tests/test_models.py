@@ -237,5 +237,5 @@ def test_the_cli_says_and_records_what_auto_chose(capsys, tmp_path):
             str(out),
         ]
     )
-    assert code == 0 and "dtype auto -> float32 on cpu" in capsys.readouterr().err
+    assert code == 0 and "tiny-llama in float32 (auto) on cpu" in capsys.readouterr().out
     assert json.loads((out / "bench.json").read_text())["meta"]["dtype"] == "float32"

@@ -28,6 +28,7 @@ class BenchConfig:
     budget: float | int = 0.25  # for every method that takes a budget and was given none
     new_tokens: int = 64
     repeats: int = 3
+    compile: bool | None = None  # the decode step through torch.compile (None: where it pays)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -71,7 +72,8 @@ def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> l
             prompts = [prose(tokenizer, context, seed=row) for row in range(batch)]
             runs: dict[str, list[dict]] = {label: [] for label in methods}
             labels = list(methods)
-            for repeat in range(config.repeats):
+            # a compiled step compiles for each new buffer size: an untimed round first
+            for repeat in range(-1 if config.compile else 0, config.repeats):
                 shift = repeat % len(labels)
                 for label in labels[shift:] + labels[:shift]:  # rotate who goes first
                     _reset_peak_memory(device)
@@ -82,7 +84,10 @@ def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> l
                         method=methods[label],
                         max_new_tokens=config.new_tokens,
                         ignore_eos=True,
+                        compile=config.compile,
                     )
+                    if repeat < 0:
+                        continue
                     t = res.timings
                     runs[label].append(
                         {

@@ -14,7 +14,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from squeezegen.bench.runner import BenchConfig, markdown_table, plot_latency, run_bench
 
     specs = common.method_specs(args)
-    config = common.settings_from(BenchConfig, args, contexts=args.context, batch_sizes=args.batch, methods=specs)
+    config = common.settings_from(
+        BenchConfig,
+        args,
+        contexts=args.context,
+        batch_sizes=args.batch,
+        methods=specs,
+        compile=common.compile_flag(args),
+    )
     outputs = common.Outputs.under(args, table="bench.md", json="bench.json", plot="latency_vs_context.png")
     model, tok = common.load_model(args)
     rows = run_bench(model, tok, config)
@@ -83,6 +90,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--new-tokens", type=common.positive_int, default=64)
     p.add_argument("--repeats", type=common.positive_int, default=3)
+    common.add_compile_arg(p)
     common.add_output_args(p, "results/bench")
     p.set_defaults(func=cmd_bench)
 

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -109,23 +108,48 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = None) 
     parser.add_argument("--device", default="cpu", type=device_arg, help=DEVICES)
 
 
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode steps through torch.compile (auto: off on the CPU, where compiling costs more than a "
+        "short generation saves; on a GPU too until measured there)",
+    )
+
+
+def compile_flag(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.compile]
+
+
 def resolve_dtype_arg(args: argparse.Namespace) -> str:
-    """--dtype as the name of the dtype it means on this machine (auto resolved), said on stderr
-    once and kept in `args` (so the command's JSON records what ran)."""
+    """--dtype as the name of the dtype it means on this machine (auto resolved), kept in `args`
+    (so the command's JSON records what ran)."""
     from squeezegen.models.loading import resolve_device, resolve_dtype
 
-    chosen = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
     if args.dtype == "auto":
-        print(f"dtype auto -> {chosen} on {args.device}", file=sys.stderr)
-    args.dtype = chosen
-    return chosen
+        args.dtype_auto = True
+        args.dtype = str(resolve_dtype("auto", resolve_device(args.device))).removeprefix("torch.")
+    return args.dtype
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model, tokenizer) as `add_model_args` chose them."""
+    """(model, tokenizer) as `add_model_args` chose them (--dtype auto resolved in `args`)."""
     from squeezegen.models.loading import load
 
     return load(args.model, dtype=resolve_dtype_arg(args), device=args.device)
+
+
+def dtype_line(args: argparse.Namespace) -> str:
+    """What ran, for the reports: the dtype (and whether auto chose it) and the device."""
+    chosen = " (auto)" if getattr(args, "dtype_auto", False) else ""
+    return f"{args.model} in {args.dtype}{chosen} on {args.device}, {torch_threads()} threads"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -214,10 +238,12 @@ class Outputs:
             self.paths["json"].write_text(json.dumps(record, indent=1))
         if "plot" in self.paths:
             plot(self.paths["plot"])
-        self.show(table)
+        self.show(table, args)
 
-    def show(self, table: str) -> None:
-        """The table on stdout, then where the files are."""
+    def show(self, table: str, args: argparse.Namespace | None = None) -> None:
+        """The table on stdout (after what ran, for commands that load a model), then where the files are."""
+        if args is not None and hasattr(args, "dtype") and hasattr(args, "model"):
+            print(dtype_line(args))
         print(table)
         if self.paths:
             print(f"wrote {', '.join(str(p) for p in self.paths.values())}")

@@ -68,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        compile=common.compile_flag(args),
         stop=args.stop or None,
         ignore_eos=args.ignore_eos,
         chat=args.chat,
@@ -90,6 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     "decode_s": t.decode_s,
                     "decode_tokens_per_s": t.decode_tokens_per_s,
                     "kv_bytes": res.kv_bytes,
+                    "dtype": args.dtype,
                 },
                 indent=2,
             )
@@ -106,7 +108,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """A long-context question answered by the bundled real model under each of `DEMO_METHODS`, with its costs."""
-    import torch
 
     from squeezegen.evals.tasks import make_sample
     from squeezegen.methods import method
@@ -114,11 +115,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     print(f"loading {args.model} ...")
     model, tok = common.load_model(args)
-    print(f"{args.model} in {args.dtype} on {args.device}, {torch.get_num_threads()} threads")
     most = model.config.max_position_embeddings - ANSWER_TOKENS - ROOM
     if args.context > most:
         raise SqueezegenError(f"--context {args.context} is beyond what {args.model} takes: use at most {most}")
     sample = make_sample("niah_number", tok, args.context, args.seed)
+    print(common.dtype_line(args))
     print(f"question after ~{args.context} tokens of Python documentation prose: {sample.question}")
     print(f"expected answer: {sample.answers[0]}\n")
     rows = []
@@ -170,6 +171,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", nargs="*", default=[], help="stop strings")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    common.add_compile_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="answer a long-context question with the bundled real model")

@@ -34,7 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise
         meta = {"settings": settings, "command": " ".join(sys.argv), **common.command_meta(args)}
         write_report(records, outputs.paths, meta)
-    outputs.show(markdown_tables(summarize(records)))
+    outputs.show(markdown_tables(summarize(records)), args)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
