@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from squeezegen.cli import bench, generate, kv, mobile, quant
+from squeezegen.cli import bench, generate, kv, mobile, quant, serve
 from squeezegen.cli.common import Parser
 from squeezegen.errors import SqueezegenError
 from squeezegen.version import __version__
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="squeezegen", description="Make large generative models cheap to run.")
     parser.add_argument("--version", action="version", version=f"squeezegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (generate, kv, bench, quant, mobile):
+    for family in (generate, kv, bench, quant, serve, mobile):
         family.add_parsers(sub)
     return parser
 

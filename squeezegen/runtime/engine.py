@@ -222,7 +222,7 @@ class Engine:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run one new token per row (B,); returns the logits (B, V) for the token after it."""
         if not self._horizon:
-            self._start_decoding()
+            self.start_decoding()
         elif self.decode_steps >= self._horizon:
             self._grow()
         step = compiled_step if self.compile else decode_step
@@ -234,7 +234,7 @@ class Engine:
         self.decode_steps += 1
         return logits
 
-    def _start_decoding(self) -> None:
+    def start_decoding(self) -> None:
         """Move every layer into its decode buffer, sized for `reserve` steps (at least one)."""
         self._horizon = max(1, self.reserve)
         self._start_live = [int(c.live().max()) if c.keys is not None else 0 for c in self.cache.layers]

@@ -13,6 +13,7 @@ from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.hooks import Method
 from squeezegen.runtime.sampling import Sampler
+from squeezegen.runtime.text import RowText
 from squeezegen.runtime.timing import synchronize
 
 # Prompts at least this long show a per-layer prefill progress bar when progress is on.
@@ -43,29 +44,6 @@ class GenerationResult:
     kv_bytes_decode: int  # bytes the decode buffers held once the prompt was compressed
     cache_lengths: list[int]  # entries per layer at the end
     logits: list[torch.Tensor] | None = field(default=None, repr=False)  # per step (B, V) if asked
-
-
-class _Detokenizer:
-    """Turns one row's growing token list into text pieces without re-decoding everything."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-        self._prefix = 0  # tokens before this are settled text
-        self._read = 0
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix :], skip_special_tokens=True)
-        if after.endswith("\ufffd") or len(after) <= len(before):  # mid-character, or nothing visible
-            return ""
-        piece = after[len(before) :]
-        self._prefix, self._read = self._read, len(self.ids)
-        self.text += piece
-        return piece
 
 
 def _check_text(text: object, what: str) -> str:
@@ -175,35 +153,6 @@ def prefill_rows(engine: Engine, rows: list[list[list[int]]], pad_id: int, progr
     return logits
 
 
-class _Rows:
-    """The host's side of decoding: each row's text, finish reason, stop strings and stream."""
-
-    def __init__(self, tokenizer, batch: int, eos: set[int], stops: list[str], stream) -> None:
-        self.detok = [_Detokenizer(tokenizer) for _ in range(batch)]
-        self.finish: list[str | None] = [None] * batch
-        self.eos, self.stops, self.stream = eos, stops, stream
-        self.longest_stop = max((len(s) for s in stops), default=0)
-
-    def read(self, tokens: list[list[int]]) -> list[int]:
-        """Take each row's newly sampled tokens (in order); returns the rows that a stop string
-        ended (the device marks EOS itself)."""
-        stopped = []
-        for row, new in enumerate(tokens):
-            detok = self.detok[row]
-            for token in new:
-                if self.finish[row]:
-                    break
-                piece = detok.add(token)
-                if token in self.eos:
-                    self.finish[row] = "eos"
-                elif self.stops and any(s in detok.text[-(len(piece) + self.longest_stop) :] for s in self.stops):
-                    self.finish[row] = "stop"
-                    stopped.append(row)
-                elif self.stream and piece:
-                    self.stream(row, piece)
-        return stopped
-
-
 def decode_loop(
     engine: Engine,
     tokenizer,
@@ -226,7 +175,7 @@ def decode_loop(
     eos = set() if decoding.ignore_eos else _eos_ids(engine.model, tokenizer)
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     batch = logits.shape[0]
-    rows = _Rows(tokenizer, batch, eos, list(decoding.stop), stream)
+    rows = [RowText(tokenizer, eos, list(decoding.stop)) for _ in range(batch)]
     every = decoding.look_every or (8 if device.type == "cuda" else 1)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pending: list[torch.Tensor] = []
@@ -244,11 +193,20 @@ def decode_loop(
     def look() -> bool:
         """Read the pending tokens; True once every row has finished."""
         nonlocal done
-        stopped = rows.read(torch.stack(pending, dim=1).tolist())
+        stopped = []
+        for row, (text, new) in enumerate(zip(rows, torch.stack(pending, dim=1).tolist(), strict=True)):
+            for token in new:
+                if text.finish:
+                    break
+                piece = text.add(token)
+                if text.finish == "stop":
+                    stopped.append(row)
+                elif piece and stream:
+                    stream(row, piece)
         pending.clear()
         if stopped:
             done = done.index_fill(0, torch.tensor(stopped, device=device), True)
-        return all(rows.finish)
+        return all(text.finish for text in rows)
 
     start = time.perf_counter()
     token = choose(logits)
@@ -269,20 +227,14 @@ def decode_loop(
     synchronize(device)
     decode_s = time.perf_counter() - start
 
-    texts = []
-    for row, d in enumerate(rows.detok):
-        if rows.finish[row] is None:
-            rows.finish[row] = "length"
-        text = d.text
-        if rows.finish[row] == "stop":
-            text = text[: min(text.find(s) for s in rows.stops if s in text)]
-        texts.append(text)
-    generated = sum(len(d.ids) for d in rows.detok)
+    for text in rows:
+        text.finish = text.finish or "length"
+    generated = sum(len(text.ids) for text in rows)
     return GenerationResult(
-        texts=texts,
-        token_ids=[d.ids for d in rows.detok],
+        texts=[text.final() for text in rows],
+        token_ids=[text.ids for text in rows],
         prompt_lengths=engine.prompt_lengths.tolist(),
-        finish_reasons=rows.finish,
+        finish_reasons=[text.finish for text in rows],
         timings=Timings(prefill_s, decode_s, generated - batch, prefill_s + decode_s, first_token_s),
         kv_bytes=engine.cache.peak_bytes,
         kv_bytes_decode=engine.cache.decode_bytes or engine.cache.nbytes(),

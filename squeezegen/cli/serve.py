@@ -1,0 +1,46 @@
+"""`squeezegen serve`: the model behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+
+from squeezegen.cli import common
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from squeezegen.methods.registry import method
+    from squeezegen.methods.spec import parse_params
+    from squeezegen.serve.app import Server, ServerConfig, run
+
+    default = method(args.method, **parse_params(args.method_arg))
+    document = method(args.document_method, **parse_params(args.document_arg))
+    model, tok = common.load_model(args)
+    config = ServerConfig(
+        model_name=args.model,
+        method=default,
+        method_label=args.method,
+        document_method=document,
+        document_label=args.document_method,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        cache_bytes=args.cache_bytes,
+        max_tokens=args.max_tokens,
+    )
+    print(f"{common.dtype_line(args)}; serving on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)")
+    run(Server(model, tok, config), args.host, args.port, args.grace)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: continuous batching, per-request methods, documents")
+    common.add_model_args(p, default="smollm2-135m")
+    common.add_method_args(p)
+    p.add_argument("--document-method", default="kvzip", help="how POST /v1/documents compresses (query-agnostic)")
+    p.add_argument("--document-arg", nargs="*", default=["budget=0.25"], metavar="KEY=VALUE")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=common.positive_int, default=16, help="requests decoding at once")
+    p.add_argument("--max-queue", type=common.positive_int, default=64, help="requests waiting; more get 429")
+    p.add_argument("--cache-bytes", type=common.positive_int, default=2**30, help="bytes of stored documents (LRU)")
+    p.add_argument("--max-tokens", type=common.positive_int, default=256, help="for requests that give none")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    p.set_defaults(func=cmd_serve)

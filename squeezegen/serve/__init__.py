@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol, scheduler (continuous batching), document cache, app."""

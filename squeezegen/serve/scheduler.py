@@ -1,0 +1,276 @@
+"""The server's one owner of the model: a thread that admits requests, prefills them one by one,
+and decodes every running request a step at a time, in one shared batch where the engine allows.
+
+Requests whose method only shapes the prompt's cache (full, SnapKV, PyramidKV, FastKV, GemFilter,
+TSA, KVzip, and questions on stored documents) decode together: rows of a batch are independent,
+so a row joins at a step boundary and leaves as soon as it is done. Methods that rewrite the cache
+while decoding (H2O, TOVA, StreamingLLM, RPC) keep state per engine: each such request decodes on
+its own, stepped in the same loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.runtime.batching import batchable, stack, take
+from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.generate import prefill_rows
+from squeezegen.runtime.hooks import Method
+from squeezegen.runtime.sampling import Sampler
+from squeezegen.runtime.text import RowText
+
+Emit = Callable[[str, object], None]  # ("token", piece) | ("done", Summary | Document) | ("error", (status, text))
+
+
+class QueueFull(SqueezegenError):
+    """More requests are waiting than the server takes (answered 429)."""
+
+
+@dataclass
+class Document:
+    """A prefilled, compressed context that answers many questions."""
+
+    id: str
+    engine: Engine  # after the document's prefill (its compression done), before any question
+    tokens: int
+    method: str
+    nbytes: int
+    format: str  # "chat": questions come as chat messages; "plain": as completion prompts
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Summary:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length" (OpenAI's words: EOS and stop strings are both "stop")
+    kv_bytes: int
+    first_token_s: float
+
+
+@dataclass
+class Job:
+    """One request: what to prefill, how to decode it, where its events go."""
+
+    chunks: list[list[int]]  # [prompt] or [context, question]; the first chunk is compressed
+    method: Method
+    max_tokens: int
+    sampler: Sampler
+    stops: list[str]
+    eos: set[int]
+    emit: Emit
+    document: Document | None = None  # a question on a stored document (chunks = [question])
+    store: str | None = None  # the format of a document to store rather than answer
+    cancelled: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    text: RowText | None = None
+    token: int = 0
+    prompt_tokens: int = 0
+    kv_bytes: int = 0
+    first_token_s: float = 0.0
+
+
+class DocumentStore:
+    """Compressed documents in least-recently-used order under a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.items: collections.OrderedDict[str, Document] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def add(self, doc: Document) -> None:
+        if doc.nbytes > self.budget:
+            raise SqueezegenError(
+                f"the document's compressed cache holds {doc.nbytes} bytes, more than --cache-bytes {self.budget}: "
+                "compress it harder (a smaller budget) or start the server with a larger --cache-bytes"
+            )
+        with self.lock:
+            self.items[doc.id] = doc
+            while sum(d.nbytes for d in self.items.values()) > self.budget:
+                self.items.popitem(last=False)
+
+    def get(self, doc_id: str) -> Document | None:
+        with self.lock:
+            doc = self.items.get(doc_id)
+            if doc is not None:
+                self.items.move_to_end(doc_id)
+            return doc
+
+    def delete(self, doc_id: str) -> bool:
+        with self.lock:
+            return self.items.pop(doc_id, None) is not None
+
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(d.nbytes for d in self.items.values())
+
+
+class Scheduler(threading.Thread):
+    """Admits, prefills and steps requests until stopped; `submit` is safe from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, documents: DocumentStore) -> None:
+        super().__init__(name="squeezegen-scheduler", daemon=True)
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.documents = documents
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.batch: Engine | None = None  # the shared decode batch
+        self.batch_jobs: list[Job] = []
+        self.apart: list[tuple[Engine, Job]] = []  # decode-time methods, one engine each
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.steps = 0
+
+    # --- called from the web side -----------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-queue): retry later")
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def stop(self) -> None:
+        """Finish nothing more: running requests end with an error event, the thread exits."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+
+    def running(self) -> int:
+        return len(self.batch_jobs) + len(self.apart)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self.stopping and not self.waiting and not self.running():
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                    job = self.waiting.popleft() if self.waiting and self.running() < self.max_batch else None
+                if job is not None:
+                    self._admit(job)
+                self._step()
+        for job in [*self.waiting, *self.batch_jobs, *(j for _, j in self.apart)]:
+            job.emit("error", (503, "the server is shutting down: retry on another server"))
+
+    def _admit(self, job: Job) -> None:
+        """Prefill a new request and choose its first token; one failing request fails alone."""
+        if job.cancelled:
+            return
+        try:
+            if job.store is not None:
+                self._store(job)
+                return
+            engine = self._prefill(job)
+        except SqueezegenError as exc:
+            job.emit("error", (400, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug in one request must not stop the server
+            job.emit("error", (500, f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        if job.text.finish:
+            job.kv_bytes = engine.cache.peak_bytes
+            self._finish(job)
+            return
+        engine.start_decoding()
+        job.kv_bytes = engine.cache.peak_bytes  # what the request holds alone (prefill, then its buffers)
+        if batchable(engine):
+            self.batch = engine if self.batch is None else stack([self.batch, engine])
+            self.batch_jobs.append(job)
+        else:
+            self.apart.append((engine, job))
+
+    def _prefill(self, job: Job) -> Engine:
+        reserve = job.max_tokens - 1
+        if job.document is not None:
+            engine = job.document.engine.fork(Method(), {})
+            engine.reserve = reserve
+            logits = engine.prefill(torch.tensor([job.chunks[0]]), compress=False)
+        else:
+            engine = Engine(self.model, job.method, reserve=reserve, tokenizer=self.tokenizer)
+            logits = prefill_rows(engine, [job.chunks], self.pad_id)
+        job.prompt_tokens = int(engine.prompt_lengths[0])
+        job.text = RowText(self.tokenizer, job.eos, job.stops)
+        self._take(job, logits)
+        job.first_token_s = time.perf_counter() - job.started
+        return engine
+
+    def _store(self, job: Job) -> None:
+        engine = Engine(self.model, job.method, tokenizer=self.tokenizer)
+        engine.prefill(torch.tensor([job.chunks[0]]))
+        doc = Document(
+            id=f"doc-{uuid.uuid4().hex[:24]}",
+            engine=engine,
+            tokens=len(job.chunks[0]),
+            method=type(job.method).__name__,
+            nbytes=engine.cache.nbytes(),
+            format=job.store,
+        )
+        self.documents.add(doc)
+        job.emit("done", doc)
+
+    def _take(self, job: Job, logits: torch.Tensor) -> None:
+        """Sample the job's next token from its logits (1, V) and stream it."""
+        job.token = int(job.sampler(logits)[0])
+        piece = job.text.add(job.token)
+        if piece:
+            job.emit("token", piece)
+        if not job.text.finish and len(job.text.ids) >= job.max_tokens:
+            job.text.finish = "length"
+
+    def _finish(self, job: Job) -> None:
+        reason = "length" if job.text.finish == "length" else "stop"
+        job.emit("done", Summary(job.prompt_tokens, len(job.text.ids), reason, job.kv_bytes, job.first_token_s))
+
+    def _step(self) -> None:
+        """One decode step of the shared batch and of every request decoding apart; a step that
+        fails ends the requests it was running (with an error) and the server goes on."""
+        self.steps += 1
+        try:
+            self._step_batch()
+        except Exception as exc:  # noqa: BLE001
+            for job in self.batch_jobs:
+                job.emit("error", (500, f"internal error while decoding: {type(exc).__name__}: {exc}"))
+            self.batch, self.batch_jobs = None, []
+        still = []
+        for engine, job in self.apart:
+            if job.cancelled:
+                continue
+            try:
+                self._take(job, engine.decode(torch.tensor([job.token])))
+            except Exception as exc:  # noqa: BLE001
+                job.emit("error", (500, f"internal error while decoding: {type(exc).__name__}: {exc}"))
+                continue
+            if job.text.finish:
+                job.kv_bytes = max(job.kv_bytes, engine.cache.peak_bytes)
+                self._finish(job)
+            else:
+                still.append((engine, job))
+        self.apart = still
+
+    def _step_batch(self) -> None:
+        if self.batch is None:
+            return
+        logits = self.batch.decode(torch.tensor([j.token for j in self.batch_jobs]))
+        keep = []
+        for row, job in enumerate(self.batch_jobs):
+            if job.cancelled:  # the client went away: its slot frees now
+                continue
+            self._take(job, logits[row : row + 1])
+            if job.text.finish:
+                self._finish(job)
+            else:
+                keep.append(row)
+        if len(keep) < len(self.batch_jobs):
+            self.batch_jobs = [self.batch_jobs[r] for r in keep]
+            self.batch = take(self.batch, keep)

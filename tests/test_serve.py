@@ -1,0 +1,338 @@
+"""`squeezegen serve` on loopback, driven by the real `openai` client and plain HTTP: answers equal to
+`sg.generate`, per-request methods, stored documents, continuous batching, and bad input / faults."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+
+import squeezegen as sg
+from squeezegen.serve.app import Server, ServerConfig, create_app
+
+from .conftest import tiny
+from .test_fastkv import token_ids
+
+MODEL = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server in this process, on a free loopback port."""
+
+    def __init__(self, **config) -> None:
+        self.model, self.tok = tiny(MODEL)
+        settings = dict(
+            model_name=MODEL,
+            method=sg.method("full"),
+            method_label="full",
+            document_method=sg.method("kvzip", budget=0.3, chunk_size=64),
+            document_label="kvzip",
+        )
+        self.server = Server(self.model, self.tok, ServerConfig(**{**settings, **config}))
+        self.port = free_port()
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(create_app(self.server), host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        while not self.uvicorn.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def close(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def running():
+    server = Running()
+    yield server
+    server.close()
+
+
+def prompt(tok, n=60, seed=51) -> str:
+    return tok.decode(token_ids(tok, n, seed=seed)[0])
+
+
+def test_models_lists_the_served_model(running):
+    assert [m.id for m in running.client.models.list()] == [MODEL]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_generate(running, stream):
+    text = prompt(running.tok)
+    ref = sg.generate(running.model, running.tok, text, max_new_tokens=12, chat=True)
+    messages = [{"role": "user", "content": text}]
+    if stream:
+        chunks = running.client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts, usage = [], None
+        for chunk in chunks:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+            if chunk.usage:
+                usage = chunk.usage
+        answer = "".join(parts)
+    else:
+        reply = running.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        answer, usage = reply.choices[0].message.content, reply.usage
+    assert answer == ref.texts[0]
+    assert usage.prompt_tokens == ref.prompt_lengths[0] and usage.completion_tokens == len(ref.token_ids[0])
+    assert usage.model_extra["kv_bytes"] == ref.kv_bytes
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_equal_generate(running, stream):
+    text = prompt(running.tok, seed=52)
+    ref = sg.generate(running.model, running.tok, text, max_new_tokens=10)
+    if stream:
+        chunks = running.client.completions.create(model=MODEL, prompt=text, max_tokens=10, temperature=0, stream=True)
+        answer = "".join(c.choices[0].text for c in chunks if c.choices)
+    else:
+        answer = (
+            running.client.completions.create(model=MODEL, prompt=text, max_tokens=10, temperature=0).choices[0].text
+        )
+    assert answer == ref.texts[0]
+
+
+@pytest.mark.parametrize(
+    "name, args", [("snapkv", {"budget": 8, "window": 4}), ("h2o", {"budget": 16}), ("fastkv", {"tsp_rate": 0.5})]
+)
+def test_each_request_picks_its_method(running, name, args):
+    text = prompt(running.tok, 80, seed=53)
+    ref = sg.generate(running.model, running.tok, text, method=sg.method(name, **args), max_new_tokens=10, chat=True)
+    reply = running.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=10,
+        temperature=0,
+        extra_body={"squeezegen": {"method": name, "args": args}},
+    )
+    assert reply.choices[0].message.content == ref.texts[0]
+    assert reply.model_extra["squeezegen"]["method"] == name
+
+
+def test_a_stored_document_answers_as_generate_with_context(running):
+    doc = prompt(running.tok, 150, seed=54)
+    stored = httpx.post(running.url + "/v1/documents", json={"model": MODEL, "text": doc}, timeout=60).json()
+    assert stored["object"] == "document" and stored["kv_bytes"] > 0
+    method = sg.method("kvzip", budget=0.3, chunk_size=64)
+    for question in ("What is the text about?", "Name one thing it mentions."):
+        ref = sg.generate(
+            running.model, running.tok, question, context=doc, method=method, max_new_tokens=10, chat=True
+        )
+        reply = running.client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"squeezegen": {"document": stored["id"]}},
+        )
+        assert reply.choices[0].message.content == ref.texts[0]
+    gone = httpx.delete(f"{running.url}/v1/documents/{stored['id']}")
+    assert gone.json()["deleted"] is True
+    missing = httpx.post(
+        running.url + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "squeezegen": {"document": stored["id"]},
+        },
+    )
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "document_not_found"
+
+
+def test_documents_beyond_the_cache_budget_are_evicted_oldest_first(running):
+    one = httpx.post(running.url + "/v1/documents", json={"model": MODEL, "text": prompt(running.tok, 150)}, timeout=60)
+    budget = int(2.5 * one.json()["kv_bytes"])  # room for two documents of this length
+    server = Running(cache_bytes=budget)
+    try:
+        ids = []
+        for seed in range(3):
+            text = prompt(server.tok, 150, seed=60 + seed)
+            reply = httpx.post(server.url + "/v1/documents", json={"model": MODEL, "text": text}, timeout=60).json()
+            ids.append(reply["id"])
+        alive = [httpx.get(f"{server.url}/v1/documents/{i}").status_code for i in ids]
+        assert alive == [404, 200, 200] and server.server.documents.nbytes() <= budget
+    finally:
+        server.close()
+
+
+def test_concurrent_requests_batch_and_each_equals_generate(running):
+    texts = [prompt(running.tok, n, seed=70 + n) for n in (20, 45, 70, 95, 120, 33)]
+    refs = [sg.generate(running.model, running.tok, t, max_new_tokens=16, chat=True).texts[0] for t in texts]
+    answers = [None] * len(texts)
+
+    def ask(i: int) -> None:
+        reply = running.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": texts[i]}], max_tokens=16, temperature=0
+        )
+        answers[i] = reply.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == refs
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "squeezegen": {"method": "snapkv", "args": {"budget": 2.5}},
+            },
+            422,
+            "squeezegen",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "squeezegen": {"method": "nope"}},
+            422,
+            "squeezegen",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(running, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    reply = httpx.post(running.url + "/v1/chat/completions", content=content, timeout=60)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    ok = running.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "still there?"}], max_tokens=2, temperature=0
+    )
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_client_that_disconnects_frees_its_slot(running):
+    with httpx.stream(
+        "POST",
+        running.url + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell a long story"}],
+            "max_tokens": 3000,
+            "stream": True,
+            "temperature": 0,
+        },
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        next(lines)
+    deadline = time.time() + 20
+    while running.server.scheduler.running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert running.server.scheduler.running() == 0
+
+
+def test_a_full_queue_answers_429(monkeypatch):
+    server = Running(max_batch=1, max_queue=1)
+    admitted, release = threading.Event(), threading.Event()
+    admit = server.server.scheduler._admit
+
+    def slow_admit(job):  # the first request's prefill takes as long as the test needs
+        admitted.set()
+        release.wait(30)
+        admit(job)
+
+    monkeypatch.setattr(server.server.scheduler, "_admit", slow_admit)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "A story"}], "max_tokens": 4, "temperature": 0}
+    replies = []
+    try:
+        first = threading.Thread(
+            target=lambda: replies.append(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60))
+        )
+        first.start()
+        assert admitted.wait(10)
+        second = threading.Thread(
+            target=lambda: replies.append(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60))
+        )
+        second.start()
+        deadline = time.time() + 10
+        while not server.server.scheduler.waiting and time.time() < deadline:
+            time.sleep(0.02)
+        third = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
+        release.set()
+        first.join(30)
+        second.join(30)
+        assert [r.status_code for r in replies] == [200, 200]  # the queued one was served after all
+    finally:
+        release.set()
+        server.close()
+
+
+def test_sigterm_during_generation_exits_cleanly(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "squeezegen.cli", "serve", "--model", MODEL, "--port", str(port), "--grace", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "A long story"}],
+            "max_tokens": 100000 // 20,
+            "stream": True,
+            "temperature": 0,
+        }
+        seen = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            seen.append(next(lines))
+            proc.send_signal(signal.SIGTERM)
+            try:
+                seen.extend(lines)
+            except httpx.HTTPError:
+                pass  # cut after the grace period: a clean abort
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert seen[0].startswith("data: ")
