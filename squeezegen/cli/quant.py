@@ -82,11 +82,10 @@ def binarize_model(
     and return the report (None on ranks other than 0 under torchrun)."""
     from squeezegen.bench.binary_decode import compare_decode
     from squeezegen.evals.corpus import split_text, token_blocks
-    from squeezegen.evals.perplexity import block_perplexity
     from squeezegen.models.loading import load
     from squeezegen.quant.api import binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
     from squeezegen.quant.checkpoint import save
-    from squeezegen.quant.distill import distill
+    from squeezegen.quant.distill import block_perplexity, distill
 
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -50,19 +50,6 @@ def continuation_nll(model, ids: list[int], context: int, method: Method | None 
     return F.cross_entropy(logits, tokens[0, context:], reduction="none").tolist()
 
 
-@torch.inference_mode()
-def block_perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
-    """Perplexity of a model on (N, block) token blocks, each scored on its own (no carried context)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in tqdm(range(0, len(blocks), batch), desc="perplexity", unit="batch", leave=False):
-        ids = blocks[start : start + batch].to(device)
-        logits = model(ids).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
-
-
 def perplexity(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll))
 

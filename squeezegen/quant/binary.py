@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeezegen.quant.kernels import binary_linear
 from squeezegen.quant.packing import pack_signs, unpack_signs
 
 STORED_DTYPE = torch.float16  # scales, router and bias in the deployed format
@@ -75,8 +76,24 @@ class BinaryLinear(nn.Module):
         return SignSTE.apply(self.weight).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_packed and not torch.is_grad_enabled():
+            y = binary_linear(x, self.packed, self.out_features, *self.kernel_args())
+            if y is not None:
+                return y
         y = self.scaled(x, self.signs(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def kernel_args(self) -> tuple:
+        """(in_scales (E, in) | None, out_scales (E, out), router (E, in) | None, bias | None,
+        layernorm) in float32 for the packed kernel, made once per set of parameters."""
+        params = [getattr(self, n) for n in self.scale_names] + [self.bias]
+        key = tuple((t.weight if isinstance(t, nn.Linear) else t).data_ptr() if t is not None else 0 for t in params)
+        if getattr(self, "_kernel_key", None) != key:
+            self._kernel_key, self._kernel_args = key, self._kernel_tensors()
+        return self._kernel_args
+
+    def _kernel_tensors(self) -> tuple:
+        raise NotImplementedError
 
     def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -105,6 +122,10 @@ class BinaryLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.is_packed}"
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
 def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
@@ -118,6 +139,9 @@ class SignLinear(BinaryLinear):
 
     def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         return (x @ signs.T) * _cast(self.out_scale, x)
+
+    def _kernel_tensors(self) -> tuple:
+        return None, _f32(self.out_scale)[None], None, _f32(self.bias), False
 
 
 class OneBitLinear(BinaryLinear):
@@ -133,6 +157,9 @@ class OneBitLinear(BinaryLinear):
     def scaled(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         y = ((x * _cast(self.in_scale, x)) @ signs.T) * _cast(self.out_scale, x)
         return F.layer_norm(y, (self.out_features,)) if self.layernorm else y
+
+    def _kernel_tensors(self) -> tuple:
+        return _f32(self.in_scale)[None], _f32(self.out_scale)[None], None, _f32(self.bias), self.layernorm
 
 
 class BinaryMoSLinear(BinaryLinear):
@@ -154,6 +181,9 @@ class BinaryMoSLinear(BinaryLinear):
         g = self.gates(x)
         s_in, s_out = g @ _cast(self.in_scales, x), g @ _cast(self.out_scales, x)
         return ((x * s_in) @ signs.T) * s_out
+
+    def _kernel_tensors(self) -> tuple:
+        return _f32(self.in_scales), _f32(self.out_scales), _f32(self.router.weight), _f32(self.bias), False
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.experts}"

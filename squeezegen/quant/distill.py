@@ -1,10 +1,18 @@
 """Knowledge distillation of a binarized student from its frozen float teacher.
 
-Loss: KL(teacher || student) over the vocabulary (batchmean over tokens) + `hidden_weight` x the
-sum over decoder layers of MSE(student hidden, teacher hidden); no ground-truth term. AdamW with
-linear warm-up then cosine decay, gradient checkpointing, bf16 autocast where the hardware has it,
-a resumable checkpoint every `save_every` steps. Under `torchrun` each process takes its own
-blocks and DistributedDataParallel averages the gradients (gloo on CPU, NCCL on GPU).
+Losses (`loss`), all without a ground-truth term:
+- "reference" (BinaryMoS's): KL(teacher || student) summed over the tokens and divided by the
+  batch size (`batchmean` over (B, T, V)) + `hidden_weight` x the sum over decoder layers of the
+  hidden-state MSE;
+- "normalized": the same, each layer's MSE divided by the teacher's mean squared hidden state, so
+  that a residual stream with a few huge activations does not drown the KL;
+- "kl": the KL alone;
+- "token-mean": the KL averaged per token + the raw MSE (what squeezegen did before).
+AdamW (lr 2e-5 as the reference), linear warm-up then cosine decay, gradients clipped at norm 1.0
+(HF Trainer's default), gradient checkpointing, bf16 autocast where the hardware has it, held-out
+perplexity every `eval_every` steps, a resumable checkpoint every `save_every` steps. Under
+`torchrun` each process takes its own blocks; DistributedDataParallel averages the gradients, or
+FSDP2 (`fully_shard`) shards the student and the teacher layer by layer (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
@@ -26,19 +34,35 @@ from squeezegen.runtime.device import native_bf16
 CHECKPOINT = "checkpoint.pt"
 
 
+LOSSES = ("reference", "normalized", "kl", "token-mean")
+# settings a resumed run may change: how often it saves and measures, and how far it goes
+RESUMABLE = ("save_every", "eval_every", "steps", "stop_after")
+
+
 @dataclass
 class DistillConfig:
-    steps: int = 200
+    steps: int = 200  # the length of the schedule (warm-up, cosine)
     batch: int = 4  # blocks per step and process
     block: int = 256  # tokens per block
-    lr: float = 2e-4
+    lr: float = 2e-5
     warmup: float = 0.03  # share of the steps
     weight_decay: float = 0.0
     hidden_weight: float = 10.0
+    loss: str = "reference"
+    max_grad_norm: float = 1.0  # 0: no clipping
     checkpointing: bool = True
     bf16: str = "auto"  # auto | on | off
     save_every: int = 50
+    eval_every: int = 0  # held-out perplexity every n steps (0: never)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp
+    stop_after: int | None = None  # stop (with a checkpoint) after this step: a long run in sessions
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise SqueezegenError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise SqueezegenError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
 
 def use_bf16(mode: str, device: torch.device) -> bool:
@@ -49,15 +73,33 @@ def use_bf16(mode: str, device: torch.device) -> bool:
     return native_bf16(device)
 
 
-def distill_loss(student_out, teacher_out, hidden_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, kl, hidden mse) for two forward passes run with output_hidden_states=True."""
-    vocab = teacher_out.logits.shape[-1]
+def distill_loss(student_out, teacher_out, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, KL per token, hidden term) for two forward passes with output_hidden_states=True."""
+    batch, tokens, vocab = teacher_out.logits.shape
     log_s = F.log_softmax(student_out.logits.float().view(-1, vocab), dim=-1)
     log_t = F.log_softmax(teacher_out.logits.float().view(-1, vocab), dim=-1)
-    kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+    kl_sum = F.kl_div(log_s, log_t, log_target=True, reduction="sum")
+    kl = kl_sum / (batch * tokens) if config.loss == "token-mean" else kl_sum / batch
     pairs = zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:], strict=True)
-    mse = sum(F.mse_loss(s.float(), t.float()) for s, t in pairs)
-    return kl + hidden_weight * mse, kl, mse
+    if config.loss == "normalized":
+        hidden = sum(F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean() for s, t in pairs)
+    else:
+        hidden = sum(F.mse_loss(s.float(), t.float()) for s, t in pairs)
+    loss = kl if config.loss == "kl" else kl + config.hidden_weight * hidden
+    return loss, kl_sum / (batch * tokens), hidden
+
+
+@torch.no_grad()
+def block_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 4) -> float:
+    """Perplexity of a model on (N, block) token blocks, each scored on its own (no carried context)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch):
+        ids = blocks[start : start + batch].to(device)
+        logits = model(ids).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
 
 
 def schedule(step: int, total: int, warmup_steps: int) -> float:
@@ -93,6 +135,30 @@ def _save_atomic(state: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def _shard(model: torch.nn.Module) -> None:
+    """FSDP2: every decoder layer a unit of its own, the rest (embeddings, head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _full():
+    """Whole tensors, on the CPU (gathered from the shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def trainable_state(student: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """The trainable tensors, whole (gathered across processes under FSDP: every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(student, options=_full())
+    return {n: t.detach().clone() for n, t in state.items() if n in names}
+
+
 def distill(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -100,11 +166,20 @@ def distill(
     config: DistillConfig,
     folder: str | Path,
     resume: bool = False,
+    held_out: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train the binary layers of `student` to match `teacher` on `blocks` (N, block) token ids.
 
-    Checkpoints go to `folder`; with `resume` training continues from the last one. Returns the
-    loss history (rank 0's view)."""
+    Checkpoints go to `folder`; with `resume` training continues from the last one (a larger
+    `steps` stretches the schedule to the new length). With `eval_every` and `held_out` blocks,
+    the history records held-out perplexity. Under FSDP both models are sharded in place (gather
+    the result with `trainable_state`). Returns the history (rank 0's view)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     if not binary_layers(student):
         raise SqueezegenError("distill needs a binarized student: apply sg.binarize_ first")
     device = next(student.parameters()).device
@@ -116,21 +191,27 @@ def distill(
     for p in student.parameters():
         p.requires_grad_(id(p) in inside)
     teacher.eval().requires_grad_(False)
-    named = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(named.values(), lr=config.lr, weight_decay=config.weight_decay)
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    fsdp = world > 1 and config.parallel == "fsdp"
+    if fsdp:
+        _shard(student)
+        _shard(teacher)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = max(1, round(config.warmup * config.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.steps, warmup_steps))
     start, history = 0, []
     if resume:
         if not checkpoint.is_file():
             raise SqueezegenError(f"nothing to resume: {checkpoint} does not exist")
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["config"] != asdict(config):
-            raise SqueezegenError(f"{checkpoint} was made with other settings ({state['config']}): rerun them")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        kept = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+        if saved != kept:
+            changed = sorted(k for k in kept if saved.get(k) != kept[k])
+            raise SqueezegenError(f"{checkpoint} was made with other settings ({', '.join(changed)}): rerun them")
+        set_model_state_dict(student, state["trainable"], options=_full_load())
+        set_optimizer_state_dict(student, optimizer, state["optimizer"], options=_full_load())
         scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
 
@@ -138,11 +219,12 @@ def distill(
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     model = student
-    if world > 1:
+    if world > 1 and not fsdp:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config.bf16, device))
-    bar = tqdm(range(start, config.steps), desc="distilling", unit="step", disable=rank != 0, initial=start)
+    end = min(config.steps, config.stop_after or config.steps)
+    bar = tqdm(range(start, end), desc="distilling", unit="step", disable=rank != 0, initial=start, total=end)
     for step in bar:
         rows = batch_rows(step, config.batch, rank, world, len(blocks), config.seed)
         ids = blocks[rows].to(device)
@@ -150,23 +232,37 @@ def distill(
             with torch.no_grad():
                 target = teacher(ids, output_hidden_states=True)
             out = model(ids, output_hidden_states=True)
-            loss, kl, mse = distill_loss(out, target, config.hidden_weight)
+            loss, kl, hidden = distill_loss(out, target, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
-        record = {"step": step + 1, "loss": loss.detach().item(), "kl": kl.detach().item(), "mse": float(mse.detach())}
-        record["lr"] = scheduler.get_last_lr()[0]
+        record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "hidden": float(hidden)}
+        record.update(lr=scheduler.get_last_lr()[0], grad_norm=float(norm.full_tensor() if fsdp else norm))
+        if config.eval_every and held_out is not None and (step + 1) % config.eval_every == 0:
+            student.eval()
+            with autocast:
+                record["held_out_perplexity"] = block_perplexity(model, held_out)
+            student.train()
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
-        last = step + 1 == config.steps
-        if rank == 0 and (last or (step + 1) % config.save_every == 0):
-            folder.mkdir(parents=True, exist_ok=True)
-            trainable = {n: p.detach().clone() for n, p in named.items()}
-            state = {"step": step + 1, "trainable": trainable, "optimizer": optimizer.state_dict()}
-            state.update(scheduler=scheduler.state_dict(), history=history, config=asdict(config))
-            _save_atomic(state, checkpoint)
+        if step + 1 == end or (step + 1) % config.save_every == 0:
+            trainable = trainable_state(student, names)  # every rank: under FSDP a collective
+            optim = get_optimizer_state_dict(student, optimizer, options=_full())
+            if rank == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+                state = {"step": step + 1, "trainable": trainable, "optimizer": optim}
+                state.update(scheduler=scheduler.state_dict(), history=history, config=asdict(config))
+                _save_atomic(state, checkpoint)
     if config.checkpointing:
         student.activation_checkpointing_disable()
     student.eval()
     return history
+
+
+def _full_load():
+    """Whole tensors in, every rank taking its own shard; only the trainable ones are given."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, strict=False)
