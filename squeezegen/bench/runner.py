@@ -95,6 +95,7 @@ def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> l
                             "ttft_s": t.first_token_s,
                             "decode_tok_s": t.decode_tokens_per_s,
                             "kv_bytes": res.kv_bytes,
+                            "kv_bytes_decode": res.kv_bytes_decode,
                             "peak_memory_bytes": _peak_memory(device),
                             "prompt_tokens": max(res.prompt_lengths),
                         }
@@ -118,16 +119,21 @@ def run_bench(model, tokenizer, config: BenchConfig, progress: bool = True) -> l
     return rows
 
 
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| context | batch | method | prefill s | TTFT s | decode tok/s | peak KV MiB | peak memory MiB "
-        "| prefill vs full | decode vs full | KV vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| context | batch | method | prefill s | TTFT s | decode tok/s | peak KV MiB | decode KV MiB "
+        "| peak memory MiB | prefill vs full | decode vs full | KV vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['context']} | {r['batch']} | {r['method']} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} "
-            f"| {r['decode_tok_s']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} "
+            f"| {r['decode_tok_s']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {_mib(r.get('kv_bytes_decode'))} "
+            f"| {r['peak_memory_bytes'] / 2**20:.0f} "
             f"| {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | {r['kv_fraction']:.1%} |"
         )
     return "\n".join(lines)

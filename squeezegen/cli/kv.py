@@ -34,7 +34,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise
         meta = {"settings": settings, "command": " ".join(sys.argv), **common.command_meta(args)}
         write_report(records, outputs.paths, meta)
+    write_kvpress(records, args)
     outputs.show(markdown_tables(summarize(records)), args)
+
+
+def write_kvpress(records: list[dict], args: argparse.Namespace) -> None:
+    """--kvpress-layout: the records again, in kvpress's evaluation layout."""
+    if args.kvpress_layout:
+        from squeezegen.evals.kvpress_layout import write_kvpress_layout
+
+        folders = write_kvpress_layout(records, args.model, args.kvpress_layout)
+        print(f"wrote {len(folders)} kvpress-style runs under {args.kvpress_layout}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -46,6 +56,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     if settings is not None:
         meta["settings"] = settings  # so that the merged report can be merged again
     write_report(records, outputs.paths, meta)
+    args.model = (settings or {}).get("model") or "model"
+    write_kvpress(records, args)
     outputs.show(markdown_tables(summarize(records)))
 
 
@@ -131,11 +143,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
     common.add_output_args(p, "results/eval", "folder for records.jsonl (as it goes), records.json, table.md, the plot")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same flags)")
+    p.add_argument(
+        "--kvpress-layout",
+        metavar="DIR",
+        default=None,
+        help="also write kvpress's evaluation layout under DIR (DATASET/MODEL__PRESS__RATIO/predictions.csv, "
+        "metrics.json; ratio = fraction removed = 1 - budget; seen mode = query_aware)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="merge `squeezegen eval` reports (a sweep split across processes) into one")
     p.add_argument("--merge", nargs="+", required=True, help="folders written by `squeezegen eval`")
     common.add_output_args(p, None)
+    p.add_argument(
+        "--kvpress-layout",
+        metavar="DIR",
+        default=None,
+        help="also write kvpress's evaluation layout under DIR (DATASET/MODEL__PRESS__RATIO/predictions.csv, "
+        "metrics.json; ratio = fraction removed = 1 - budget; seen mode = query_aware)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("perplexity", help="perplexity of held-out text with each method's compression applied")

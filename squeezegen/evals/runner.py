@@ -93,6 +93,7 @@ def eval_sample(model, tokenizer, config: EvalConfig, task: str, context: int, i
                     "answers": list(sample.answers),
                     "prompt_tokens": res.prompt_lengths[0],
                     "kv_bytes": res.kv_bytes,
+                    "kv_bytes_decode": res.kv_bytes_decode,
                 }
             )
     return records
