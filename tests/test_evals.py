@@ -55,6 +55,8 @@ METHODS = {
     "streaming_llm": method("streaming_llm", budget=0.3),
     "h2o": method("h2o", budget=0.4, window=8),
     "tova": method("tova", budget=0.4),
+    "kvzip": method("kvzip", budget=0.3, chunk_size=64),
+    "fastkv": method("fastkv", budget=0.3, window=8),
 }
 
 
@@ -67,12 +69,14 @@ def test_fanned_out_prefill_equals_separate_runs(seen):
     shared = answer_all(model, tok, chunks, METHODS, decoding, question_seen=seen)
     row = [chunks[0] + chunks[1]] if seen else chunks
     for label, m in METHODS.items():
-        engine = Engine(model, m, reserve=decoding.max_new_tokens - 1)
+        engine = Engine(model, m, reserve=decoding.max_new_tokens - 1, tokenizer=tok)
         alone = decode_loop(engine, tok, prefill_rows(engine, [row], tok.pad_token_id), decoding, 0.0)
         assert shared[label].token_ids == alone.token_ids, label
         assert shared[label].cache_lengths == alone.cache_lengths, label
         assert shared[label].kv_bytes == alone.kv_bytes, label
-    assert shared["snapkv"].kv_bytes < shared["full"].kv_bytes
+        assert shared[label].kv_bytes_decode == alone.kv_bytes_decode, label
+    for label in ("snapkv", "kvzip", "fastkv"):  # each compressed (a method skipped would equal full)
+        assert shared[label].kv_bytes_decode < 0.6 * shared["full"].kv_bytes_decode, label
 
 
 def test_context_argument_matches_the_unseen_mode():

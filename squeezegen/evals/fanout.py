@@ -18,8 +18,9 @@ from squeezegen.runtime.hooks import Method
 
 
 def select_only(method: Method) -> bool:
-    """Does the method leave the prefill's computation alone (it only chooses what to keep)?"""
-    return not method.hooks() & {"propagate", "prefill_attention", "refill"}
+    """Does the method leave the prefill's computation alone and choose what to keep while it runs?
+    (Methods acting after the prefill, like KVzip's reconstruction, run on their own.)"""
+    return not method.hooks() & {"propagate", "prefill_attention", "refill", "after_prefill"}
 
 
 class _FanOut(Method):
