@@ -2,12 +2,13 @@
 across layers and heads, the per-head floor, probes that leave no trace."""
 
 import math
+import sys
 
 import pytest
 import torch
 
 import squeezegen as sg
-from squeezegen.methods.kvzip import KVzip, reconstruction_scores
+from squeezegen.methods.kvzip import KVzip, _logsumexp, reconstruction_scores
 from squeezegen.methods.scoring import chunk_scores, keep_global
 from squeezegen.runtime.cache import HeadSplitCache
 from squeezegen.runtime.engine import Engine
@@ -28,6 +29,17 @@ def test_reconstruction_scores_by_hand():
     expected = torch.tensor([[max(1 / 8, 1 / 4, 1 / 23), max(2 / 8, 1 / 4, 4 / 23), max(4 / 8, 1 / 4, 16 / 23)]])
     # head 0 query 1 sees both own keys: 1, 2, 4, 1, 1 -> 1/9, 2/9, 4/9 (below the others)
     assert torch.allclose(scores, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_log_sum_exp_fused_and_blocked_agree_with_softmax(fused):
+    torch.manual_seed(0)
+    q, ctx, own = torch.randn(1, 6, 150, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 150, 16)
+    keys = torch.cat([ctx, own], dim=2)
+    logits = (q @ keys.repeat_interleave(3, dim=1).transpose(-1, -2))[0] * 0.25
+    logits[..., 90:] = logits[..., 90:].masked_fill(torch.ones(150, 150, dtype=torch.bool).triu(1), float("-inf"))
+    lse = _logsumexp(q, keys, 90, 0.25, fused=fused)
+    assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5)
 
 
 def test_global_selection_shares_the_budget_and_keeps_a_floor():
@@ -73,6 +85,32 @@ def test_the_reconstruction_leaves_no_trace_in_the_cache():
     for (k, v, p), cache in zip(before, engine.cache.layers, strict=True):
         assert all(torch.equal(a, b) for a, b in zip((k, v, p), cache.held(), strict=True))
     assert engine.next_pos.tolist() == [ids.shape[1]]
+
+
+def test_remembered_scores_equal_a_fresh_reconstruction(monkeypatch):
+    kvzip = sys.modules[KVzip.__module__]
+
+    model, tok = tiny("tiny-llama")
+    ids = tok(prompt(tok), return_tensors="pt").input_ids
+    calls = []
+    reconstruct = KVzip._reconstruct
+    monkeypatch.setattr(KVzip, "_reconstruct", lambda self, *a: calls.append(1) or reconstruct(self, *a))
+
+    def kept(budget, sinks=4):
+        engine = Engine(model, KVzip(budget=budget, chunk_size=64, sinks=sinks), tokenizer=tok)
+        engine.prefill(ids)
+        return [c.held()[2].clone() for c in engine.cache.layers]
+
+    kvzip._LAST_SCORES.clear()
+    first = kept(0.1)
+    kept(0.3)  # another budget on the same context: remembered
+    assert len(calls) == 1
+    kvzip._LAST_SCORES.clear()
+    assert all(torch.equal(a, b) for a, b in zip(first, kept(0.1), strict=True)) and len(calls) == 2
+    kept(0.1, sinks=2)  # the sinks change the scoring: reconstructed again
+    other = tok(prompt(tok)[::-1], return_tensors="pt").input_ids
+    Engine(model, KVzip(budget=0.1, chunk_size=64), tokenizer=tok).prefill(other)
+    assert len(calls) == 4
 
 
 def test_kvzip_keeps_its_budget_over_all_layers_and_heads_non_uniformly():

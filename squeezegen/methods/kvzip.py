@@ -15,6 +15,7 @@ would stand; near the model's context limit the chunks shrink so that no query p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,7 +29,8 @@ from squeezegen.runtime.hooks import Method
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 CARRY = 8  # tokens of the previous chunk that start the next chunk's prompt
-QUERY_BLOCK = 512  # reconstruction queries scored at once (bounds the score matrix's memory)
+_LAST_SCORES: dict = {}  # the last context's reconstruction scores (see KVzip.row_scores)
+QUERY_BLOCK = 128  # reconstruction queries scored at once (bounds the logits' memory)
 
 
 @dataclass
@@ -86,9 +88,34 @@ class KVzip(Method):
             cache.keep(compact_index(full))
 
     def row_scores(self, engine, row: int, n: int, layers: list[int], limit: int) -> torch.Tensor:
-        """Reconstruction scores (G, Hkv, n) of one row's n context entries in each global layer."""
-        tok = engine.tokenizer
+        """Reconstruction scores (G, Hkv, n) of one row's n context entries in each global layer.
+        The last context's scores are remembered (one entry, keyed by the model, its weights'
+        version, the ids and the scoring options): the same document compressed again at another
+        budget, as a budget sweep does, skips the reconstruction."""
         ids = engine.chunk_ids[row, engine.chunk_ids.shape[1] - n :]
+        weight = engine.parts.embed.weight
+        key = (
+            id(engine.model),
+            weight.dtype,
+            weight._version,
+            hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest(),
+            self.chunk_size,
+            self.score_every,
+            self.sinks,
+            tuple(layers),
+            int(engine.next_pos[row]),
+            limit,
+        )
+        if _LAST_SCORES.get("key") != key:
+            _LAST_SCORES.clear()
+            _LAST_SCORES.update(key=key, scores=self._reconstruct(engine, row, ids, layers, limit))
+        out = _LAST_SCORES["scores"].clone()
+        out[:, :, : self.sinks] = float("inf")
+        return out
+
+    def _reconstruct(self, engine, row: int, ids: torch.Tensor, layers: list[int], limit: int) -> torch.Tensor:
+        n = len(ids)
+        tok = engine.tokenizer
         kv_heads = engine.cache.layers[layers[0]].pos.shape[1]
         device = ids.device
         scores = {i: torch.zeros(kv_heads, n, device=device) for i in layers}
@@ -112,9 +139,7 @@ class KVzip(Method):
             engine.probe(probe, row, self._observer(engine, row, n, start, end, scores))
         if self.score_every > 1:
             fill_unprobed(scores, starts, probed, size, n)
-        out = torch.stack([scores[i] for i in layers])
-        out[:, :, : self.sinks] = float("inf")
-        return out
+        return torch.stack([scores[i] for i in layers])
 
     def _observer(self, engine, row: int, n: int, start: int, end: int, scores: dict[int, torch.Tensor]):
         def observe(view, query, own_keys):
@@ -157,20 +182,46 @@ def reconstruction_scores(
 ) -> torch.Tensor:
     """The most attention each context key (1, Hkv, m, D) receives from any query (1, H, L, D) of
     its KV group, softmax over the context keys and the queries' own keys (1, Hkv, L, D), causal
-    among those: (Hkv, m), fp32, in blocks of queries."""
+    among those: (Hkv, m), fp32.
+
+    max_q softmax(l)_qk = exp(max_q (l_qk - lse_q)): the log-sum-exp of each query comes first (on
+    the CPU from the fused flash-attention kernel, which returns it), then only the context's logits
+    are formed, block by block, and no probability matrix is materialized."""
     _, h, length, d = query.shape
     h_kv, m = context.shape[1], context.shape[2]
     groups = h // h_kv
+    q = query.float()
     keys = torch.cat([context, own], dim=2).float()  # (1, Hkv, m + L, D)
-    best = torch.zeros(h_kv, m, device=query.device)
+    lse = _logsumexp(q, keys, m, scaling)  # (H, L)
+    best = torch.full((h_kv, m), float("-inf"), device=query.device)
+    ctx_t = keys[0, :, :m].transpose(-1, -2)[:, None]  # (Hkv, 1, D, m)
     for first in range(0, length, QUERY_BLOCK):
-        q = query[0, :, first : first + QUERY_BLOCK].float().view(h_kv, groups, -1, d)
-        logits = torch.einsum("hgqd,hkd->hgqk", q, keys[0]) * scaling
-        rows = torch.arange(first, first + q.shape[2], device=query.device)[:, None]
-        later = torch.arange(length, device=query.device)[None] > rows  # own keys after the query
-        logits[..., m:] = logits[..., m:].masked_fill(later, float("-inf"))
-        best = torch.maximum(best, logits.softmax(dim=-1)[..., :m].amax(dim=(1, 2)))
-    return best
+        block = q[0, :, first : first + QUERY_BLOCK].view(h_kv, groups, -1, d)
+        logits = torch.matmul(block * scaling, ctx_t)  # (Hkv, G, q, m)
+        norm = lse[:, first : first + QUERY_BLOCK].reshape(h_kv, groups, -1, 1)
+        best = torch.maximum(best, (logits - norm).amax(dim=(1, 2)))
+    return best.exp()
+
+
+def _logsumexp(q: torch.Tensor, keys: torch.Tensor, m: int, scaling: float, fused: bool | None = None) -> torch.Tensor:
+    """log sum_k exp(q.k * scaling) (H, L) over the m context keys and the causal own keys; fused
+    (the CPU's flash-attention kernel) by default on the CPU, blocked matmuls elsewhere."""
+    _, h, length, d = q.shape
+    groups = h // keys.shape[1]
+    mask = torch.zeros(length, m + length, device=q.device)
+    mask[:, m:] = torch.full((length, length), float("-inf"), device=q.device).triu(1)
+    if q.device.type == "cpu" if fused is None else fused:
+        expanded = keys.repeat_interleave(groups, dim=1)
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, expanded, expanded, 0.0, False, attn_mask=mask, scale=scaling
+        )
+        return lse[0]
+    out = torch.empty(h, length, device=q.device)
+    for first in range(0, length, QUERY_BLOCK):
+        block = q[0, :, first : first + QUERY_BLOCK].view(keys.shape[1], groups, -1, d)
+        logits = torch.matmul(block * scaling, keys[0].transpose(-1, -2)[:, None]) + mask[first : first + QUERY_BLOCK]
+        out[:, first : first + QUERY_BLOCK] = torch.logsumexp(logits, dim=-1).reshape(h, -1)
+    return out
 
 
 def assistant_prefix(tokenizer) -> list[int]:

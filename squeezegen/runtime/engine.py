@@ -342,6 +342,8 @@ class Engine:
         held_k, held_v, held_pos = (x[row : row + 1] for x in self.cache.layers[layer].held())
         keys, values = torch.cat([held_k, key], dim=2), torch.cat([held_v, value], dim=2)
         key_pos = torch.cat([held_pos, self.positions[:, None].expand(-1, key.shape[1], -1)], dim=2)
+        if bool((held_pos == held_pos[:, :1]).all()):  # heads hold the same positions: one mask for all
+            key_pos = key_pos[:, :1]
         out = dense_attention(query, keys, values, scaling, visibility_mask(self.positions, key_pos, window))
         observe(self.view(layer), query, key)
         return out
