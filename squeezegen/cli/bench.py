@@ -60,20 +60,25 @@ def cmd_bench_tsa(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_binary(args: argparse.Namespace) -> None:
-    from squeezegen.bench.binary_decode import compare_decode, markdown_table
+    from squeezegen.bench.binary_decode import DECODE_PROMPT, compare_models, markdown_table
     from squeezegen.models.loading import load
 
-    model, tok = load(args.model)
-    models = {args.model: model}
     for folder in args.binary:
         if not Path(folder).is_dir():
             raise SqueezegenError(f"{folder} is not a folder: pass folders written by `squeezegen binarize`")
-        models[Path(folder).name] = load(folder)[0]
-    table = markdown_table(compare_decode(models, tok, args.tokens, args.rounds), reference=args.model)
-    print(table)
+    paths = {}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
+        table_path = Path(args.out)
+        paths = {"table": table_path, "json": table_path.with_suffix(".json")}
+    outputs = common.Outputs.claimed(paths, args.overwrite)
+    model, tok = load(args.model, dtype="float32")
+    models = {f"{args.model} float32": model, f"{args.model} bfloat16": load(args.model, dtype="bfloat16")[0]}
+    for folder in args.binary:
+        models[Path(folder).name] = load(folder, dtype=args.binary_dtype)[0]
+    reference = f"{args.model} bfloat16"
+    rows = compare_models(models, tok, args.tokens, args.rounds, reference=reference)
+    meta = {"reference": reference, "prompt": DECODE_PROMPT, "batch": 1}
+    outputs.write(args, markdown_table(rows, reference="bf16"), {"rows": rows}, meta=meta)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -122,10 +127,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     common.add_output_args(p, "results/bench-tsa")
     p.set_defaults(func=cmd_bench_tsa)
 
-    p = sub.add_parser("bench-binary", help="decode tokens/s of packed 1-bit models beside the float model")
-    p.add_argument("--model", default="smollm2-135m", help="the float model")
+    p = sub.add_parser(
+        "bench-binary",
+        help="decode tokens/s (batch 1) and memory of packed 1-bit models beside the float32 and bf16 model",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="the float model, measured in float32 and bfloat16")
     p.add_argument("--binary", nargs="+", required=True, help="folders written by `squeezegen binarize`")
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument(
+        "--binary-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="activations of the packed models (auto: bfloat16 where the CPU has native bf16, else float32)",
+    )
+    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    p.add_argument("--out", default=None, help="markdown file for the table")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="markdown file for the table; the rows go to the same name with .json (default: print only)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the files of --out")
     p.set_defaults(func=cmd_bench_binary)

@@ -1,8 +1,13 @@
 """`squeezegen binarize`: binarize a model, distill it from its float self, measure, save packed.
 
 The training text is the first 90% of the bundled corpus; perplexity is measured on the held-out
-10%. Decode speed of the packed model and the float model is measured side by side in one run
-(interleaved rounds, medians).
+10% (at the end, and every `--eval-every` steps during distillation: the perplexity-vs-tokens
+curve lands in the report's history). Decode speed of the packed model and the float model is
+measured side by side in one run (interleaved rounds, medians).
+
+Under `torchrun`, `--parallel ddp` keeps a whole student per process and averages gradients;
+`--parallel fsdp` shards student and teacher layer by layer (FSDP2). Either way the trained
+tensors are gathered at the end and rank 0 alone packs, measures and saves a plain model.
 """
 
 from __future__ import annotations
@@ -37,15 +42,22 @@ def cmd_binarize(args: argparse.Namespace) -> None:
         steps = 0
     if steps < 0 or args.batch < 1 or args.block < 2:
         raise SqueezegenError("--steps must be >= 0, --batch >= 1 and --block >= 2")
+    if args.max_grad_norm < 0 or args.eval_every < 0 or (args.stop_after is not None and args.stop_after < 1):
+        raise SqueezegenError("--max-grad-norm and --eval-every must be >= 0, --stop-after >= 1")
     train = DistillConfig(
         steps=steps,
         batch=args.batch,
         block=args.block,
         lr=args.lr,
         hidden_weight=args.hidden_weight,
+        loss=args.loss,
+        max_grad_norm=args.max_grad_norm,
         checkpointing=not args.no_checkpointing,
         bf16=args.bf16,
         save_every=args.save_every,
+        eval_every=args.eval_every,
+        parallel=args.parallel,
+        stop_after=args.stop_after,
         seed=args.seed,
     )
     out = Path(args.out)
@@ -62,7 +74,9 @@ def cmd_binarize(args: argparse.Namespace) -> None:
         eval_blocks=args.eval_blocks,
         device=args.device,
     )
-    if report is not None:
+    if report is not None and report.get("stopped"):
+        print(report["stopped"])
+    elif report is not None:
         print("\n".join(summary_lines(report)))
         print(f"wrote {args.out} (load it with sg.load) and {args.out}/binarize_report.json")
 
@@ -79,32 +93,66 @@ def binarize_model(
     device: str = "cpu",
 ) -> dict | None:
     """Binarize `model_name`, distill it (unless `train.steps` is 0), save the packed model to `out`
-    and return the report (None on ranks other than 0 under torchrun)."""
+    and return the report (None on ranks other than 0 under torchrun).
+
+    With `train.stop_after` before `train.steps`, training stops there with its checkpoint
+    (OUT.ckpt) and nothing is packed or saved: the report holds `stopped` and the history, and a
+    later call with `resume` goes on. Under FSDP the trained tensors are gathered on every rank,
+    then rank 0 rebuilds a plain student from a fresh copy of the model and loads them."""
+    import torch
+    import torch.distributed as dist
+
     from squeezegen.bench.binary_decode import compare_decode
     from squeezegen.evals.corpus import split_text, token_blocks
     from squeezegen.models.loading import load
     from squeezegen.quant.api import binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
     from squeezegen.quant.checkpoint import save
-    from squeezegen.quant.distill import block_perplexity, distill
+    from squeezegen.quant.distill import block_perplexity, distill, trainable_state
 
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     teacher, tok = load(model_name, device=device)
+    torch.manual_seed(train.seed)  # the routers' random init: the same in every process and every run
     student = binarize_(copy.deepcopy(teacher), config)
+    held_out = token_blocks(tok, split_text("test"), train.block)[:eval_blocks]
     history: list[dict] = []
+    gathered: dict | None = None
+    checkpoint = out.with_name(out.name + ".ckpt")
     started = time.perf_counter()
     if train.steps > 0:
         blocks = token_blocks(tok, split_text("train"), train.block)
-        history = distill(student, teacher, blocks, train, out.with_name(out.name + ".ckpt"), resume=resume)
+        history = distill(student, teacher, blocks, train, checkpoint, resume=resume, held_out=held_out)
+        if _world() > 1 and train.parallel == "fsdp":  # student and teacher are sharded in place
+            names = {n for n, p in student.named_parameters() if p.requires_grad}
+            gathered = trainable_state(student, names)  # a collective: every rank takes part
     train_s = time.perf_counter() - started
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # what follows is rank 0's alone
     if int(os.environ.get("RANK", "0")) != 0:
         return None
+    done = history[-1]["step"] if history else 0
+    if train.steps > 0 and done < train.steps:
+        (checkpoint / "history.json").write_text(json.dumps(history, indent=1))
+        message = (
+            f"stopped after step {done} of {train.steps} ({history[-1]['tokens']:,} tokens); the checkpoint is "
+            f"{checkpoint}, the history {checkpoint}/history.json: rerun with --resume to go on"
+        )
+        return {"stopped": message, "history": history}
+    if gathered is not None:
+        del student, teacher
+        teacher, _ = load(model_name, device=device)
+        student = binarize_(copy.deepcopy(teacher), config)
+        result = student.load_state_dict(gathered, strict=False)
+        if result.unexpected_keys or set(gathered) - set(student.state_dict()):
+            raise SqueezegenError(f"the gathered FSDP state does not fit the rebuilt student: {result.unexpected_keys}")
+        student.eval()
     pack_(student)
-    held_out = token_blocks(tok, split_text("test"), train.block)[:eval_blocks]
+    tokens = done * train.batch * train.block * _world()
     report = {
         "model": model_name,
         "binarization": config_to_dict(config),
-        "train": {**train.__dict__, "tokens": train.steps * train.batch * train.block * _world(), "seconds": train_s},
+        "train": {**train.__dict__, "tokens": tokens, "world": _world(), "seconds": train_s},
         "eval_tokens": held_out.numel(),
         "perplexity_float": block_perplexity(teacher, held_out),
         "perplexity_binary": block_perplexity(student, held_out),
@@ -112,7 +160,10 @@ def binarize_model(
         "bytes": stored_bytes(student),
         "float_model_bytes": resident_bytes(teacher),
         "binary_model_resident_bytes": resident_bytes(student),
-        "history": history,
+        "history": history,  # per step: loss, kl, hidden, lr, grad_norm, tokens (+ held_out_perplexity)
+        "held_out_curve": [
+            {k: r[k] for k in ("step", "tokens", "held_out_perplexity")} for r in history if "held_out_perplexity" in r
+        ],
     }
     if decode_tokens > 0:
         speeds = compare_decode({"float": teacher, "binary": student}, tok, decode_tokens)
@@ -165,13 +216,50 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=150, help="distillation steps (0: binarize only)")
     p.add_argument("--batch", type=int, default=2, help="blocks per step and process")
     p.add_argument("--block", type=int, default=256, help="tokens per block (training and held-out)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (BinaryMoS's reference: 2e-5)")
     p.add_argument("--hidden-weight", type=float, default=10.0, help="weight of the hidden-state MSE")
+    p.add_argument(
+        "--loss",
+        default="reference",
+        choices=["reference", "normalized", "kl", "token-mean"],
+        help="reference: KL summed over tokens / batch + hidden-weight x the sum of per-layer hidden MSEs "
+        "(BinaryMoS); normalized: each layer's MSE divided by the teacher's mean square; kl: the KL alone; "
+        "token-mean: KL averaged per token + the raw MSEs",
+    )
+    p.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="clip the gradients' total norm to this (0: no clipping)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="held-out perplexity every N steps, recorded in the report's history with the tokens seen so far "
+        "(step x batch x block x processes): the perplexity-vs-tokens curve (0: only at the end)",
+    )
+    p.add_argument(
+        "--parallel",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp (a whole student per process, gradients averaged) or fsdp (FSDP2: student "
+        "and teacher sharded layer by layer, for models that outgrow one device); ignored in one process",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after step N with a checkpoint and save nothing else; a later --resume goes on "
+        "(--steps still sets the schedule's length)",
+    )
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast")
     p.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
     p.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the routers' random init and the order of the blocks")
+    p.add_argument(
+        "--eval-blocks",
+        type=int,
+        default=None,
+        help="held-out blocks scored, at the end and every --eval-every steps (default: all)",
+    )
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens timed for decode speed (0: skip)")
     p.add_argument("--out", required=True, help="folder for the packed model")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/checkpoint.pt")

@@ -194,6 +194,10 @@ def distill(
     names = {n for n, p in student.named_parameters() if p.requires_grad}
     fsdp = world > 1 and config.parallel == "fsdp"
     if fsdp:
+        with torch.no_grad():  # one starting point (a router's random init), as DDP broadcasts it
+            for p in student.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, 0)
         _shard(student)
         _shard(teacher)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -238,7 +242,8 @@ def distill(
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
-        record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "hidden": float(hidden)}
+        record = {"step": step + 1, "tokens": (step + 1) * config.batch * config.block * world}
+        record.update(loss=loss.detach().item(), kl=kl.detach().item(), hidden=float(hidden.detach()))
         record.update(lr=scheduler.get_last_lr()[0], grad_norm=float(norm.full_tensor() if fsdp else norm))
         if config.eval_every and held_out is not None and (step + 1) % config.eval_every == 0:
             student.eval()
