@@ -43,11 +43,20 @@ class SignSTE(torch.autograd.Function):
         return grad * (weight.abs() < 1).to(grad.dtype)
 
 
-def rank1_abs(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|W| ~ outer(out_scale, in_scale) from its leading singular pair, both made non-negative."""
-    u, s, vh = torch.linalg.svd(weight.detach().float().abs(), full_matrices=False)
-    root = s[0].sqrt()
-    return (u[:, 0] * root).abs(), (vh[0] * root).abs()
+def rank1_abs(weight: torch.Tensor, iterations: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """|W| ~ outer(out_scale, in_scale) from its leading singular pair, both non-negative: power
+    iteration from a positive start (|W| is non-negative, so its leading pair is; a full SVD of
+    every layer costs minutes on a small CPU)."""
+    a = weight.detach().float().abs()
+    v = torch.ones(a.shape[1], device=a.device) / a.shape[1] ** 0.5
+    for _ in range(iterations):
+        u = a @ v
+        u = u / u.norm().clamp_min(1e-30)
+        v = a.T @ u
+        sigma = v.norm().clamp_min(1e-30)
+        v = v / sigma
+    root = sigma.sqrt()
+    return u * root, v * root
 
 
 class BinaryLinear(nn.Module):
