@@ -96,8 +96,8 @@ def test_remembered_scores_equal_a_fresh_reconstruction(monkeypatch):
     reconstruct = KVzip._reconstruct
     monkeypatch.setattr(KVzip, "_reconstruct", lambda self, *a: calls.append(1) or reconstruct(self, *a))
 
-    def kept(budget, sinks=4):
-        engine = Engine(model, KVzip(budget=budget, chunk_size=64, sinks=sinks), tokenizer=tok)
+    def kept(budget, sinks=4, remember=True):
+        engine = Engine(model, KVzip(budget=budget, chunk_size=64, sinks=sinks, remember=remember), tokenizer=tok)
         engine.prefill(ids)
         return [c.held()[2].clone() for c in engine.cache.layers]
 
@@ -109,8 +109,10 @@ def test_remembered_scores_equal_a_fresh_reconstruction(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, kept(0.1), strict=True)) and len(calls) == 2
     kept(0.1, sinks=2)  # the sinks change the scoring: reconstructed again
     other = tok(prompt(tok)[::-1], return_tensors="pt").input_ids
-    Engine(model, KVzip(budget=0.1, chunk_size=64), tokenizer=tok).prefill(other)
+    Engine(model, KVzip(budget=0.1, chunk_size=64, remember=True), tokenizer=tok).prefill(other)
     assert len(calls) == 4
+    kept(0.1, remember=False)  # off (the default): every run reconstructs
+    assert len(calls) == 5
 
 
 def test_kvzip_keeps_its_budget_over_all_layers_and_heads_non_uniformly():

@@ -75,6 +75,9 @@ def eval_sample(model, tokenizer, config: EvalConfig, task: str, context: int, i
     sample = make_sample(task, tokenizer, context, config.seed + i)
     (chunks,) = encode(tokenizer, [sample.question], [sample.context], config.chat)
     methods = expand(config.methods, config.budgets)
+    for m in methods.values():  # a budget sweep compresses one context many times: score it once
+        if hasattr(m, "remember"):
+            m.remember = True
     labelled = {f"{label}@{budget}": m for (label, budget), m in methods.items()}
     records = []
     for mode in config.modes:
