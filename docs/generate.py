@@ -447,6 +447,21 @@ def render_mobile_latency(doc: dict, path: str) -> str:
     return table(header, rows)
 
 
+def render_bench_binary(doc: dict, path: str) -> str:
+    from squeezegen.bench.binary_decode import markdown_table
+
+    return markdown_table(doc["rows"], doc["meta"]["reference"])
+
+
+def render_serve_load(doc: dict, path: str) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from serve_load import markdown
+    finally:
+        sys.path.pop(0)
+    return markdown(doc)
+
+
 RENDERERS: dict[str, Callable[[object, str], str]] = {
     "eval": render_eval,
     "bench": render_bench,
@@ -463,6 +478,8 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "tsa-accuracy": render_tsa_accuracy,
     "binary": render_binary,
     "binary-paper": render_binary_paper,
+    "bench-binary": render_bench_binary,
+    "serve-load": render_serve_load,
     "tiny-sd-sizes": render_tiny_sd_sizes,
     "mobile-mini": render_mobile_mini,
     "mobile-sizes": render_mobile_sizes,
