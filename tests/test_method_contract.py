@@ -41,6 +41,8 @@ CONFIGS = [
     ("kvzip-int", "kvzip", {"budget": 24, "chunk_size": 48}),
     ("kvzip-frac", "kvzip", {"budget": 0.3, "chunk_size": 48, "floor": 0.2}),
     ("snapkv-adaptive", "snapkv", {"budget": 0.3, "window": 8, "adaptive": True}),
+    ("snapkv-shared", "snapkv", {"budget": 0.3, "window": 8, "heads": "shared"}),
+    ("fastkv-shared", "fastkv", {"retain_rate": 0.2, "tsp_rate": 0.4, "window": 4, "heads": "shared"}),
     ("token_sparse", "token_sparse", {"tau": 0.1, "min_tokens": 16, "window": 8}),
 ]
 
@@ -178,3 +180,24 @@ def test_compose_refuses_parts_that_do_nothing_in_their_role():
         sg.Compose(prefill=sg.method("rpc"), decode=sg.method("h2o"))
     with pytest.raises(sg.SqueezegenError, match="two or three"):
         sg.Compose(prefill=sg.method("snapkv"))
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "kvzip"])
+def test_shared_heads_keep_one_set_of_positions_per_layer(name):
+    model, tok = tiny("tiny-llama")
+    ids = token_ids(tok, 120)
+
+    def positions(heads):
+        engine = sg.Engine(model, sg.method(name, budget=0.3, heads=heads), tokenizer=tok)
+        engine.prefill(ids)
+        return [c.held()[2][0] for c in engine.cache.layers]  # (Hkv, K) per layer
+
+    shared, per_head = positions("shared"), positions("per-head")
+    assert all(bool((p == p[:1]).all()) for p in shared)
+    assert any(not bool((p == p[:1]).all()) for p in per_head)  # the default does differ per head
+    if name == "kvzip":  # one budget over all layers: the same total, shared out differently
+        assert sum(p.shape[-1] for p in shared) == round(0.3 * 120) * len(shared)
+    else:
+        assert [p.shape[-1] for p in shared] == [p.shape[-1] for p in per_head]  # the same budget
+    with pytest.raises(sg.SqueezegenError, match="shared"):
+        sg.method("h2o", heads="shared")

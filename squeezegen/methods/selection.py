@@ -48,10 +48,14 @@ class ScoredSelection(Method):
     along the sequence; gqa: how the query heads of a KV group are combined ("mean", "sum",
     "max"); chunk > 0 keeps whole chunks of that many tokens; adaptive: the layer's budget goes
     to its KV heads by their pooled scores (AdaKV), each head keeping at least `floor` of its
-    even share (uneven heads then get buffers of their own, so the memory saved is real).
+    even share (uneven heads then get buffers of their own, so the memory saved is real);
+    heads: "per-head" (each KV head its own entries) or "shared" (one set of positions per layer,
+    a position scored by its best head: the head-uniform eviction a paged cache can free block by
+    block).
     """
 
     HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache"})
+    SHARED_HEADS: ClassVar[bool] = True  # whether heads="shared" is offered
 
     budget: int | float = 0.25
     window: int = 32
@@ -61,9 +65,17 @@ class ScoredSelection(Method):
     chunk: int = 0
     adaptive: bool = False
     floor: float = 0.2
+    heads: str = "per-head"
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        if self.heads not in ("per-head", "shared"):
+            raise SqueezegenError(f"heads must be 'per-head' or 'shared', got {self.heads!r}")
+        if self.heads == "shared" and (self.adaptive or not self.SHARED_HEADS):
+            raise SqueezegenError(
+                "heads='shared' keeps one set of positions for all KV heads: it does not combine with "
+                "adaptive=True, nor with methods that evict per head while decoding (h2o, tova, streaming_llm)"
+            )
         if not 0 <= self.floor <= 1:
             raise SqueezegenError(f"floor is a share of a head's even budget, in [0, 1]; got {self.floor}")
         if (self.window is not None and self.window < 0) or self.chunk < 0:
@@ -126,6 +138,8 @@ class ScoredSelection(Method):
         its budget holds them all: the same path runs, so budget 1.0 is the full cache by test)."""
         windows = [self.recent(b) for b in budgets]
         real = view.key_pos >= 0
+        if self.heads == "shared" and scores.shape[1] > 1:
+            scores = scores.amax(dim=1, keepdim=True)
         if not self.adaptive or scores.shape[1] == 1:
             return keep_top(scores, real, budgets, windows, self.chunk)
         return adaptive_keep(scores, real, budgets, windows, self.floor, self.chunk)
@@ -168,6 +182,7 @@ class EvictingSelection(ScoredSelection):
     budget above a short prompt lets the cache grow to it while decoding."""
 
     HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "start_decode", "decode_attention"})
+    SHARED_HEADS: ClassVar[bool] = False
 
     def new_state(self) -> EvictionState:
         return EvictionState()
