@@ -453,13 +453,21 @@ def render_bench_binary(doc: dict, path: str) -> str:
     return markdown_table(doc["rows"], doc["meta"]["reference"])
 
 
-def render_serve_load(doc: dict, path: str) -> str:
+def _benchmark(module: str, name: str) -> Callable:
+    """A function of one of the scripts under benchmarks/ (not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from serve_load import markdown
+        return getattr(__import__(module), name)
     finally:
         sys.path.pop(0)
-    return markdown(doc)
+
+
+def render_serve_load(doc: dict, path: str) -> str:
+    return _benchmark("serve_load", "markdown")(doc)
+
+
+def render_peers(doc: dict, path: str) -> str:
+    return _benchmark("engine_vs_peers", "markdown_table")(doc["rows"])
 
 
 RENDERERS: dict[str, Callable[[object, str], str]] = {
@@ -480,6 +488,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "binary-paper": render_binary_paper,
     "bench-binary": render_bench_binary,
     "serve-load": render_serve_load,
+    "peers": render_peers,
     "tiny-sd-sizes": render_tiny_sd_sizes,
     "mobile-mini": render_mobile_mini,
     "mobile-sizes": render_mobile_sizes,
