@@ -147,8 +147,13 @@ def test_eval_cli_writes_report(tmp_path, capsys):
         "--out",
         str(tmp_path),
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--kvpress-layout", str(tmp_path / "kvpress")]) == 0
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
+    runs = sorted(p.parent.name for p in (tmp_path / "kvpress").rglob("metrics.json"))
+    assert runs == ["tiny-llama__full__0.00", "tiny-llama__full__0.00__query_aware"] + [
+        "tiny-llama__tova__0.50",
+        "tiny-llama__tova__0.50__query_aware",
+    ]
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
     assert {s["method"] for s in summary} == {"full", "tova"}
     assert main(argv) == 2

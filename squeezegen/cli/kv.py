@@ -116,6 +116,16 @@ def cmd_profile_layers(args: argparse.Namespace) -> None:
     print(f"sparse layers: {','.join(map(str, layers))}\nwrote {path} (token_sparse uses it for this architecture)")
 
 
+def add_kvpress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kvpress-layout",
+        metavar="DIR",
+        default=None,
+        help="also write kvpress's evaluation layout under DIR (DATASET/MODEL__PRESS__RATIO/predictions.csv, "
+        "metrics.json; ratio = fraction removed = 1 - budget; seen mode = query_aware)",
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="RULER-style accuracy of methods x KV budgets x context lengths")
     common.add_model_args(p, default="smollm2-135m")
@@ -143,25 +153,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
     common.add_output_args(p, "results/eval", "folder for records.jsonl (as it goes), records.json, table.md, the plot")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same flags)")
-    p.add_argument(
-        "--kvpress-layout",
-        metavar="DIR",
-        default=None,
-        help="also write kvpress's evaluation layout under DIR (DATASET/MODEL__PRESS__RATIO/predictions.csv, "
-        "metrics.json; ratio = fraction removed = 1 - budget; seen mode = query_aware)",
-    )
+    add_kvpress_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="merge `squeezegen eval` reports (a sweep split across processes) into one")
     p.add_argument("--merge", nargs="+", required=True, help="folders written by `squeezegen eval`")
     common.add_output_args(p, None)
-    p.add_argument(
-        "--kvpress-layout",
-        metavar="DIR",
-        default=None,
-        help="also write kvpress's evaluation layout under DIR (DATASET/MODEL__PRESS__RATIO/predictions.csv, "
-        "metrics.json; ratio = fraction removed = 1 - budget; seen mode = query_aware)",
-    )
+    add_kvpress_arg(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("perplexity", help="perplexity of held-out text with each method's compression applied")
