@@ -14,6 +14,7 @@ from torch import nn
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.binary import BinaryLinear, BinaryMoSLinear, OneBitLinear, SignLinear, round_to_stored_
+from squeezegen.quant.half_head import keep_head_16bit_
 
 
 @dataclass
@@ -106,12 +107,14 @@ def _require_binary(model: nn.Module) -> list[BinaryLinear]:
 @torch.no_grad()
 def pack_(model: nn.Module) -> nn.Module:
     """Deploy in place, to exactly what a checkpoint holds: 1-bit signs, every other weight rounded
-    to 16 bits; the forward pass then runs from the packed bits, unpacking one layer at a time."""
+    to 16 bits, the embedding and LM head kept as float16. Decoding then runs the packed-model
+    kernels (1-bit layers from their signs, the head from its 16-bit weight); many tokens at once
+    (a prefill) unpack one layer at a time for a dense matrix product."""
     for layer in _require_binary(model):
         layer.pack_()
     for tensor in model.parameters():
         round_to_stored_(tensor)
-    return model
+    return keep_head_16bit_(model)
 
 
 def bits_per_weight(model: nn.Module) -> float:

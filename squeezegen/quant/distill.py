@@ -262,6 +262,7 @@ def distill(
                 _save_atomic(state, checkpoint)
     if config.checkpointing:
         student.activation_checkpointing_disable()
+        student.disable_input_require_grads()  # the hook HF's enable left on the embedding
     student.eval()
     return history
 

@@ -1,8 +1,8 @@
-"""The packed 1-bit kernel: a small C library (csrc/binary_linear.c) compiled once on the user's
-machine with its own C compiler (AVX2/FMA and OpenMP where the CPU and compiler have them),
-cached, and called through ctypes. It serves decoding (a few tokens per call); a prefill's many
-tokens unpack the signs and use the dense matrix product instead. Without a compiler the
-layers fall back to that dense path everywhere, with one warning.
+"""The packed-model kernels: a small C library (csrc/binary_linear.c) compiled once on the user's
+machine with its own C compiler (AVX2/FMA/F16C and OpenMP where the CPU and compiler have them),
+cached, and called through ctypes. It serves decoding (a few tokens per call): 1-bit linear layers
+from their packed signs, and the 16-bit LM head; a prefill's many tokens use the dense matrix
+product instead. Without a compiler everything falls back to that dense path, with one warning.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from squeezegen.paths import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "binary_linear.c"
 KERNEL_TOKENS = 16  # at most this many tokens per call go through the kernel; more are a matmul's job
+MAX_EXPERTS = 64  # the kernel's per-token gate buffer
 
 
 def _flags() -> list[str]:
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 
 
@@ -73,7 +74,20 @@ def library() -> ctypes.CDLL | None:
             ctypes.c_int,
         ]
     )
+    lib.sg_half_linear.restype = ctypes.c_int
+    lib.sg_half_linear.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
     return lib
+
+
+def _kernel_input(x: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor] | None:
+    """(library, x as contiguous (tokens, features)) when the kernels take `x`, else None."""
+    lib = library()
+    tokens = x.numel() // x.shape[-1]
+    if lib is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if tokens > KERNEL_TOKENS or tokens == 0:
+        return None
+    return lib, x.reshape(tokens, x.shape[-1]).contiguous()
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -94,18 +108,13 @@ def binary_linear(
     softmax(router . x) when a router is given; None when the kernel does not apply (too many
     tokens, a dtype or device it does not take, no kernel) and the caller computes densely.
     Scales, router and bias are float32 (E, in) / (E, out) / (out)."""
-    lib = library()
-    tokens = x.numel() // x.shape[-1]
-    if (
-        lib is None
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.bfloat16)
-        or tokens > KERNEL_TOKENS
-    ):
-        return None
-    flat = x.reshape(tokens, x.shape[-1]).contiguous()
-    y = torch.empty(tokens, out_features, dtype=x.dtype)
+    ready = _kernel_input(x)
     experts = 0 if in_scales is None else in_scales.shape[0]
+    if ready is None or experts > MAX_EXPERTS:
+        return None
+    lib, flat = ready
+    tokens = flat.shape[0]
+    y = torch.empty(tokens, out_features, dtype=x.dtype)
     status = lib.sg_binary_linear(
         flat.data_ptr(),
         y.data_ptr(),
@@ -123,4 +132,21 @@ def binary_linear(
     )
     if status:
         raise MemoryError("the 1-bit kernel could not allocate its scratch memory")
+    return y.view(*x.shape[:-1], out_features)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """y (..., out) = x @ weight.T in float32 arithmetic for a float16 `weight` (out, in), in x's
+    dtype; None when the kernel does not apply (as `binary_linear`)."""
+    ready = _kernel_input(x)
+    if ready is None or weight.dtype != torch.float16 or weight.device.type != "cpu" or not weight.is_contiguous():
+        return None
+    lib, flat = ready
+    tokens, out_features = flat.shape[0], weight.shape[0]
+    y = torch.empty(tokens, out_features, dtype=x.dtype)
+    status = lib.sg_half_linear(
+        flat.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), tokens, x.shape[-1], out_features, weight.data_ptr()
+    )
+    if status:
+        raise MemoryError("the 16-bit head kernel could not allocate its scratch memory")
     return y.view(*x.shape[:-1], out_features)

@@ -1,13 +1,19 @@
-/* A binary linear layer for a few tokens at a time (decoding), straight from packed signs.
+/* Decoding kernels for packed models, a few tokens per call, computing in float32.
  *
+ * sg_binary_linear: a binary linear layer straight from packed signs,
  *   y[t, o] = out_scale(t)[o] * sum_j sign[o, j] * in_scale(t)[j] * x[t, j]   (+ bias[o])
- *
  * signs: 8 per byte along each row, bit j of byte b = column 8b + j, a set bit = +1 (packing.py).
  * Scales: none, static (OneBit), or a per-token mixture of E experts chosen by a softmax router
- * (BinaryMoS); OneBit's LayerNorm without affine parameters may follow. x and y are float32 or
- * bfloat16 (bf16 = the upper half of a float32); the scales, router and bias are float32.
- * Each byte of signs selects one row of a 256 x 8 table of +-1, multiplied into 8 inputs at once
- * (FMA on AVX2), so a weight costs one bit of memory traffic and an eighth of a multiply-add.
+ * (BinaryMoS); OneBit's LayerNorm without affine parameters may follow. Each byte of signs selects
+ * one row of a 256 x 8 table of +-1, multiplied into 8 inputs at once (FMA on AVX2), so a weight
+ * costs one bit of memory traffic and an eighth of a multiply-add; four output rows go side by
+ * side so that the multiply-adds do not wait on each other.
+ *
+ * sg_half_linear: y[t, o] = sum_j w[o, j] * x[t, j] for a float16 matrix (the 16-bit LM head a
+ * packed model keeps), each row widened to float32 once (F16C) and used for every token.
+ *
+ * x and y are float32 or bfloat16 (bf16 = the upper half of a float32); scales, router and bias
+ * are float32. Rows are shared among OpenMP threads when the layer is big enough to pay for them.
  */
 #include <math.h>
 #include <stdint.h>
@@ -16,6 +22,8 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+
+#define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
 
 static float SIGNS[256][8] __attribute__((aligned(32)));
 static int signs_ready = 0;
@@ -26,111 +34,207 @@ static void init_signs(void) {
     signs_ready = 1;
 }
 
-static inline float load_value(const void *x, int bf16, size_t i) {
-    if (!bf16) return ((const float *)x)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+static void load_row(const void *x, int bf16, size_t start, int n, float *out) {
+    if (!bf16) {
+        memcpy(out, (const float *)x + start, sizeof(float) * n);
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)x + start;
+    for (int i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)h[i] << 16;
+        memcpy(out + i, &bits, 4);
+    }
+}
+
+static void store_row(void *y, int bf16, size_t start, int n, const float *values) {
+    if (!bf16) {
+        memcpy((float *)y + start, values, sizeof(float) * n);
+        return;
+    }
+    uint16_t *h = (uint16_t *)y + start;
+    for (int i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, values + i, 4);
+        bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch does */
+        h[i] = (uint16_t)(bits >> 16);
+    }
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0x1F) {
+        bits = sign | 0x7F800000 | (mantissa << 13); /* inf, nan */
+    } else if (exponent) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else { /* zero or subnormal: mantissa * 2^-24 */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
     float f;
     memcpy(&f, &bits, 4);
     return f;
 }
 
-static inline void store_value(void *y, int bf16, size_t i, float v) {
-    if (!bf16) {
-        ((float *)y)[i] = v;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch does */
-    ((uint16_t *)y)[i] = (uint16_t)(bits >> 16);
-}
-
-static inline float signed_sum(const uint8_t *row, const float *xs, int nbytes) {
+static float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float total = 0.0f;
 #ifdef __AVX2__
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + 1 < nbytes; g += 2) {
-        acc0 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[row[g]]), _mm256_loadu_ps(xs + 8 * g), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[row[g + 1]]), _mm256_loadu_ps(xs + 8 * g + 8), acc1);
-    }
-    if (g < nbytes) acc0 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[row[g]]), _mm256_loadu_ps(xs + 8 * g), acc0);
-    __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; i + 32 <= n; i += 32)
+        for (int k = 0; k < 4; k++)
+            acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
+    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+    __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-#else
-    float total = 0.0f;
-    for (int g = 0; g < nbytes; g++) {
-        const float *sign = SIGNS[row[g]];
-        for (int j = 0; j < 8; j++) total += sign[j] * xs[8 * g + j];
-    }
-    return total;
+    total = _mm_cvtss_f32(s);
 #endif
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* sums[r] = sum_j sign[r, j] * xs[j] for `count` (<= 4) consecutive rows of nbytes bytes each */
+static void signed_sums(const uint8_t *rows, int count, const float *xs, int nbytes, float *sums) {
+#ifdef __AVX2__
+    if (count == 4) {
+        const uint8_t *r0 = rows, *r1 = rows + nbytes, *r2 = rows + 2 * nbytes, *r3 = rows + 3 * nbytes;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int g = 0; g < nbytes; g++) {
+            __m256 v = _mm256_load_ps(xs + 8 * g);
+            a0 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r0[g]]), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r1[g]]), v, a1);
+            a2 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r2[g]]), v, a2);
+            a3 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r3[g]]), v, a3);
+        }
+        /* horizontal sums of the four accumulators at once */
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        return;
+    }
+#endif
+    for (int r = 0; r < count; r++) {
+        const uint8_t *row = rows + (size_t)r * nbytes;
+        float total = 0.0f;
+        for (int g = 0; g < nbytes; g++) {
+            const float *sign = SIGNS[row[g]];
+            for (int j = 0; j < 8; j++) total += sign[j] * xs[8 * g + j];
+        }
+        sums[r] = total;
+    }
 }
 
 /* experts: 0 = no input scale and a single out_scale row (sign); otherwise in_scales / out_scales
- * hold `experts` rows, mixed by softmax(router . x) when router is given (one row: static). */
+ * hold `experts` rows (at most 64), mixed by softmax(router . x) when router is given (one row:
+ * static). */
 int sg_binary_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
                      const uint8_t *packed, const float *in_scales, const float *out_scales, int experts,
                      const float *router, const float *bias, int layernorm) {
     if (!signs_ready) init_signs();
-    int nbytes = (in_features + 7) / 8;
+    if (experts > 64) return 2;
+    int nbytes = (in_features + 7) / 8, width = nbytes * 8;
     int rows = experts > 0 ? experts : 1;
-    float *xs = aligned_alloc(32, sizeof(float) * ((size_t)nbytes * 8 + 8));
-    float *s_out = malloc(sizeof(float) * out_features);
-    float *gate = malloc(sizeof(float) * rows);
-    float *yt = malloc(sizeof(float) * out_features);
-    if (!xs || !s_out || !gate || !yt) {
-        free(xs), free(s_out), free(gate), free(yt);
+    int mixed = router && rows > 1 ? rows : 1;
+    /* per token: the scaled input (padded to whole bytes), the output scales, the outputs */
+    float *xs = aligned_alloc(32, sizeof(float) * (size_t)tokens * width);
+    float *s_out = malloc(sizeof(float) * (size_t)tokens * out_features);
+    float *yt = malloc(sizeof(float) * (size_t)tokens * out_features);
+    float *xf = malloc(sizeof(float) * in_features);
+    if (!xs || !s_out || !yt || !xf) {
+        free(xs), free(s_out), free(yt), free(xf);
         return 1;
     }
     for (int t = 0; t < tokens; t++) {
-        size_t base = (size_t)t * in_features;
-        /* the token's mixture of scales */
-        if (router && rows > 1) {
-            float top = -INFINITY;
-            for (int e = 0; e < rows; e++) {
-                float z = 0.0f;
-                for (int j = 0; j < in_features; j++) z += router[(size_t)e * in_features + j] * load_value(x, bf16, base + j);
-                gate[e] = z;
-                top = z > top ? z : top;
+        float gate[64];
+        float *xt = xs + (size_t)t * width, *st = s_out + (size_t)t * out_features;
+        load_row(x, bf16, (size_t)t * in_features, in_features, xf);
+        if (mixed > 1) { /* the token's mixture of scales: softmax(router . x) */
+            float top = -INFINITY, norm = 0.0f;
+            for (int e = 0; e < mixed; e++) {
+                gate[e] = dot(router + (size_t)e * in_features, xf, in_features);
+                top = gate[e] > top ? gate[e] : top;
             }
-            float norm = 0.0f;
-            for (int e = 0; e < rows; e++) norm += gate[e] = expf(gate[e] - top);
-            for (int e = 0; e < rows; e++) gate[e] /= norm;
+            for (int e = 0; e < mixed; e++) norm += gate[e] = expf(gate[e] - top);
+            for (int e = 0; e < mixed; e++) gate[e] /= norm;
         } else {
             gate[0] = 1.0f;
         }
-        int mixed = router && rows > 1 ? rows : 1;
-        for (int j = 0; j < nbytes * 8; j++) {
-            float value = j < in_features ? load_value(x, bf16, base + j) : 0.0f;
-            if (experts > 0 && j < in_features) {
-                float s = 0.0f;
-                for (int e = 0; e < mixed; e++) s += gate[e] * in_scales[(size_t)e * in_features + j];
-                value *= s;
+        memset(xt, 0, sizeof(float) * width);
+        memset(st, 0, sizeof(float) * out_features);
+        for (int e = 0; e < mixed; e++) {
+            const float *so = out_scales + (size_t)e * out_features;
+            for (int o = 0; o < out_features; o++) st[o] += gate[e] * so[o];
+            if (experts > 0) {
+                const float *si = in_scales + (size_t)e * in_features;
+                for (int j = 0; j < in_features; j++) xt[j] += gate[e] * si[j];
             }
-            xs[j] = value;
         }
-        for (int o = 0; o < out_features; o++) {
-            float s = 0.0f;
-            for (int e = 0; e < mixed; e++) s += gate[e] * out_scales[(size_t)e * out_features + o];
-            s_out[o] = s;
+        for (int j = 0; j < in_features; j++) xt[j] = experts > 0 ? xt[j] * xf[j] : xf[j];
+    }
+    int blocks = (out_features + 3) / 4;
+#pragma omp parallel for schedule(static) if ((size_t)out_features * nbytes >= PARALLEL_BYTES)
+    for (int b = 0; b < blocks; b++) {
+        int o = 4 * b, count = out_features - o < 4 ? out_features - o : 4;
+        float sums[4];
+        for (int t = 0; t < tokens; t++) {
+            signed_sums(packed + (size_t)o * nbytes, count, xs + (size_t)t * width, nbytes, sums);
+            for (int r = 0; r < count; r++)
+                yt[(size_t)t * out_features + o + r] = sums[r] * s_out[(size_t)t * out_features + o + r];
         }
-#pragma omp parallel for schedule(static)
-        for (int o = 0; o < out_features; o++)
-            yt[o] = signed_sum(packed + (size_t)o * nbytes, xs, nbytes) * s_out[o];
+    }
+    for (int t = 0; t < tokens; t++) {
+        float *row = yt + (size_t)t * out_features;
         if (layernorm) {
             double mean = 0.0, var = 0.0;
-            for (int o = 0; o < out_features; o++) mean += yt[o];
+            for (int o = 0; o < out_features; o++) mean += row[o];
             mean /= out_features;
-            for (int o = 0; o < out_features; o++) var += (yt[o] - mean) * (yt[o] - mean);
+            for (int o = 0; o < out_features; o++) var += (row[o] - mean) * (row[o] - mean);
             float inv = 1.0f / sqrtf((float)(var / out_features) + 1e-5f);
-            for (int o = 0; o < out_features; o++) yt[o] = (float)((yt[o] - mean) * inv);
+            for (int o = 0; o < out_features; o++) row[o] = (float)((row[o] - mean) * inv);
         }
-        for (int o = 0; o < out_features; o++)
-            store_value(y, bf16, (size_t)t * out_features + o, yt[o] + (bias ? bias[o] : 0.0f));
+        if (bias)
+            for (int o = 0; o < out_features; o++) row[o] += bias[o];
+        store_row(y, bf16, (size_t)t * out_features, out_features, row);
     }
-    free(xs), free(s_out), free(gate), free(yt);
+    free(xs), free(s_out), free(yt), free(xf);
     return 0;
+}
+
+int sg_half_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
+                   const uint16_t *weight) {
+    float *xf = malloc(sizeof(float) * (size_t)tokens * in_features);
+    float *yt = malloc(sizeof(float) * (size_t)tokens * out_features);
+    if (!xf || !yt) {
+        free(xf), free(yt);
+        return 1;
+    }
+    for (int t = 0; t < tokens; t++) load_row(x, bf16, (size_t)t * in_features, in_features, xf + (size_t)t * in_features);
+    int failed = 0;
+#pragma omp parallel if ((size_t)out_features * in_features >= PARALLEL_BYTES)
+    {
+        float *wf = malloc(sizeof(float) * in_features); /* one row, widened */
+        if (!wf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int o = 0; o < out_features; o++) {
+            if (!wf) continue;
+            const uint16_t *w = weight + (size_t)o * in_features;
+            int j = 0;
+#ifdef __AVX2__
+            for (; j + 8 <= in_features; j += 8)
+                _mm256_storeu_ps(wf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))));
+#endif
+            for (; j < in_features; j++) wf[j] = half_to_float(w[j]);
+            for (int t = 0; t < tokens; t++)
+                yt[(size_t)t * out_features + o] = dot(wf, xf + (size_t)t * in_features, in_features);
+        }
+        free(wf);
+    }
+    for (int t = 0; t < tokens && !failed; t++)
+        store_row(y, bf16, (size_t)t * out_features, out_features, yt + (size_t)t * out_features);
+    free(xf), free(yt);
+    return failed;
 }
