@@ -547,3 +547,64 @@ def test_resumed_fsdp_run_equals_an_uninterrupted_one(fsdp_run, stopped_fsdp_run
     with torch.no_grad():
         before = untrained(torch.tensor([[1, 50, 7, 300, 9, 11, 400, 23]])).logits
     assert _close(logits, before) > 100 * LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("shape", [(44, 30), (44, 1000)])  # the second is large enough for threads
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_half_head_kernel_equals_the_dense_product(shape, dtype, tolerance, tokens):
+    assert kernels.library() is not None
+    d_in, d_out = shape
+    torch.manual_seed(0)
+    weight = torch.randn(d_out, d_in).half()
+    x = torch.randn(2, tokens, d_in).to(dtype)
+    y = kernels.half_linear(x, weight)
+    reference = x.float() @ weight.float().T
+    assert y.dtype == dtype and y.shape == (2, tokens, d_out)
+    assert _relative_error(y, reference) <= tolerance
+    assert kernels.half_linear(x, weight.float()) is None  # only float16 weights
+    assert kernels.half_linear(torch.randn(1, kernels.KERNEL_TOKENS + 1, d_in), weight) is None
+
+
+def test_pack_keeps_the_embedding_and_head_16bit_through_casts_and_saves(tmp_path):
+    model, tok = sg.load("tiny-llama", dtype="float32")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2 and Gemma 3
+    model.config.tie_word_embeddings = True
+    keys = set(model.state_dict())
+    sg.binarize_(model, sg.BinaryMoSConfig(experts=2))
+    reference = copy.deepcopy(model)
+    for p in reference.parameters():
+        p.data = p.data.half().float()
+    sg.pack_(model)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight.dtype == torch.float16 and head.weight is embedding.weight  # still one tensor
+    model.to(torch.float32)  # a cast changes what they compute in, never the 16-bit weight
+    assert head.weight.dtype == torch.float16
+    ends = {"model.embed_tokens.weight", "lm_head.weight"} & keys
+    assert ends <= set(model.state_dict())  # the checkpoint's names are unchanged
+    ids = torch.tensor([[1, 50, 7, 300, 9]])
+    with torch.no_grad():
+        dense = model(ids).logits  # 5 tokens: the head's kernel; the blocks' kernels
+        assert dense.dtype == torch.float32
+        assert _relative_error(dense, reference(ids).logits) <= 1e-5
+        hidden = torch.randn(1, 1, head.in_features)
+        assert torch.equal(head(hidden), kernels.half_linear(hidden, head.weight))  # decode: the kernel
+    loaded, _ = sg.load(sg.save(model, tok, tmp_path / "bin"), dtype="float32")
+    assert loaded.get_output_embeddings().weight.dtype == torch.float16
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert model.get_input_embeddings()(ids).dtype == torch.float32
+
+
+def test_packed_gemma_embedding_keeps_its_scale():
+    model, _ = sg.load("tiny-gemma3", dtype="float32")
+    sg.binarize_(model, sg.OneBitConfig())
+    reference = copy.deepcopy(model)
+    for p in reference.parameters():
+        p.data = p.data.half().float()
+    sg.pack_(model)
+    ids = torch.tensor([[1, 50, 7, 300, 9]])
+    with torch.no_grad():
+        assert torch.equal(model.get_input_embeddings()(ids), reference.get_input_embeddings()(ids))
+        assert _relative_error(model(ids).logits, reference(ids).logits) <= 1e-4

@@ -85,7 +85,7 @@ class BinaryLinear(nn.Module):
         return SignSTE.apply(self.weight).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_packed and not torch.is_grad_enabled():
+        if self.weight is None and not torch.is_grad_enabled():  # packed, inference: the kernel
             y = binary_linear(x, self.packed, self.out_features, *self.kernel_args())
             if y is not None:
                 return y
@@ -94,11 +94,12 @@ class BinaryLinear(nn.Module):
 
     def kernel_args(self) -> tuple:
         """(in_scales (E, in) | None, out_scales (E, out), router (E, in) | None, bias | None,
-        layernorm) in float32 for the packed kernel, made once per set of parameters."""
-        params = [getattr(self, n) for n in self.scale_names] + [self.bias]
-        key = tuple((t.weight if isinstance(t, nn.Linear) else t).data_ptr() if t is not None else 0 for t in params)
-        if getattr(self, "_kernel_key", None) != key:
-            self._kernel_key, self._kernel_args = key, self._kernel_tensors()
+        layernorm) in float32 for the packed kernel, made again whenever a stored tensor changes
+        (moved, cast, loaded into, edited in place: its storage or version counter differs)."""
+        watched = self.__dict__.get("_kernel_watch")
+        if watched is None or any(t._version != v or t.data_ptr() != p for t, v, p in watched):
+            self._kernel_args = self._kernel_tensors()
+            self._kernel_watch = [(t, t._version, t.data_ptr()) for t in self.stored_tensors()]
         return self._kernel_args
 
     def _kernel_tensors(self) -> tuple:

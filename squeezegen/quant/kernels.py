@@ -25,6 +25,7 @@ from squeezegen.paths import cache_dir
 SOURCE = Path(__file__).parent / "csrc" / "binary_linear.c"
 KERNEL_TOKENS = 16  # at most this many tokens per call go through the kernel; more are a matmul's job
 MAX_EXPERTS = 64  # the kernel's per-token gate buffer
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _flags() -> list[str]:
@@ -80,14 +81,14 @@ def library() -> ctypes.CDLL | None:
 
 
 def _kernel_input(x: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor] | None:
-    """(library, x as contiguous (tokens, features)) when the kernels take `x`, else None."""
+    """(library, x contiguous) when the kernels take `x` (float32/bf16 on the CPU, 1..16 tokens), else None."""
     lib = library()
-    tokens = x.numel() // x.shape[-1]
-    if lib is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if lib is None or not x.is_cpu or x.dtype not in _DTYPES:
         return None
+    tokens = x.numel() // x.shape[-1]
     if tokens > KERNEL_TOKENS or tokens == 0:
         return None
-    return lib, x.reshape(tokens, x.shape[-1]).contiguous()
+    return lib, x if x.is_contiguous() else x.contiguous()
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -113,8 +114,8 @@ def binary_linear(
     if ready is None or experts > MAX_EXPERTS:
         return None
     lib, flat = ready
-    tokens = flat.shape[0]
-    y = torch.empty(tokens, out_features, dtype=x.dtype)
+    tokens = flat.numel() // flat.shape[-1]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     status = lib.sg_binary_linear(
         flat.data_ptr(),
         y.data_ptr(),
@@ -132,7 +133,7 @@ def binary_linear(
     )
     if status:
         raise MemoryError("the 1-bit kernel could not allocate its scratch memory")
-    return y.view(*x.shape[:-1], out_features)
+    return y
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -142,11 +143,11 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     if ready is None or weight.dtype != torch.float16 or weight.device.type != "cpu" or not weight.is_contiguous():
         return None
     lib, flat = ready
-    tokens, out_features = flat.shape[0], weight.shape[0]
-    y = torch.empty(tokens, out_features, dtype=x.dtype)
+    tokens, out_features = flat.numel() // flat.shape[-1], weight.shape[0]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     status = lib.sg_half_linear(
         flat.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), tokens, x.shape[-1], out_features, weight.data_ptr()
     )
     if status:
         raise MemoryError("the 16-bit head kernel could not allocate its scratch memory")
-    return y.view(*x.shape[:-1], out_features)
+    return y

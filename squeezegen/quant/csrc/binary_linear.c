@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#define AHEAD 8 /* blocks of four rows prefetched ahead */
 #define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
 
 static float SIGNS[256][8] __attribute__((aligned(32)));
@@ -177,6 +178,10 @@ int sg_binary_linear(const void *x, void *y, int bf16, int tokens, int in_featur
     for (int b = 0; b < blocks; b++) {
         int o = 4 * b, count = out_features - o < 4 ? out_features - o : 4;
         float sums[4];
+#ifdef __AVX2__
+        if (b + AHEAD < blocks) /* the signs of a later block, so that memory works while we add */
+            for (int k = 0; k < 4 * nbytes; k += 64) _mm_prefetch((const char *)packed + (size_t)(o + 4 * AHEAD) * nbytes + k, _MM_HINT_T0);
+#endif
         for (int t = 0; t < tokens; t++) {
             signed_sums(packed + (size_t)o * nbytes, count, xs + (size_t)t * width, nbytes, sums);
             for (int r = 0; r < count; r++)
