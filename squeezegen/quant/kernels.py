@@ -146,7 +146,13 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     tokens, out_features = flat.numel() // flat.shape[-1], weight.shape[0]
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     status = lib.sg_half_linear(
-        flat.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), tokens, x.shape[-1], out_features, weight.data_ptr()
+        flat.data_ptr(),
+        y.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        tokens,
+        x.shape[-1],
+        out_features,
+        weight.data_ptr(),
     )
     if status:
         raise MemoryError("the 16-bit head kernel could not allocate its scratch memory")
