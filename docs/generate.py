@@ -324,6 +324,32 @@ def render_binary(doc: dict, path: str) -> str:
     return table(header, rows)
 
 
+def render_binary_runs(doc: dict, path: str) -> str:
+    """Distillation runs side by side: their recipe, budget and held-out perplexity, with the
+    perplexity at each `--eval-every` checkpoint (the curve against tokens seen)."""
+    rows = []
+    for run in doc["runs"]:
+        report = load(run["report"])
+        train = report["train"]
+        curve = ", ".join(
+            f"{p['tokens'] / 1000:.0f}K: {p['held_out_perplexity']:,.0f}" for p in report.get("held_out_curve", [])
+        )
+        rows.append(
+            [
+                run["label"],
+                report["binarization"]["method"],
+                train["loss"],
+                f"{train['lr']:g}",
+                f"{train['tokens']:,}",
+                f"{report['perplexity_binary']:,.0f}",
+                f"{report['history'][-1]['kl']:.2f}",
+                curve or "—",
+            ]
+        )
+    header = ["run", "method", "loss", "lr", "tokens", "held-out perplexity", "last KL (train)", doc["curve"]]
+    return table(header, rows)
+
+
 def render_binary_paper(doc: dict, path: str) -> str:
     rows = [[r["model"], *(" / ".join(f"{x:.2f}" for x in r[c]) for c in doc["columns"])] for r in doc["rows"]]
     return table([f"paper, {doc['metric'].split(', ')[1]}", *doc["columns"]], rows)
@@ -486,6 +512,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "tsa-accuracy": render_tsa_accuracy,
     "binary": render_binary,
     "binary-paper": render_binary_paper,
+    "binary-runs": render_binary_runs,
     "bench-binary": render_bench_binary,
     "serve-load": render_serve_load,
     "peers": render_peers,

@@ -608,3 +608,30 @@ def test_packed_gemma_embedding_keeps_its_scale():
     with torch.no_grad():
         assert torch.equal(model.get_input_embeddings()(ids), reference.get_input_embeddings()(ids))
         assert _relative_error(model(ids).logits, reference(ids).logits) <= 1e-4
+
+
+def test_layers_sharing_an_input_compute_in_one_call_and_never_serve_a_stale_output():
+    model, _ = sg.load("tiny-llama", dtype="float32")
+    sg.binarize_(model, sg.BinaryMoSConfig(experts=3))
+    sg.pack_(model)
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    group = q.shared_input
+    assert group is k.shared_input is v.shared_input and group.layers == (q, k, v)
+    assert model.model.layers[0].mlp.down_proj.__dict__.get("shared_input") is None
+    x = torch.randn(1, 2, q.in_features)
+    with torch.no_grad():
+        alone = [layer._kernel(x) for layer in (q, k, v)]
+        assert torch.equal(q(x), alone[0])
+        assert set(group._outputs) == {k, v}  # one call made all three
+        assert torch.equal(v(x), alone[2]) and torch.equal(k(x), alone[1])
+        assert group._outputs == {} and group._x is None
+        q(x)
+        x.mul_(2)  # the same tensor changed in place: computed again
+        assert torch.equal(k(x), k._kernel(x))
+        other = torch.randn(1, 1, q.in_features)
+        assert torch.equal(v(other), v._kernel(other))
+        assert _relative_error(q(x), _dense(q, x)) <= 1e-5  # the grouped call is the layer
+    with torch.inference_mode():  # the engine's mode: no version counters, the same outputs
+        y = torch.randn(1, 1, q.in_features)
+        assert torch.equal(k(y), k._kernel(y)) and torch.equal(q(y), q._kernel(y))

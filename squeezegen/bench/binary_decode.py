@@ -77,6 +77,12 @@ def model_memory(model: nn.Module) -> dict:
     }
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """What the decoder blocks compute in (a packed model's embedding and head stay float16)."""
+    ends = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return next(p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in ends)
+
+
 def compare_models(models: dict, tokenizer, tokens: int = 32, rounds: int = 3, reference: str | None = None) -> list:
     """One row per labelled model: decode tokens/s (interleaved, medians), its ratio to the
     `reference` row (default: the first), the dtype it computes in, and `model_memory`."""
@@ -84,7 +90,7 @@ def compare_models(models: dict, tokenizer, tokens: int = 32, rounds: int = 3, r
     reference = reference or next(iter(models))
     rows = []
     for label, model in models.items():
-        row = {"model": label, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        row = {"model": label, "dtype": str(compute_dtype(model)).removeprefix("torch.")}
         row.update(decode_tok_s=speeds[label], vs_reference=speeds[label] / speeds[reference])
         row.update(model_memory(model))
         rows.append(row)

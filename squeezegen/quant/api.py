@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.quant.binary import BinaryLinear, BinaryMoSLinear, OneBitLinear, SignLinear, round_to_stored_
+from squeezegen.quant.binary import (
+    BinaryLinear,
+    BinaryMoSLinear,
+    OneBitLinear,
+    SignLinear,
+    round_to_stored_,
+    share_inputs_,
+)
 from squeezegen.quant.half_head import keep_head_16bit_
 
 
@@ -108,12 +115,14 @@ def _require_binary(model: nn.Module) -> list[BinaryLinear]:
 def pack_(model: nn.Module) -> nn.Module:
     """Deploy in place, to exactly what a checkpoint holds: 1-bit signs, every other weight rounded
     to 16 bits, the embedding and LM head kept as float16. Decoding then runs the packed-model
-    kernels (1-bit layers from their signs, the head from its 16-bit weight); many tokens at once
-    (a prefill) unpack one layer at a time for a dense matrix product."""
+    kernels (1-bit layers from their signs, those that share an input in one call; the head from
+    its 16-bit weight); many tokens at once (a prefill) unpack one layer at a time for a dense
+    matrix product."""
     for layer in _require_binary(model):
         layer.pack_()
     for tensor in model.parameters():
         round_to_stored_(tensor)
+    share_inputs_(decoder_layers(model))
     return keep_head_16bit_(model)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeezegen.quant.kernels import binary_linear
+from squeezegen.quant.kernels import BinaryPlan
 from squeezegen.quant.packing import pack_signs, unpack_signs
 
 STORED_DTYPE = torch.float16  # scales, router and bias in the deployed format
@@ -86,11 +86,23 @@ class BinaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None and not torch.is_grad_enabled():  # packed, inference: the kernel
-            y = binary_linear(x, self.packed, self.out_features, *self.kernel_args())
+            group = self.__dict__.get("shared_input")
+            y = group.output(self, x) if group is not None else self._kernel(x)
             if y is not None:
                 return y
         y = self.scaled(x, self.signs(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        args = self.kernel_args()
+        if self.__dict__.get("_plan_args") is not args:
+            self._plan, self._plan_args = BinaryPlan(self.in_features, [(self.packed, self.out_features, *args)]), args
+        ys = self._plan(x)
+        return None if ys is None else ys[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_kernel_watch", None)  # moved or cast: the kernel's tensors are made again
+        return super()._apply(fn, recurse)
 
     def kernel_args(self) -> tuple:
         """(in_scales (E, in) | None, out_scales (E, out), router (E, in) | None, bias | None,
@@ -99,7 +111,7 @@ class BinaryLinear(nn.Module):
         watched = self.__dict__.get("_kernel_watch")
         if watched is None or any(t._version != v or t.data_ptr() != p for t, v, p in watched):
             self._kernel_args = self._kernel_tensors()
-            self._kernel_watch = [(t, t._version, t.data_ptr()) for t in self.stored_tensors()]
+            self._kernel_watch = [(t, t._version, t.data_ptr()) for t in (self.packed, *self.stored_tensors())]
         return self._kernel_args
 
     def _kernel_tensors(self) -> tuple:
@@ -197,3 +209,60 @@ class BinaryMoSLinear(BinaryLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.experts}"
+
+
+class SharedInput:
+    """Packed layers that read one input (attention's q/k/v, the MLP's gate/up): the first of them
+    asked computes all their outputs in one kernel call, the others take theirs from it, so a
+    decoder block makes four kernel calls a token instead of seven. Asked with another input (or
+    the same one changed in place, or twice), it computes again: only fewer calls, never a stale
+    output."""
+
+    def __init__(self, layers: list[BinaryLinear]) -> None:
+        self.layers = tuple(layers)
+        self._plan, self._plan_args = None, None
+        self._x, self._version, self._outputs = None, -2, {}
+
+    def _current_plan(self) -> BinaryPlan:
+        args = tuple(layer.kernel_args() for layer in self.layers)
+        if self._plan_args is None or any(a is not b for a, b in zip(args, self._plan_args, strict=True)):
+            specs = [(layer.packed, layer.out_features, *a) for layer, a in zip(self.layers, args, strict=True)]
+            self._plan, self._plan_args = BinaryPlan(self.layers[0].in_features, specs), args
+        return self._plan
+
+    def output(self, layer: BinaryLinear, x: torch.Tensor) -> torch.Tensor | None:
+        version = _version(x)
+        if x is not self._x or version != self._version or layer not in self._outputs:
+            ys = self._current_plan()(x)
+            if ys is None:
+                return None
+            self._x, self._version, self._outputs = x, version, dict(zip(self.layers, ys, strict=True))
+        y = self._outputs.pop(layer)
+        if not self._outputs:
+            self._x = None  # all taken: hold nothing between tokens
+        return y
+
+
+def _version(x: torch.Tensor) -> int:
+    """In-place changes of x so far; inference-mode tensors count none (the blocks never change
+    their projections' input in place)."""
+    return -1 if x.is_inference() else x._version
+
+
+SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+def share_inputs_(blocks: nn.ModuleList) -> None:
+    """Group the packed projections of each decoder block that read the same input (Llama-style
+    names, `SHARED_INPUTS`) into one `SharedInput`; others stay single."""
+    for block in blocks:
+        for parent_name, names in SHARED_INPUTS.items():
+            parent = getattr(block, parent_name, None)
+            layers = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(layer, BinaryLinear) and layer.is_packed for layer in layers):
+                continue
+            if len({(type(layer), layer.in_features) for layer in layers}) != 1:
+                continue
+            group = SharedInput(layers)
+            for layer in layers:
+                layer.shared_input = group

@@ -25,6 +25,7 @@ from squeezegen.paths import cache_dir
 SOURCE = Path(__file__).parent / "csrc" / "binary_linear.c"
 KERNEL_TOKENS = 16  # at most this many tokens per call go through the kernel; more are a matmul's job
 MAX_EXPERTS = 64  # the kernel's per-token gate buffer
+MAX_GROUP = 8  # layers per grouped call (csrc: MAX_GROUP)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -74,6 +75,13 @@ def library() -> ctypes.CDLL | None:
             ctypes.c_void_p,
             ctypes.c_int,
         ]
+    )
+    lib.sg_binary_linears.restype = ctypes.c_int
+    lib.sg_binary_linears.argtypes = (
+        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        + [ctypes.c_int] * 3
+        + [ctypes.c_void_p] * 4
+        + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     )
     lib.sg_half_linear.restype = ctypes.c_int
     lib.sg_half_linear.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
@@ -134,6 +142,55 @@ def binary_linear(
     if status:
         raise MemoryError("the 1-bit kernel could not allocate its scratch memory")
     return y
+
+
+class BinaryPlan:
+    """One kernel call over binary layers that read the same input (attention's q/k/v, the MLP's
+    gate/up; or a single layer), its constant arguments made once: `plan(x)` returns their outputs,
+    or None where `binary_linear` would. Each layer is (packed, out_features, in_scales,
+    out_scales, router, bias, layernorm) as `binary_linear` takes them; the tensors are kept."""
+
+    def __init__(self, in_features: int, layers: list[tuple]) -> None:
+        if not 1 <= len(layers) <= MAX_GROUP:
+            raise ValueError(f"a plan takes 1 to {MAX_GROUP} layers, got {len(layers)}")
+        experts = {0 if layer[2] is None else layer[2].shape[0] for layer in layers}
+        if len(experts) != 1 or len({bool(layer[6]) for layer in layers}) != 1:
+            raise ValueError("the layers of one plan need the same scaling (experts, layernorm)")
+        self.layers, self.in_features = layers, in_features
+        self.out_features = [layer[1] for layer in layers]
+        self.experts = experts.pop()
+        count = len(layers)
+        pointers = ctypes.c_void_p * count
+        self._arrays = [
+            (ctypes.c_int * count)(*self.out_features),
+            *(pointers(*(_pointer(layer[k]) for layer in layers)) for k in (0, 2, 3, 4, 5)),
+        ]
+        outs, packed, ins, scales, routers, biases = (ctypes.addressof(a) for a in self._arrays)
+        self._args = (outs, packed, ins, scales, self.experts, routers, biases, int(layers[0][6]))
+        self._outputs = pointers
+
+    def __reduce__(self):  # copied or pickled: made again over the copies of its tensors
+        return BinaryPlan, (self.in_features, self.layers)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        ready = _kernel_input(x)
+        if ready is None or x.shape[-1] != self.in_features or self.experts > MAX_EXPERTS:
+            return None
+        lib, flat = ready
+        ys = [torch.empty((*x.shape[:-1], out), dtype=x.dtype) for out in self.out_features]
+        targets = self._outputs(*(y.data_ptr() for y in ys))
+        status = lib.sg_binary_linears(
+            len(ys),
+            flat.data_ptr(),
+            ctypes.addressof(targets),
+            int(x.dtype == torch.bfloat16),
+            flat.numel() // self.in_features,
+            self.in_features,
+            *self._args,
+        )
+        if status:
+            raise MemoryError("the 1-bit kernel could not allocate its scratch memory")
+        return ys
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

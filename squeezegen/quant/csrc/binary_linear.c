@@ -126,84 +126,110 @@ static void signed_sums(const uint8_t *rows, int count, const float *xs, int nby
     }
 }
 
-/* experts: 0 = no input scale and a single out_scale row (sign); otherwise in_scales / out_scales
- * hold `experts` rows (at most 64), mixed by softmax(router . x) when router is given (one row:
- * static). */
+#define MAX_GROUP 8 /* layers per grouped call */
+
+/* `count` binary layers that read the same input x (q/k/v, gate/up), in one parallel pass.
+ * experts: 0 = no input scale and a single out_scale row (sign); otherwise in_scales / out_scales
+ * hold `experts` rows (at most 64), mixed by softmax(router . x) when a router is given (one row:
+ * static). Per layer i: out_features[i], packed[i], in_scales[i], out_scales[i], routers[i] and
+ * biases[i] (either may be NULL), ys[i]. Returns 0, or 1 when scratch memory ran out, 2 for
+ * arguments out of range. */
+int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int tokens, int in_features,
+                      const int *out_features, const uint8_t *const *packed, const float *const *in_scales,
+                      const float *const *out_scales, int experts, const float *const *routers,
+                      const float *const *biases, int layernorm) {
+    if (!signs_ready) init_signs();
+    if (experts > 64 || count < 1 || count > MAX_GROUP) return 2;
+    int nbytes = (in_features + 7) / 8, width = nbytes * 8, rows = experts > 0 ? experts : 1;
+    /* per layer and token: the scaled input (padded to whole bytes), the output scales, the outputs */
+    float *xs[MAX_GROUP] = {0}, *s_out[MAX_GROUP] = {0}, *yt[MAX_GROUP] = {0};
+    int first[MAX_GROUP + 1] = {0}; /* the first block of four rows of each layer */
+    size_t work = 0;
+    float *xf = malloc(sizeof(float) * (size_t)tokens * in_features);
+    int failed = !xf;
+    for (int i = 0; i < count && !failed; i++) {
+        xs[i] = aligned_alloc(32, sizeof(float) * (size_t)tokens * width);
+        s_out[i] = malloc(sizeof(float) * (size_t)tokens * out_features[i]);
+        yt[i] = malloc(sizeof(float) * (size_t)tokens * out_features[i]);
+        failed = !xs[i] || !s_out[i] || !yt[i];
+        first[i + 1] = first[i] + (out_features[i] + 3) / 4;
+        work += (size_t)out_features[i] * nbytes;
+    }
+    for (int t = 0; t < tokens && !failed; t++) load_row(x, bf16, (size_t)t * in_features, in_features, xf + (size_t)t * in_features);
+    for (int i = 0; i < count && !failed; i++) {
+        int out = out_features[i], mixed = routers[i] && rows > 1 ? rows : 1;
+        for (int t = 0; t < tokens; t++) {
+            float gate[64];
+            const float *xt_in = xf + (size_t)t * in_features;
+            float *xt = xs[i] + (size_t)t * width, *st = s_out[i] + (size_t)t * out;
+            if (mixed > 1) { /* the token's mixture of scales: softmax(router . x) */
+                float top = -INFINITY, norm = 0.0f;
+                for (int e = 0; e < mixed; e++) {
+                    gate[e] = dot(routers[i] + (size_t)e * in_features, xt_in, in_features);
+                    top = gate[e] > top ? gate[e] : top;
+                }
+                for (int e = 0; e < mixed; e++) norm += gate[e] = expf(gate[e] - top);
+                for (int e = 0; e < mixed; e++) gate[e] /= norm;
+            } else {
+                gate[0] = 1.0f;
+            }
+            memset(xt, 0, sizeof(float) * width);
+            memset(st, 0, sizeof(float) * out);
+            for (int e = 0; e < mixed; e++) {
+                const float *so = out_scales[i] + (size_t)e * out;
+                for (int o = 0; o < out; o++) st[o] += gate[e] * so[o];
+                if (experts > 0) {
+                    const float *si = in_scales[i] + (size_t)e * in_features;
+                    for (int j = 0; j < in_features; j++) xt[j] += gate[e] * si[j];
+                }
+            }
+            for (int j = 0; j < in_features; j++) xt[j] = experts > 0 ? xt[j] * xt_in[j] : xt_in[j];
+        }
+    }
+    int blocks = failed ? 0 : first[count];
+#pragma omp parallel for schedule(static) if (work >= PARALLEL_BYTES)
+    for (int b = 0; b < blocks; b++) {
+        int i = 0;
+        while (b >= first[i + 1]) i++;
+        int out = out_features[i], o = 4 * (b - first[i]), n = out - o < 4 ? out - o : 4;
+        float sums[4];
+#ifdef __AVX2__
+        if (b + AHEAD < first[i + 1]) /* the signs of a later block, so that memory works while we add */
+            for (int k = 0; k < 4 * nbytes; k += 64) _mm_prefetch((const char *)packed[i] + (size_t)(o + 4 * AHEAD) * nbytes + k, _MM_HINT_T0);
+#endif
+        for (int t = 0; t < tokens; t++) {
+            signed_sums(packed[i] + (size_t)o * nbytes, n, xs[i] + (size_t)t * width, nbytes, sums);
+            for (int r = 0; r < n; r++) yt[i][(size_t)t * out + o + r] = sums[r] * s_out[i][(size_t)t * out + o + r];
+        }
+    }
+    for (int i = 0; i < count && !failed; i++) {
+        int out = out_features[i];
+        for (int t = 0; t < tokens; t++) {
+            float *row = yt[i] + (size_t)t * out;
+            if (layernorm) {
+                double mean = 0.0, var = 0.0;
+                for (int o = 0; o < out; o++) mean += row[o];
+                mean /= out;
+                for (int o = 0; o < out; o++) var += (row[o] - mean) * (row[o] - mean);
+                float inv = 1.0f / sqrtf((float)(var / out) + 1e-5f);
+                for (int o = 0; o < out; o++) row[o] = (float)((row[o] - mean) * inv);
+            }
+            if (biases[i])
+                for (int o = 0; o < out; o++) row[o] += biases[i][o];
+            store_row(ys[i], bf16, (size_t)t * out, out, row);
+        }
+    }
+    for (int i = 0; i < count; i++) free(xs[i]), free(s_out[i]), free(yt[i]);
+    free(xf);
+    return failed;
+}
+
+/* One binary layer: sg_binary_linears with count 1. */
 int sg_binary_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
                      const uint8_t *packed, const float *in_scales, const float *out_scales, int experts,
                      const float *router, const float *bias, int layernorm) {
-    if (!signs_ready) init_signs();
-    if (experts > 64) return 2;
-    int nbytes = (in_features + 7) / 8, width = nbytes * 8;
-    int rows = experts > 0 ? experts : 1;
-    int mixed = router && rows > 1 ? rows : 1;
-    /* per token: the scaled input (padded to whole bytes), the output scales, the outputs */
-    float *xs = aligned_alloc(32, sizeof(float) * (size_t)tokens * width);
-    float *s_out = malloc(sizeof(float) * (size_t)tokens * out_features);
-    float *yt = malloc(sizeof(float) * (size_t)tokens * out_features);
-    float *xf = malloc(sizeof(float) * in_features);
-    if (!xs || !s_out || !yt || !xf) {
-        free(xs), free(s_out), free(yt), free(xf);
-        return 1;
-    }
-    for (int t = 0; t < tokens; t++) {
-        float gate[64];
-        float *xt = xs + (size_t)t * width, *st = s_out + (size_t)t * out_features;
-        load_row(x, bf16, (size_t)t * in_features, in_features, xf);
-        if (mixed > 1) { /* the token's mixture of scales: softmax(router . x) */
-            float top = -INFINITY, norm = 0.0f;
-            for (int e = 0; e < mixed; e++) {
-                gate[e] = dot(router + (size_t)e * in_features, xf, in_features);
-                top = gate[e] > top ? gate[e] : top;
-            }
-            for (int e = 0; e < mixed; e++) norm += gate[e] = expf(gate[e] - top);
-            for (int e = 0; e < mixed; e++) gate[e] /= norm;
-        } else {
-            gate[0] = 1.0f;
-        }
-        memset(xt, 0, sizeof(float) * width);
-        memset(st, 0, sizeof(float) * out_features);
-        for (int e = 0; e < mixed; e++) {
-            const float *so = out_scales + (size_t)e * out_features;
-            for (int o = 0; o < out_features; o++) st[o] += gate[e] * so[o];
-            if (experts > 0) {
-                const float *si = in_scales + (size_t)e * in_features;
-                for (int j = 0; j < in_features; j++) xt[j] += gate[e] * si[j];
-            }
-        }
-        for (int j = 0; j < in_features; j++) xt[j] = experts > 0 ? xt[j] * xf[j] : xf[j];
-    }
-    int blocks = (out_features + 3) / 4;
-#pragma omp parallel for schedule(static) if ((size_t)out_features * nbytes >= PARALLEL_BYTES)
-    for (int b = 0; b < blocks; b++) {
-        int o = 4 * b, count = out_features - o < 4 ? out_features - o : 4;
-        float sums[4];
-#ifdef __AVX2__
-        if (b + AHEAD < blocks) /* the signs of a later block, so that memory works while we add */
-            for (int k = 0; k < 4 * nbytes; k += 64) _mm_prefetch((const char *)packed + (size_t)(o + 4 * AHEAD) * nbytes + k, _MM_HINT_T0);
-#endif
-        for (int t = 0; t < tokens; t++) {
-            signed_sums(packed + (size_t)o * nbytes, count, xs + (size_t)t * width, nbytes, sums);
-            for (int r = 0; r < count; r++)
-                yt[(size_t)t * out_features + o + r] = sums[r] * s_out[(size_t)t * out_features + o + r];
-        }
-    }
-    for (int t = 0; t < tokens; t++) {
-        float *row = yt + (size_t)t * out_features;
-        if (layernorm) {
-            double mean = 0.0, var = 0.0;
-            for (int o = 0; o < out_features; o++) mean += row[o];
-            mean /= out_features;
-            for (int o = 0; o < out_features; o++) var += (row[o] - mean) * (row[o] - mean);
-            float inv = 1.0f / sqrtf((float)(var / out_features) + 1e-5f);
-            for (int o = 0; o < out_features; o++) row[o] = (float)((row[o] - mean) * inv);
-        }
-        if (bias)
-            for (int o = 0; o < out_features; o++) row[o] += bias[o];
-        store_row(y, bf16, (size_t)t * out_features, out_features, row);
-    }
-    free(xs), free(s_out), free(yt), free(xf);
-    return 0;
+    return sg_binary_linears(1, x, &y, bf16, tokens, in_features, &out_features, &packed, &in_scales, &out_scales,
+                             experts, &router, &bias, layernorm);
 }
 
 int sg_half_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
