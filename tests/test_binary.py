@@ -163,9 +163,9 @@ _LAYERS = {
 }
 
 
-def _packed_layer(kind: str, bias: bool) -> nn.Module:
+def _packed_layer(kind: str, bias: bool, d_in: int = 44, d_out: int = 24) -> nn.Module:
     """A packed layer with trained-looking state: 44 inputs (not a multiple of 8), distinct experts."""
-    layer = _LAYERS[kind](_linear(44, 24, bias=bias, seed=3))
+    layer = _LAYERS[kind](_linear(d_in, d_out, bias=bias, seed=3))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, t in layer.named_parameters():
@@ -188,15 +188,16 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_packed_kernel_equals_dense_path(kind, bias, dtype, tolerance, tokens):
+@pytest.mark.parametrize("shape", [(44, 24), (36, 22), (520, 515)])  # odd byte counts, partial row blocks, threads
+def test_packed_kernel_equals_dense_path(kind, bias, dtype, tolerance, tokens, shape):
     assert kernels.library() is not None, "the packed kernel did not build: is a C compiler (gcc) installed?"
-    layer = _packed_layer(kind, bias)
-    x = torch.randn(1, tokens, 44).to(dtype)
+    layer = _packed_layer(kind, bias, *shape)
+    x = torch.randn(1, tokens, shape[0]).to(dtype)
     with torch.no_grad():
         raw = kernels.binary_linear(x, layer.packed, layer.out_features, *layer.kernel_args())
         y, reference = layer(x), _dense(layer, x)
     assert raw is not None and torch.equal(raw, y)  # the forward went through the kernel
-    assert y.dtype == dtype and y.shape == (1, tokens, 24)
+    assert y.dtype == dtype and y.shape == (1, tokens, shape[1])
     assert _relative_error(y, reference) <= tolerance
 
 

@@ -26,6 +26,23 @@
 #define AHEAD 8 /* blocks of four rows prefetched ahead */
 #define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
 
+/* Scratch memory of the calling thread, kept between calls: a decode makes hundreds of calls a
+ * token, and allocating (and, past glibc's thresholds, mapping and faulting in) fresh buffers each
+ * time costs more than the small layers' arithmetic. Returns NULL when memory runs out. */
+static float *scratch(int slot, size_t floats) { /* slot 0: a call's buffers; 1: a thread's row */
+    static __thread float *buffer[2] = {NULL, NULL};
+    static __thread size_t capacity[2] = {0, 0};
+    if (floats > capacity[slot]) {
+        free(buffer[slot]);
+        capacity[slot] = floats + floats / 2;
+        buffer[slot] = aligned_alloc(32, sizeof(float) * ((capacity[slot] + 7) / 8 * 8));
+        if (!buffer[slot]) capacity[slot] = 0;
+    }
+    return buffer[slot];
+}
+
+static size_t round8(size_t n) { return (n + 7) / 8 * 8; }
+
 static float SIGNS[256][8] __attribute__((aligned(32)));
 static int signs_ready = 0;
 
@@ -102,13 +119,27 @@ static void signed_sums(const uint8_t *rows, int count, const float *xs, int nby
     if (count == 4) {
         const uint8_t *r0 = rows, *r1 = rows + nbytes, *r2 = rows + 2 * nbytes, *r3 = rows + 3 * nbytes;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int g = 0; g < nbytes; g++) {
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        int g = 0;
+        for (; g + 2 <= nbytes; g += 2) { /* two bytes a row at a time: eight independent sums */
+            __m256 v = _mm256_load_ps(xs + 8 * g), w = _mm256_load_ps(xs + 8 * g + 8);
+            a0 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r0[g]]), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r1[g]]), v, a1);
+            a2 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r2[g]]), v, a2);
+            a3 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r3[g]]), v, a3);
+            b0 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r0[g + 1]]), w, b0);
+            b1 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r1[g + 1]]), w, b1);
+            b2 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r2[g + 1]]), w, b2);
+            b3 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r3[g + 1]]), w, b3);
+        }
+        if (g < nbytes) {
             __m256 v = _mm256_load_ps(xs + 8 * g);
             a0 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r0[g]]), v, a0);
             a1 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r1[g]]), v, a1);
             a2 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r2[g]]), v, a2);
             a3 = _mm256_fmadd_ps(_mm256_load_ps(SIGNS[r3[g]]), v, a3);
         }
+        a0 = _mm256_add_ps(a0, b0), a1 = _mm256_add_ps(a1, b1), a2 = _mm256_add_ps(a2, b2), a3 = _mm256_add_ps(a3, b3);
         /* horizontal sums of the four accumulators at once */
         __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
         _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
@@ -144,14 +175,15 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
     /* per layer and token: the scaled input (padded to whole bytes), the output scales, the outputs */
     float *xs[MAX_GROUP] = {0}, *s_out[MAX_GROUP] = {0}, *yt[MAX_GROUP] = {0};
     int first[MAX_GROUP + 1] = {0}; /* the first block of four rows of each layer */
-    size_t work = 0;
-    float *xf = malloc(sizeof(float) * (size_t)tokens * in_features);
+    size_t work = 0, floats = round8((size_t)tokens * in_features);
+    for (int i = 0; i < count; i++) floats += (size_t)tokens * width + 2 * round8((size_t)tokens * out_features[i]);
+    float *xf = scratch(0, floats); /* carved into 32-byte aligned pieces */
     int failed = !xf;
+    float *next = failed ? NULL : xf + round8((size_t)tokens * in_features);
     for (int i = 0; i < count && !failed; i++) {
-        xs[i] = aligned_alloc(32, sizeof(float) * (size_t)tokens * width);
-        s_out[i] = malloc(sizeof(float) * (size_t)tokens * out_features[i]);
-        yt[i] = malloc(sizeof(float) * (size_t)tokens * out_features[i]);
-        failed = !xs[i] || !s_out[i] || !yt[i];
+        xs[i] = next, next += (size_t)tokens * width;
+        s_out[i] = next, next += round8((size_t)tokens * out_features[i]);
+        yt[i] = next, next += round8((size_t)tokens * out_features[i]);
         first[i + 1] = first[i] + (out_features[i] + 3) / 4;
         work += (size_t)out_features[i] * nbytes;
     }
@@ -219,8 +251,6 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
             store_row(ys[i], bf16, (size_t)t * out, out, row);
         }
     }
-    for (int i = 0; i < count; i++) free(xs[i]), free(s_out[i]), free(yt[i]);
-    free(xf);
     return failed;
 }
 
@@ -234,17 +264,16 @@ int sg_binary_linear(const void *x, void *y, int bf16, int tokens, int in_featur
 
 int sg_half_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
                    const uint16_t *weight) {
-    float *xf = malloc(sizeof(float) * (size_t)tokens * in_features);
-    float *yt = malloc(sizeof(float) * (size_t)tokens * out_features);
-    if (!xf || !yt) {
-        free(xf), free(yt);
-        return 1;
-    }
+    /* float32 outputs go straight to y; bf16 ones through float32 scratch */
+    size_t in_floats = round8((size_t)tokens * in_features);
+    float *xf = scratch(0, in_floats + (bf16 ? (size_t)tokens * out_features : 0));
+    if (!xf) return 1;
+    float *yt = bf16 ? xf + in_floats : (float *)y;
     for (int t = 0; t < tokens; t++) load_row(x, bf16, (size_t)t * in_features, in_features, xf + (size_t)t * in_features);
     int failed = 0;
 #pragma omp parallel if ((size_t)out_features * in_features >= PARALLEL_BYTES)
     {
-        float *wf = malloc(sizeof(float) * in_features); /* one row, widened */
+        float *wf = scratch(1, in_features); /* one row, widened */
         if (!wf) {
 #pragma omp atomic write
             failed = 1;
@@ -262,10 +291,8 @@ int sg_half_linear(const void *x, void *y, int bf16, int tokens, int in_features
             for (int t = 0; t < tokens; t++)
                 yt[(size_t)t * out_features + o] = dot(wf, xf + (size_t)t * in_features, in_features);
         }
-        free(wf);
     }
-    for (int t = 0; t < tokens && !failed; t++)
+    for (int t = 0; t < tokens && !failed && bf16; t++)
         store_row(y, bf16, (size_t)t * out_features, out_features, yt + (size_t)t * out_features);
-    free(xf), free(yt);
     return failed;
 }
