@@ -339,14 +339,14 @@ def render_binary_runs(doc: dict, path: str) -> str:
                 run["label"],
                 report["binarization"]["method"],
                 train["loss"],
-                f"{train['lr']:g}",
+                f"{train['lr']:.0e}",
                 f"{train['tokens']:,}",
                 f"{report['perplexity_binary']:,.0f}",
                 f"{report['history'][-1]['kl']:.2f}",
                 curve or "—",
             ]
         )
-    header = ["run", "method", "loss", "lr", "tokens", "held-out perplexity", "last KL (train)", doc["curve"]]
+    header = ["run", "method", "loss", "lr", "tokens", "held-out perplexity, packed", "last KL (train)", doc["curve"]]
     return table(header, rows)
 
 

@@ -636,3 +636,13 @@ def test_layers_sharing_an_input_compute_in_one_call_and_never_serve_a_stale_out
     with torch.inference_mode():  # the engine's mode: no version counters, the same outputs
         y = torch.randn(1, 1, q.in_features)
         assert torch.equal(k(y), k._kernel(y)) and torch.equal(q(y), q._kernel(y))
+
+
+def test_decode_comparison_rotates_the_order_and_takes_medians(monkeypatch):
+    from squeezegen.bench import binary_decode
+
+    calls, speeds = [], {"a": iter([1, 9, 2, 3]), "b": iter([5, 4, 6, 7]), "c": iter([8, 2, 2, 9])}
+    monkeypatch.setattr(binary_decode, "decode_tokens_per_s", lambda m, t, n: (calls.append(m), next(speeds[m]))[1])
+    medians = binary_decode.compare_decode({k: k for k in "abc"}, None, tokens=4, rounds=3)
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # after one warm-up each
+    assert medians == {"a": 3, "b": 6, "c": 2}

@@ -1,7 +1,8 @@
 """Decode speed and memory of binarized (packed) models beside their float model, measured in one run.
 
-Rounds interleave the models (float32, bf16, binary, float32, ...) so that background load falls on
-all alike; each model's figure is the median of its rounds. Memory is what the tensors of the
+Rounds interleave the models, each round in an order rotated by one, so that background load (and
+whatever one model leaves in the caches for the next) falls on all alike; each model's figure is
+the median of its rounds. Memory is what the tensors of the
 decoder layers' linear layers hold while the model runs (for packed layers: the signs, the scales,
 router and bias, and the float32 copies of them the kernel keeps), counted per weight of those
 layers; the embeddings and the LM head (often tied, counted once), which stay 16-bit or wider, are
@@ -26,13 +27,14 @@ def decode_tokens_per_s(model, tokenizer, tokens: int) -> float:
 
 
 def compare_decode(models: dict, tokenizer, tokens: int = 32, rounds: int = 3) -> dict[str, float]:
-    """Median decode tokens/s per labelled model over interleaved rounds (after one warm-up each)."""
+    """Median decode tokens/s per labelled model over interleaved, rotated rounds (after one warm-up each)."""
     for model in models.values():
         decode_tokens_per_s(model, tokenizer, 2)
     runs: dict[str, list[float]] = {label: [] for label in models}
-    for _ in range(rounds):
-        for label, model in models.items():
-            runs[label].append(decode_tokens_per_s(model, tokenizer, tokens))
+    labels = list(models)
+    for r in range(rounds):  # each round starts one model later: none always follows the same one
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            runs[label].append(decode_tokens_per_s(models[label], tokenizer, tokens))
     return {label: statistics.median(values) for label, values in runs.items()}
 
 
