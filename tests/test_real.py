@@ -126,6 +126,12 @@ def test_smollm2_binarymos_packs_to_under_1_25th_and_round_trips(tmp_path):
     loaded, _ = sg.load(folder, dtype="float32")
     ids = tok("The interpreter reads each statement and", return_tensors="pt").input_ids
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.get_output_embeddings().weight.dtype == torch.float16  # the tied head stays 16-bit
+    few = ids[:, :8]  # up to 16 tokens: the packed kernels; with gradients on: the dense path
+    with torch.no_grad():
+        kernel = loaded(few).logits
+    dense = loaded(few).logits.detach()
+    assert ((kernel - dense).abs().max() / dense.abs().max()).item() <= 1e-4
     linear = sg.stored_bytes(loaded)
     assert linear["float32_linear"] / linear["binary_linear"] >= 25
     # on disk: packed linear layers plus 16-bit embeddings and norms, a quarter of the float model or less
