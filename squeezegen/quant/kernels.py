@@ -64,18 +64,6 @@ def library() -> ctypes.CDLL | None:
                         return None
                     built.replace(target)
     lib = ctypes.CDLL(str(target))
-    lib.sg_binary_linear.restype = ctypes.c_int
-    lib.sg_binary_linear.argtypes = (
-        [ctypes.c_void_p] * 2
-        + [ctypes.c_int] * 4
-        + [ctypes.c_void_p] * 3
-        + [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    )
     lib.sg_binary_linears.restype = ctypes.c_int
     lib.sg_binary_linears.argtypes = (
         [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
@@ -117,31 +105,8 @@ def binary_linear(
     softmax(router . x) when a router is given; None when the kernel does not apply (too many
     tokens, a dtype or device it does not take, no kernel) and the caller computes densely.
     Scales, router and bias are float32 (E, in) / (E, out) / (out)."""
-    ready = _kernel_input(x)
-    experts = 0 if in_scales is None else in_scales.shape[0]
-    if ready is None or experts > MAX_EXPERTS:
-        return None
-    lib, flat = ready
-    tokens = flat.numel() // flat.shape[-1]
-    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
-    status = lib.sg_binary_linear(
-        flat.data_ptr(),
-        y.data_ptr(),
-        int(x.dtype == torch.bfloat16),
-        tokens,
-        x.shape[-1],
-        out_features,
-        packed.data_ptr(),
-        _pointer(in_scales),
-        out_scales.data_ptr(),
-        experts,
-        _pointer(router),
-        _pointer(bias),
-        int(layernorm),
-    )
-    if status:
-        raise MemoryError("the 1-bit kernel could not allocate its scratch memory")
-    return y
+    ys = BinaryPlan(x.shape[-1], [(packed, out_features, in_scales, out_scales, router, bias, layernorm)])(x)
+    return None if ys is None else ys[0]
 
 
 class BinaryPlan:

@@ -1,6 +1,6 @@
 /* Decoding kernels for packed models, a few tokens per call, computing in float32.
  *
- * sg_binary_linear: a binary linear layer straight from packed signs,
+ * sg_binary_linears: binary linear layers from their packed signs (several reading one input: one call),
  *   y[t, o] = out_scale(t)[o] * sum_j sign[o, j] * in_scale(t)[j] * x[t, j]   (+ bias[o])
  * signs: 8 per byte along each row, bit j of byte b = column 8b + j, a set bit = +1 (packing.py).
  * Scales: none, static (OneBit), or a per-token mixture of E experts chosen by a softmax router
@@ -252,14 +252,6 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
         }
     }
     return failed;
-}
-
-/* One binary layer: sg_binary_linears with count 1. */
-int sg_binary_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
-                     const uint8_t *packed, const float *in_scales, const float *out_scales, int experts,
-                     const float *router, const float *bias, int layernorm) {
-    return sg_binary_linears(1, x, &y, bf16, tokens, in_features, &out_features, &packed, &in_scales, &out_scales,
-                             experts, &router, &bias, layernorm);
 }
 
 int sg_half_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
