@@ -619,23 +619,27 @@ def test_layers_sharing_an_input_compute_in_one_call_and_never_serve_a_stale_out
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     group = q.shared_input
     assert group is k.shared_input is v.shared_input and group.layers == (q, k, v)
-    assert model.model.layers[0].mlp.down_proj.__dict__.get("shared_input") is None
+    assert model.model.layers[0].mlp.down_proj.__dict__.get("shared_input") is None  # until it runs alone
+
+    def alone(layer, x):  # the layer's own kernel call
+        return kernels.binary_linear(x, layer.packed, layer.out_features, *layer.kernel_args())
+
     x = torch.randn(1, 2, q.in_features)
     with torch.no_grad():
-        alone = [layer._kernel(x) for layer in (q, k, v)]
-        assert torch.equal(q(x), alone[0])
+        alone_qkv = [alone(layer, x) for layer in (q, k, v)]
+        assert torch.equal(q(x), alone_qkv[0])
         assert set(group._outputs) == {k, v}  # one call made all three
-        assert torch.equal(v(x), alone[2]) and torch.equal(k(x), alone[1])
+        assert torch.equal(v(x), alone_qkv[2]) and torch.equal(k(x), alone_qkv[1])
         assert group._outputs == {} and group._x is None
         q(x)
         x.mul_(2)  # the same tensor changed in place: computed again
-        assert torch.equal(k(x), k._kernel(x))
+        assert torch.equal(k(x), alone(k, x))
         other = torch.randn(1, 1, q.in_features)
-        assert torch.equal(v(other), v._kernel(other))
+        assert torch.equal(v(other), alone(v, other))
         assert _relative_error(q(x), _dense(q, x)) <= 1e-5  # the grouped call is the layer
     with torch.inference_mode():  # the engine's mode: no version counters, the same outputs
         y = torch.randn(1, 1, q.in_features)
-        assert torch.equal(k(y), k._kernel(y)) and torch.equal(q(y), q._kernel(y))
+        assert torch.equal(k(y), alone(k, y)) and torch.equal(q(y), alone(q, y))
 
 
 def test_decode_comparison_rotates_the_order_and_takes_medians(monkeypatch):
@@ -646,3 +650,18 @@ def test_decode_comparison_rotates_the_order_and_takes_medians(monkeypatch):
     medians = binary_decode.compare_decode({k: k for k in "abc"}, None, tokens=4, rounds=3)
     assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # after one warm-up each
     assert medians == {"a": 3, "b": 6, "c": 2}
+
+
+@pytest.mark.parametrize("kind", list(_LAYERS))
+def test_each_row_of_a_kernel_batch_equals_the_row_alone(kind):
+    layer = _packed_layer(kind, bias=True, d_in=520, d_out=515)
+    x = torch.randn(4, 3, 520)
+    with torch.no_grad():
+        batch = layer(x)
+        for b in range(4):
+            for t in range(3):
+                assert torch.equal(batch[b, t], layer(x[b : b + 1, t : t + 1])[0, 0])
+    half = torch.randn(300, 44).half()
+    rows = torch.randn(5, 44)
+    together = kernels.half_linear(rows, half)
+    assert all(torch.equal(together[i], kernels.half_linear(rows[i : i + 1], half)[0]) for i in range(5))

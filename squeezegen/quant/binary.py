@@ -87,18 +87,13 @@ class BinaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None and not torch.is_grad_enabled():  # packed, inference: the kernel
             group = self.__dict__.get("shared_input")
-            y = group.output(self, x) if group is not None else self._kernel(x)
+            if group is None:  # a layer no other shares its input with: a group of one
+                group = self.shared_input = SharedInput([self])
+            y = group.output(self, x)
             if y is not None:
                 return y
         y = self.scaled(x, self.signs(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
-        args = self.kernel_args()
-        if self.__dict__.get("_plan_args") is not args:
-            self._plan, self._plan_args = BinaryPlan(self.in_features, [(self.packed, self.out_features, *args)]), args
-        ys = self._plan(x)
-        return None if ys is None else ys[0]
 
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_kernel_watch", None)  # moved or cast: the kernel's tensors are made again
