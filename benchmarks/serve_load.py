@@ -29,6 +29,7 @@ import uvicorn
 from openai import AsyncOpenAI
 
 import squeezegen as sg
+from squeezegen.runtime.device import host
 from squeezegen.serve.app import Server, ServerConfig, create_app
 
 
@@ -200,9 +201,9 @@ def main() -> None:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
     prompts = passages(tok, args.clients, args.prompt_tokens)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(model.model.norm.weight.dtype).removeprefix("torch.")  # a packed model's first tensor is 16-bit
     report = {
-        "meta": {**vars(args), "dtype": dtype, "threads": __import__("torch").get_num_threads()},
+        "meta": {**vars(args), "dtype": dtype, "threads": __import__("torch").get_num_threads(), "host": host()},
         "load": asyncio.run(load_test(url, args.model, prompts, args.new_tokens, args.limit_s)),
     }
     if args.document_tokens:

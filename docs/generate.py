@@ -496,6 +496,30 @@ def render_peers(doc: dict, path: str) -> str:
     return _benchmark("engine_vs_peers", "markdown_table")(doc["rows"])
 
 
+def _recorded_host(path: str) -> tuple[str | None, str | None]:
+    """(CPU class, dtype) a result file records itself (meta.host, meta.dtype), where it does."""
+    try:
+        doc = load(path)
+    except (OSError, ValueError):
+        return None, None
+    meta = doc.get("meta", {}) if isinstance(doc, dict) else {}
+    host = meta.get("host") if isinstance(meta, dict) else None
+    return (host or {}).get("cpu_class"), meta.get("dtype") if isinstance(meta, dict) else None
+
+
+def render_machines(doc: dict, path: str) -> str:
+    """Each result file: the machine class and dtype it ran with, recorded in the file where it is,
+    else as the notes of the session that made it record them."""
+    rows = []
+    for name, entry in sorted(doc["results"].items()):
+        cpu_class, dtype = _recorded_host(name)
+        source = "the file (meta.host)" if cpu_class else entry["source"]
+        rows.append(
+            [f"`{name}`", cpu_class or entry["cpu_class"], dtype or entry.get("dtype") or "not recorded", source]
+        )
+    return table(["result", "machine class", "dtype", "from"], rows)
+
+
 RENDERERS: dict[str, Callable[[object, str], str]] = {
     "eval": render_eval,
     "bench": render_bench,
@@ -520,6 +544,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "mobile-mini": render_mobile_mini,
     "mobile-sizes": render_mobile_sizes,
     "mobile-latency": render_mobile_latency,
+    "machines": render_machines,
 }
 
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from squeezegen.runtime.attention import dense_attention, repeat_kv, visibility_mask
@@ -88,3 +89,24 @@ def test_banded_sliding_attention_equals_the_masked_dense_one():
         mask = visibility_mask(positions, positions[:, None], window)
         dense = dense_attention(query, key, value, 0.3, mask)
         assert torch.allclose(banded_attention(query, key, value, 0.3, positions, window), dense, atol=1e-6)
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_decode_attention_both_cpu_paths_equal_the_float32_reference(monkeypatch, native, dtype, tolerance):
+    """The one-query kernel takes SDPA or (bf16 on a CPU with native bf16) two matmuls: both are
+    checked on any CPU against a float32 softmax by hand, GQA and empty slots included."""
+    from squeezegen.runtime import attention
+
+    monkeypatch.setattr(attention, "native_bf16", lambda device: native)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    visible = torch.rand(2, 3, 10) > 0.3
+    visible[..., 0] = True
+    out = attention.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), visible, 0.35)
+    assert out.dtype == dtype and out.shape == (2, 6, 1, 8)
+    q32, k32, v32 = (t.to(dtype).float() for t in (q, k, v))  # the same inputs, computed in float32
+    scores = (q32.view(2, 3, 2, 8) @ k32.transpose(-1, -2)) * 0.35
+    probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
+    reference = (probs @ v32).reshape(2, 6, 1, 8)
+    assert (out.float() - reference).abs().max() <= tolerance * reference.abs().max()

@@ -311,14 +311,16 @@ def counting(monkeypatch, stop_after=None):
     return calls
 
 
-def test_interrupted_eval_resumes_to_the_same_records(tmp_path, capsys, monkeypatch):
+def test_interrupted_eval_resumes_to_the_same_records(tmp_path, capsys, auto_dtype):
     assert main([*EVAL, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "records.json").read_text())["records"]
     assert len(whole) == 6 * 2 * 2  # samples x modes x (full + tova)
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["dtype"] == auto_dtype
 
     out = tmp_path / "split"
-    calls = counting(monkeypatch, stop_after=4)
-    assert main([*EVAL, "--out", str(out)]) == 130
+    with pytest.MonkeyPatch.context() as mp:  # undone alone: the dtype "auto" means stays as set
+        counting(mp, stop_after=4)
+        assert main([*EVAL, "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
         f"squeezegen: interrupted: 4 of 6 samples are saved in {out / 'records.jsonl'}; "
@@ -328,18 +330,19 @@ def test_interrupted_eval_resumes_to_the_same_records(tmp_path, capsys, monkeypa
     assert main([*EVAL, "--out", str(out)]) == 2  # neither discarded nor silently continued
     assert "--resume to continue it" in capsys.readouterr().err
 
-    monkeypatch.undo()
-    calls = counting(monkeypatch)
-    assert main([*EVAL, "--out", str(out), "--resume"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        calls = counting(mp)
+        assert main([*EVAL, "--out", str(out), "--resume"]) == 0
     assert sorted(calls) == [("niah_word", 300, 1), ("niah_word", 300, 2)]  # only the unfinished samples
     assert json.loads((out / "records.json").read_text())["records"] == whole
     assert (out / "table.md").read_text() == (tmp_path / "whole" / "table.md").read_text()
 
 
-def test_resume_refuses_other_settings_and_drops_a_half_written_sample(tmp_path, capsys, monkeypatch):
+def test_resume_refuses_other_settings_and_drops_a_half_written_sample(tmp_path, capsys, auto_dtype):
     out = tmp_path / "run"
-    counting(monkeypatch, stop_after=2)
-    assert main([*EVAL, "--out", str(out)]) == 130
+    with pytest.MonkeyPatch.context() as mp:
+        counting(mp, stop_after=2)
+        assert main([*EVAL, "--out", str(out)]) == 130
     capsys.readouterr()
     assert main([*EVAL, "--out", str(out), "--resume", "--samples", "4", "--seed", "1"]) == 2
     err = capsys.readouterr().err
@@ -347,12 +350,15 @@ def test_resume_refuses_other_settings_and_drops_a_half_written_sample(tmp_path,
     assert "samples: 3 then, 4 now; seed: 0 then, 1 now" in err
     assert main([*EVAL, "--out", str(out), "--resume", "--overwrite"]) == 2
     assert "pass one of them" in capsys.readouterr().err
+    other = "float32" if auto_dtype == "bfloat16" else "bfloat16"  # an explicit other dtype is another run
+    assert main([*EVAL, "--out", str(out), "--resume", "--dtype", other]) == 2
+    assert f"dtype: {auto_dtype!r} then, {other!r} now" in capsys.readouterr().err
 
     lines = (out / "records.jsonl").read_text()
     (out / "records.jsonl").write_text(lines + lines.splitlines()[0][:50])  # killed mid-write
-    monkeypatch.undo()
-    calls = counting(monkeypatch)
-    assert main([*EVAL, "--out", str(out), "--resume"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        calls = counting(mp)  # what auto chose, named: the same run
+        assert main([*EVAL, "--out", str(out), "--resume", "--dtype", auto_dtype]) == 0
     assert len(calls) == 4
     assert len((out / "records.jsonl").read_text().splitlines()) == 6
 

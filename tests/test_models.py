@@ -209,14 +209,41 @@ def test_cache_built_once_when_processes_start_together(tmp_path):
 def test_dtype_auto_follows_native_bf16(monkeypatch):
     from squeezegen.runtime import device
 
-    assert sg.load("tiny-llama")[0].dtype == torch.float32  # this test run: no native bf16
+    monkeypatch.delenv(device.AUTO_DTYPE_ENV)  # the hardware decides
+    monkeypatch.setattr(device, "_native_bf16", lambda kind: False)
+    assert sg.load("tiny-llama")[0].dtype == torch.float32
     monkeypatch.setattr(device, "_native_bf16", lambda kind: kind == "cpu")
     assert device.auto_dtype("cpu") == torch.bfloat16 and device.auto_dtype("cuda") == torch.float32
     assert sg.load("tiny-llama")[0].dtype == torch.bfloat16
     assert sg.load("tiny-llama", dtype="float32")[0].dtype == torch.float32  # an explicit dtype wins
 
 
-def test_the_cli_says_and_records_what_auto_chose(capsys, tmp_path):
+@pytest.mark.parametrize("native", [False, True])
+def test_the_environment_forces_what_auto_means_on_any_cpu(monkeypatch, native):
+    from squeezegen.runtime import device
+
+    monkeypatch.setattr(device, "_native_bf16", lambda kind: native)
+    for value, want in [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("FLOAT32", torch.float32)]:
+        monkeypatch.setenv(device.AUTO_DTYPE_ENV, value)
+        assert device.auto_dtype("cpu") == want and sg.load("tiny-llama")[0].dtype == want
+        assert sg.load("tiny-llama", dtype="float32")[0].dtype == torch.float32  # only "auto" is forced
+    monkeypatch.setenv(device.AUTO_DTYPE_ENV, "")
+    assert device.auto_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv(device.AUTO_DTYPE_ENV, "half")
+    with pytest.raises(sg.SqueezegenError, match="SQUEEZEGEN_AUTO_DTYPE='half' is not a dtype: set it to bfloat16"):
+        sg.load("tiny-llama")
+
+
+def test_a_bad_auto_dtype_in_the_environment_is_one_line_and_status_2(monkeypatch, capsys):
+    from squeezegen.cli import main
+
+    monkeypatch.setenv("SQUEEZEGEN_AUTO_DTYPE", "int8")
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "Hi", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SQUEEZEGEN_AUTO_DTYPE='int8' is not a dtype" in err
+
+
+def test_the_cli_says_and_records_what_auto_chose(capsys, tmp_path, auto_dtype):
     from squeezegen.cli import main
 
     out = tmp_path / "bench"
@@ -237,5 +264,6 @@ def test_the_cli_says_and_records_what_auto_chose(capsys, tmp_path):
             str(out),
         ]
     )
-    assert code == 0 and "tiny-llama in float32 (auto) on cpu" in capsys.readouterr().out
-    assert json.loads((out / "bench.json").read_text())["meta"]["dtype"] == "float32"
+    assert code == 0 and f"tiny-llama in {auto_dtype} (auto) on cpu" in capsys.readouterr().out
+    meta = json.loads((out / "bench.json").read_text())["meta"]
+    assert meta["dtype"] == auto_dtype and meta["dtype_auto"] is True

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from openai import OpenAI
 
@@ -33,8 +34,8 @@ def free_port() -> int:
 class Running:
     """A server in this process, on a free loopback port."""
 
-    def __init__(self, **config) -> None:
-        self.model, self.tok = tiny(MODEL)
+    def __init__(self, loaded=None, **config) -> None:
+        self.model, self.tok = loaded or tiny(MODEL)
         settings = dict(
             model_name=MODEL,
             method=sg.method("full"),
@@ -132,6 +133,27 @@ def test_each_request_picks_its_method(running, name, args):
     )
     assert reply.choices[0].message.content == ref.texts[0]
     assert reply.model_extra["squeezegen"]["method"] == name
+
+
+def test_a_server_in_dtype_auto_answers_as_generate_does(auto_dtype):
+    model, tok = sg.load(MODEL)  # what `squeezegen serve` loads by default
+    assert model.model.norm.weight.dtype == getattr(torch, auto_dtype)
+    server = Running(loaded=(model, tok))
+    try:
+        text = prompt(tok, 70, seed=57)
+        for name, args in [("full", {}), ("snapkv", {"budget": 0.5})]:
+            ref = sg.generate(model, tok, text, method=sg.method(name, **args), max_new_tokens=8, chat=True)
+            reply = server.client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": text}],
+                max_tokens=8,
+                temperature=0,
+                extra_body={"squeezegen": {"method": name, "args": args}},
+            )
+            assert reply.choices[0].message.content == ref.texts[0]
+            assert reply.usage.model_extra["kv_bytes"] == ref.kv_bytes  # 2 bytes a value in bf16, 4 in float32
+    finally:
+        server.close()
 
 
 def test_a_stored_document_answers_as_generate_with_context(running):

@@ -125,11 +125,11 @@ def compile_flag(args: argparse.Namespace) -> bool | None:
 def resolve_dtype_arg(args: argparse.Namespace) -> str:
     """--dtype as the name of the dtype it means on this machine (auto resolved), kept in `args`
     (so the command's JSON records what ran)."""
-    from squeezegen.models.loading import resolve_device, resolve_dtype
+    from squeezegen.models.loading import model_dtype, resolve_device
 
     if args.dtype == "auto":
         args.dtype_auto = True
-        args.dtype = str(resolve_dtype("auto", resolve_device(args.device))).removeprefix("torch.")
+        args.dtype = str(model_dtype(args.model, "auto", resolve_device(args.device))).removeprefix("torch.")
     return args.dtype
 
 
@@ -198,8 +198,11 @@ def add_output_args(parser: argparse.ArgumentParser, default: str | None, about:
 
 
 def command_meta(args: argparse.Namespace) -> dict:
-    """The command's arguments, stored with its results so that they say how they were made."""
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    """The command's arguments and the machine it ran on, stored with its results so that they say
+    how they were made (a speed ratio holds for its machine class: `runtime.device.host`)."""
+    from squeezegen.runtime.device import host
+
+    return {**{k: v for k, v in vars(args).items() if k != "func"}, "host": host()}
 
 
 class Outputs:

@@ -73,6 +73,7 @@ def cmd_binarize(args: argparse.Namespace) -> None:
         decode_tokens=args.decode_tokens,
         eval_blocks=args.eval_blocks,
         device=args.device,
+        dtype=args.dtype,
     )
     if report is not None and report.get("stopped"):
         print(report["stopped"])
@@ -91,9 +92,15 @@ def binarize_model(
     decode_tokens: int = 32,
     eval_blocks: int | None = None,
     device: str = "cpu",
+    dtype: str = "auto",
 ) -> dict | None:
     """Binarize `model_name`, distill it (unless `train.steps` is 0), save the packed model to `out`
     and return the report (None on ranks other than 0 under torchrun).
+
+    The teacher and the deployed student compute in `dtype`; the student trains float32 master
+    weights (bf16 compute comes from autocast, `train.bf16`: an AdamW step on bf16 weights rounds
+    small updates away) and is cast to `dtype` once trained, so perplexities, decode speeds and
+    the saved checkpoint are all of the model as deployed.
 
     With `train.stop_after` before `train.steps`, training stops there with its checkpoint
     (OUT.ckpt) and nothing is packed or saved: the report holds `stopped` and the history, and a
@@ -108,12 +115,13 @@ def binarize_model(
     from squeezegen.quant.api import binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
     from squeezegen.quant.checkpoint import save
     from squeezegen.quant.distill import block_perplexity, distill, trainable_state
+    from squeezegen.runtime.device import host
 
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    teacher, tok = load(model_name, device=device)
+    teacher, tok = load(model_name, dtype=dtype, device=device)
     torch.manual_seed(train.seed)  # the routers' random init: the same in every process and every run
-    student = binarize_(copy.deepcopy(teacher), config)
+    student = binarize_(copy.deepcopy(teacher).float(), config)
     held_out = token_blocks(tok, split_text("test"), train.block)[:eval_blocks]
     history: list[dict] = []
     gathered: dict | None = None
@@ -141,16 +149,18 @@ def binarize_model(
         return {"stopped": message, "history": history}
     if gathered is not None:
         del student, teacher
-        teacher, _ = load(model_name, device=device)
-        student = binarize_(copy.deepcopy(teacher), config)
+        teacher, _ = load(model_name, dtype=dtype, device=device)
+        student = binarize_(copy.deepcopy(teacher).float(), config)
         result = student.load_state_dict(gathered, strict=False)
         if result.unexpected_keys or set(gathered) - set(student.state_dict()):
             raise SqueezegenError(f"the gathered FSDP state does not fit the rebuilt student: {result.unexpected_keys}")
         student.eval()
-    pack_(student)
+    pack_(student.to(teacher.dtype))
     tokens = done * train.batch * train.block * _world()
     report = {
         "model": model_name,
+        "dtype": str(teacher.dtype).removeprefix("torch."),
+        "host": host(),
         "binarization": config_to_dict(config),
         "train": {**train.__dict__, "tokens": tokens, "world": _world(), "seconds": train_s},
         "eval_tokens": held_out.numel(),
@@ -210,6 +220,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="bundled name, tiny test model, or local HF folder")
     p.add_argument(
         "--device", default="cpu", type=common.device_arg, help="cpu or cuda (under torchrun: one GPU per process)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="what the teacher and the deployed 1-bit model compute in (auto: bfloat16 where the hardware has "
+        "native bf16, else float32); the student trains float32 master weights whatever it is",
     )
     p.add_argument("--method", default="binarymos", choices=["binarymos", "onebit", "sign"])
     p.add_argument("--experts", type=int, default=4, help="BinaryMoS scaling experts")

@@ -40,6 +40,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
     return _DTYPES[dtype]
 
 
+def model_dtype(name_or_path: str | Path, dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype `load(name_or_path, dtype)` computes in: "auto" is the dtype a 1-bit checkpoint
+    was saved from (so that it gives the logits it gave), else `resolve_dtype`'s."""
+    if dtype == "auto" and isinstance(name_or_path, str | os.PathLike) and Path(name_or_path).is_dir():
+        from squeezegen.quant.checkpoint import saved_compute_dtype
+
+        saved = saved_compute_dtype(name_or_path)
+        if saved is not None:
+            return saved
+    return resolve_dtype(dtype, device)
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +80,8 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: st
     """Load a causal LM and its tokenizer: `(model, tokenizer)`, both plain Hugging Face objects.
 
     `dtype="auto"` is bfloat16 on a GPU or CPU with native bf16 matrix units (AMX, AVX512-BF16),
-    float32 elsewhere (`runtime.device.auto_dtype`); `model.dtype` tells which was chosen.
+    float32 elsewhere (`runtime.device.auto_dtype`, which `SQUEEZEGEN_AUTO_DTYPE` can force), and
+    for a 1-bit checkpoint the dtype it was saved from; `model.dtype` tells which was chosen.
 
     `name_or_path` is a bundled name (`smollm2-135m`, `gemma3-270m`), a tiny test model
     (`tiny-llama`, ...), a local folder with config.json and safetensors weights, or a folder
@@ -82,7 +95,7 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: st
         got = "an empty string" if isinstance(name_or_path, str) else f"a {type(name_or_path).__name__}"
         raise SqueezegenError(f"sg.load takes a model name or a folder path, got {got}: use one of {_available_line()}")
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
+    torch_dtype = model_dtype(name_or_path, dtype, target)
     name = name_or_path
     if name in TINY_CONFIGS:
         model = tiny_model(name, dtype=torch_dtype)

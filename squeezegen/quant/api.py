@@ -126,6 +126,13 @@ def pack_(model: nn.Module) -> nn.Module:
     return keep_head_16bit_(model)
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a (binarized) model computes in: that of its decoder blocks' floating tensors
+    (a packed model's embedding and head stay float16 whatever it computes in)."""
+    dtypes = [p.dtype for p in decoder_layers(model).parameters() if p.is_floating_point()]
+    return dtypes[0] if dtypes else torch.float32
+
+
 def bits_per_weight(model: nn.Module) -> float:
     """Storage of the binarized linear layers (signs, scales, router, bias) per weight they replace."""
     layers = _require_binary(model)

@@ -46,7 +46,8 @@ class SignSTE(torch.autograd.Function):
 def rank1_abs(weight: torch.Tensor, iterations: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """|W| ~ outer(out_scale, in_scale) from its leading singular pair, both non-negative: power
     iteration from a positive start (|W| is non-negative, so its leading pair is; a full SVD of
-    every layer costs minutes on a small CPU)."""
+    every layer costs minutes on a small CPU). Computed in float32, returned in `weight`'s dtype:
+    a layer's tensors share its model's dtype (FSDP shards only uniform ones)."""
     a = weight.detach().float().abs()
     v = torch.ones(a.shape[1], device=a.device) / a.shape[1] ** 0.5
     for _ in range(iterations):
@@ -56,7 +57,7 @@ def rank1_abs(weight: torch.Tensor, iterations: int = 50) -> tuple[torch.Tensor,
         sigma = v.norm().clamp_min(1e-30)
         v = v / sigma
     root = sigma.sqrt()
-    return u * root, v * root
+    return (u * root).to(weight.dtype), (v * root).to(weight.dtype)
 
 
 class BinaryLinear(nn.Module):
@@ -166,7 +167,8 @@ class OneBitLinear(BinaryLinear):
 
     def __init__(self, linear: nn.Linear, layernorm: bool = True) -> None:
         # OneBit's latent weights start small, at sign(W) * 0.01, so signs flip easily in training
-        super().__init__(linear, latent=torch.where(linear.weight.detach() >= 0, 0.01, -0.01))
+        weight = linear.weight.detach()
+        super().__init__(linear, latent=torch.where(weight >= 0, 0.01, -0.01).to(weight.dtype))
         out_scale, in_scale = rank1_abs(linear.weight)
         self.in_scale, self.out_scale = nn.Parameter(in_scale), nn.Parameter(out_scale)
         self.layernorm = layernorm

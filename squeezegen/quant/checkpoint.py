@@ -3,18 +3,21 @@
     config.json              the base model's config (+ `squeezegen_binary`: method and settings)
     model.safetensors        packed signs (uint8, 8 per byte), 16-bit scales / router / bias,
                              16-bit embeddings, norms and lm_head
-    squeezegen_binary.json   manifest: method, bits per weight, bytes, the files written and the
-                             sha256 of each tensor file
+    squeezegen_binary.json   manifest: method, bits per weight, bytes, the files written, the
+                             sha256 of each tensor file, and the dtype the saved model computed in
     tokenizer files
 
 `sg.load(folder)` recognises the manifest (or, if it was lost, the config entry), checks the
-tensor files against their sha256 and rebuilds the model with packed layers.
+tensor files against their sha256 and rebuilds the model with packed layers, computing in the
+dtype it was saved from unless told otherwise (then the logits differ from the saved model's, and
+it says so).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from squeezegen.quant.api import (
     binarize_,
     binary_layers,
     bits_per_weight,
+    compute_dtype,
     config_from_dict,
     pack_,
     stored_bytes,
@@ -35,7 +39,8 @@ from squeezegen.quant.api import (
 MANIFEST = "squeezegen_binary.json"
 WEIGHTS = "model.safetensors"
 REPORT = "binarize_report.json"  # `squeezegen binarize` writes it next to the checkpoint
-FORMAT = "squeezegen-binary/2"  # /2 adds "files" and "sha256"; /1 folders still load, unchecked
+# /3 adds "compute_dtype"; /2 added "files" and "sha256"; /1 folders still load, unchecked
+FORMAT = "squeezegen-binary/3"
 
 
 def is_binary_folder(folder: str | Path) -> bool:
@@ -79,6 +84,7 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
         existing -= set(read_json(folder / MANIFEST).get("files", []))
     deployed = copy.deepcopy(model)
     pack_(deployed)
+    computed_in = compute_dtype(deployed)
     deployed.to(torch.float16)  # packed signs stay uint8
     with staged_folder(folder) as tmp:
         save_model(deployed, str(tmp / WEIGHTS))
@@ -93,6 +99,7 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
         manifest = {
             "format": FORMAT,
             "binarization": deployed.config.squeezegen_binary,
+            "compute_dtype": str(computed_in).removeprefix("torch."),
             "bits_per_weight": bits_per_weight(deployed),
             "bytes": stored_bytes(deployed),
             "files": [*files, MANIFEST],
@@ -124,17 +131,40 @@ def _checked_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_binary(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Rebuild a saved binarized model with packed layers: `(model, tokenizer)`."""
+def saved_compute_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype the model saved in `folder` computed in (None: not a 1-bit checkpoint, or one
+    saved before the manifest recorded it)."""
+    manifest = Path(folder) / MANIFEST
+    name = read_json(manifest).get("compute_dtype") if manifest.is_file() else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def load_binary(folder: str | Path, dtype: torch.dtype | None = None):
+    """Rebuild a saved binarized model with packed layers: `(model, tokenizer)`, computing in
+    `dtype` (None: the dtype it was saved from, float32 for a checkpoint that does not record it).
+
+    Built in that dtype from the start (as `from_pretrained` does, so RoPE's inverse frequencies
+    stay float32), the model gives exactly the logits of the one that was saved in the same dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     spec = _checked_manifest(folder)["binarization"]
+    saved = saved_compute_dtype(folder)
+    if dtype is None:
+        dtype = saved or torch.float32
+    elif saved is not None and dtype != saved:
+        name, was = str(dtype).removeprefix("torch."), str(saved).removeprefix("torch.")
+        warnings.warn(
+            f"{folder} was saved from a model computing in {was}: in {name} its logits differ from the saved "
+            f"model's (load it with dtype={was!r} for those)",
+            stacklevel=3,
+        )
     weights = folder / WEIGHTS
     read_json(folder / "config.json")  # a broken config: name the file, not a transformers traceback
     try:
         config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         binarize_(model, config_from_dict(spec))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SqueezegenError(
@@ -146,4 +176,4 @@ def load_binary(folder: str | Path, dtype: torch.dtype = torch.float32):
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise SqueezegenError(f"corrupt binary checkpoint {weights}: {one_line(exc)}") from exc
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model.to(dtype).eval(), tokenizer
+    return model.eval(), tokenizer

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.api import binary_layers
-from squeezegen.runtime.device import native_bf16
+from squeezegen.runtime.device import auto_dtype
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -72,7 +72,7 @@ def use_bf16(mode: str, device: torch.device) -> bool:
         raise SqueezegenError(f"bf16 must be auto, on or off, got {mode!r}")
     if mode != "auto":
         return mode == "on"
-    return native_bf16(device)
+    return auto_dtype(device) == torch.bfloat16  # what dtype "auto" means there (SQUEEZEGEN_AUTO_DTYPE too)
 
 
 def distill_loss(student_out, teacher_out, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +184,12 @@ def distill(
 
     if not binary_layers(student):
         raise SqueezegenError("distill needs a binarized student: apply sg.binarize_ first")
+    low = {p.dtype for m in binary_layers(student) for p in m.parameters()} - {torch.float32}
+    if low:
+        raise SqueezegenError(
+            f"distill trains float32 master weights, but the student's binary layers hold {str(low.pop())[6:]}: "
+            "binarize a float32 copy (model.float()); bf16 compute comes from autocast (DistillConfig.bf16)"
+        )
     device = next(student.parameters()).device
     rank, world = _setup_distributed(device)
     folder = Path(folder)
