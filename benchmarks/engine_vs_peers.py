@@ -1,9 +1,11 @@
 """The engine beside the peers a user would pick instead, side by side in one run.
 
 Each configuration prefills the same real-text prompt (the same token ids) and greedily decodes
-`--new-tokens` tokens; decode's achieved bytes/s (weights + KV read per step) is set beside the
-machine's copy bandwidth measured in the same run. Peers: Hugging Face `generate` (eager, and
-with `cache_implementation="static"` + `torch.compile`, the transformers docs' recipe) and
+`--new-tokens` tokens; the engine decodes through its fused forward (runtime/fused.py, the
+default) and through the HF layers (the path before it). Decode's achieved bytes/s (weights + KV
+read per step) is set beside the machine's copy bandwidth measured in the same run. Peers:
+Hugging Face `generate` (eager, and with `cache_implementation="static"` + `torch.compile`, the
+transformers docs' recipe) and
 llama.cpp through llama-cpp-python on the very GGUF file the bundled model ships (optional:
 `pip install 'squeezegen[peers]'`, built from source). Usage:
     python benchmarks/engine_vs_peers.py --contexts 2048 8192 --new-tokens 64 --out docs/results/peers
@@ -55,8 +57,8 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def run_engine(model, ids: torch.Tensor, new_tokens: int, compile: bool) -> dict:
-    engine = Engine(model, reserve=new_tokens - 1, compile=compile)
+def run_engine(model, ids: torch.Tensor, new_tokens: int, compile: bool, fused: bool = True) -> dict:
+    engine = Engine(model, reserve=new_tokens - 1, compile=compile, fused=fused)
     start = time.perf_counter()
     token = engine.prefill(ids).argmax(-1)
     synchronize(ids.device)
@@ -111,8 +113,13 @@ def main() -> None:
     text = tok(prose(tok, max(args.contexts) + 512, seed=7)).input_ids
     bandwidth = copy_bandwidth(device)
     configs: dict[str, tuple[torch.dtype, Callable]] = {
-        "engine float32 eager": (torch.float32, lambda m, ids: run_engine(m, ids, args.new_tokens, False)),
-        "engine bfloat16 eager": (torch.bfloat16, lambda m, ids: run_engine(m, ids, args.new_tokens, False)),
+        "engine float32 fused": (torch.float32, lambda m, ids: run_engine(m, ids, args.new_tokens, False)),
+        "engine bfloat16 fused": (torch.bfloat16, lambda m, ids: run_engine(m, ids, args.new_tokens, False)),
+        "engine float32 HF layers": (torch.float32, lambda m, ids: run_engine(m, ids, args.new_tokens, False, False)),
+        "engine bfloat16 HF layers": (
+            torch.bfloat16,
+            lambda m, ids: run_engine(m, ids, args.new_tokens, False, False),
+        ),
         f"engine {str(auto)[6:]} compiled (auto dtype)": (
             auto,
             lambda m, ids: run_engine(m, ids, args.new_tokens, True),
@@ -177,18 +184,27 @@ def run_hf_static_compiled(model, ids: torch.Tensor, new_tokens: int) -> dict:
         model.generation_config.cache_implementation = None
 
 
+# the reference row of each context: the engine in float32 through the HF layers ("eager" in runs
+# made before the fused forward, which decoded that way)
+BASELINES = ("engine float32 HF layers", "engine float32 eager")
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| context | configuration | prefill s | decode tok/s | decode GB/s (weights + KV) | copy GB/s | "
-        "prefill vs engine fp32 | decode vs engine fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "prefill vs engine fp32 HF layers | decode vs engine fp32 HF layers | decode vs llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = next(x for x in rows if x["context"] == r["context"] and x["config"] == "engine float32 eager")
+        same = [x for x in rows if x["context"] == r["context"]]
+        base = next(x for name in BASELINES for x in same if x["config"] == name)
+        peer = next((x for x in same if x["config"].startswith("llama.cpp")), None)
+        versus = f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer else "not run"
         lines.append(
             f"| {r['context']} | {r['config']} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.1f} "
             f"| {r['decode_bytes_per_s'] / 1e9:.1f} | {r['copy_bytes_per_s'] / 1e9:.1f} "
-            f"| {base['prefill_s'] / r['prefill_s']:.2f}x | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x |"
+            f"| {base['prefill_s'] / r['prefill_s']:.2f}x | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x "
+            f"| {versus} |"
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from squeezegen.quant import kernels
 from squeezegen.quant.binary import BinaryMoSLinear, OneBitLinear, SignLinear, SignSTE, rank1_abs
 from squeezegen.quant.distill import DistillConfig, batch_rows, distill, distill_loss, schedule
 from squeezegen.quant.packing import pack_signs, unpack_signs
+from squeezegen.runtime import native
 
 
 def _linear(d_in: int, d_out: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -208,7 +209,7 @@ def test_many_tokens_and_no_kernel_take_the_dense_path(kind, monkeypatch):
     layer = _packed_layer(kind, bias=True)
     args = (layer.packed, layer.out_features, *layer.kernel_args())
     with torch.no_grad():
-        for many in (torch.randn(1, kernels.KERNEL_TOKENS + 1, 44), torch.randn(3, 6, 44)):  # 17, 18: a prefill
+        for many in (torch.randn(1, native.KERNEL_TOKENS + 1, 44), torch.randn(3, 6, 44)):  # 17, 18: a prefill
             assert kernels.binary_linear(many, *args) is None
             assert torch.equal(layer(many), _dense(layer, many))
         if kernels.library() is not None:  # 16 tokens still go through the kernel
@@ -606,12 +607,12 @@ def test_half_head_kernel_equals_the_dense_product(shape, dtype, tolerance, toke
     torch.manual_seed(0)
     weight = torch.randn(d_out, d_in).half()
     x = torch.randn(2, tokens, d_in).to(dtype)
-    y = kernels.half_linear(x, weight)
+    y = native.dense_linear(x, weight)
     reference = x.float() @ weight.float().T
     assert y.dtype == dtype and y.shape == (2, tokens, d_out)
     assert _relative_error(y, reference) <= tolerance
-    assert kernels.half_linear(x, weight.float()) is None  # only float16 weights
-    assert kernels.half_linear(torch.randn(1, kernels.KERNEL_TOKENS + 1, d_in), weight) is None
+    assert native.dense_linear(x, weight.double()) is None  # float32 and 16-bit weights only
+    assert native.dense_linear(torch.randn(1, native.KERNEL_TOKENS + 1, d_in), weight) is None
 
 
 def test_pack_keeps_the_embedding_and_head_16bit_through_casts_and_saves(tmp_path):
@@ -636,7 +637,7 @@ def test_pack_keeps_the_embedding_and_head_16bit_through_casts_and_saves(tmp_pat
         assert dense.dtype == torch.float32
         assert _relative_error(dense, reference(ids).logits) <= 1e-5
         hidden = torch.randn(1, 1, head.in_features)
-        assert torch.equal(head(hidden), kernels.half_linear(hidden, head.weight))  # decode: the kernel
+        assert torch.equal(head(hidden), native.dense_linear(hidden, head.weight))  # decode: the kernel
     loaded, _ = sg.load(sg.save(model, tok, tmp_path / "bin"), dtype="float32")
     assert loaded.get_output_embeddings().weight.dtype == torch.float16
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
@@ -710,5 +711,5 @@ def test_each_row_of_a_kernel_batch_equals_the_row_alone(kind):
                 assert torch.equal(batch[b, t], layer(x[b : b + 1, t : t + 1])[0, 0])
     half = torch.randn(300, 44).half()
     rows = torch.randn(5, 44)
-    together = kernels.half_linear(rows, half)
-    assert all(torch.equal(together[i], kernels.half_linear(rows[i : i + 1], half)[0]) for i in range(5))
+    together = native.dense_linear(rows, half)
+    assert all(torch.equal(together[i], native.dense_linear(rows[i : i + 1], half)[0]) for i in range(5))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeezegen.quant.kernels import half_linear
+from squeezegen.runtime.native import dense_linear
 
 STORED = torch.float16
 
@@ -48,7 +48,7 @@ class HalfHead(_Sixteen):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.weight.dtype == STORED and not torch.is_grad_enabled()
-        y = half_linear(x, self.weight) if kernel else None
+        y = dense_linear(x, self.weight) if kernel else None
         if y is None:  # many tokens (a prefill, a perplexity), gradients, another device: widen
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -51,6 +51,7 @@ def stack(engines: list[Engine]) -> Engine:
     batch.next_pos = torch.cat([e.next_pos for e in engines])
     batch.prompt_lengths = torch.cat([e.prompt_lengths for e in engines])
     batch._horizon = float("inf")  # each row came with the room for all of its own tokens
+    batch.fused = first.fused  # the model's fused forward; its RoPE table covers every row's room
     batch.cache.note_peak()
     return batch
 

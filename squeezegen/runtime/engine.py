@@ -24,6 +24,7 @@ from squeezegen.runtime.attention import (
 )
 from squeezegen.runtime.cache import EMPTY, HeadSplitCache, KVCache, LayerCache, padding_share
 from squeezegen.runtime.decoder import DecoderParts
+from squeezegen.runtime.fused import FusedDecoder
 from squeezegen.runtime.hooks import LayerView, Method
 from squeezegen.runtime.step import compiled_step, decode_step
 
@@ -41,13 +42,18 @@ class Engine:
         reserve: int = 0,
         compile: bool = False,
         tokenizer=None,
+        fused: bool = True,
     ) -> None:
         """`reserve`: decode steps to size the decode buffers for (they grow if more come);
-        `compile`: run decode steps through `torch.compile` (see runtime/compiled.py);
-        `tokenizer`: for methods that write text of their own (KVzip's reconstruction prompt)."""
+        `compile`: run decode steps through `torch.compile` (see runtime/step.py);
+        `tokenizer`: for methods that write text of their own (KVzip's reconstruction prompt);
+        `fused`: decode through the engine's own forward (runtime/fused.py) where the model has
+        one; False decodes through the HF layers (the reference)."""
         self.model = model
         self.tokenizer = tokenizer
         self.parts = DecoderParts.of(model)
+        self.fused_wanted = fused
+        self.fused: FusedDecoder | None = None  # made when decoding starts
         self.method = method if method is not None else Method()
         self.hooks = self.method.hooks()
         self.cache = KVCache(len(self.parts.layers))
@@ -247,6 +253,9 @@ class Engine:
                 cache.to_static(self._capacity(i, self._horizon))
         self.cache.note_peak()
         self.cache.decode_bytes = self.cache.nbytes()
+        if self.fused_wanted:
+            self.fused = FusedDecoder.of(self.model, self.parts)
+        self._cover_positions()
         if "start_decode" in self.hooks:
             self.method.start_decode(self)
 
@@ -267,7 +276,14 @@ class Engine:
             extra = self._capacity(i, self._horizon) - cache.used
             if extra > 0:
                 cache.grow(extra)
+        self._cover_positions()
         self.cache.note_peak()
+
+    def _cover_positions(self) -> None:
+        """The fused step's RoPE table reaches every position the steps reserved may take."""
+        if self.fused is not None:
+            last = int(self.next_pos.max()) + self._horizon - self.decode_steps
+            self.fused.rope.cover(last + 1, self.cache.layers[0].keys)
 
     # --- called by every attention module (runtime/attention.py) ---------------------------------
     def attend(
@@ -361,7 +377,14 @@ class Engine:
         """A twin of this engine after its prefill, as if `method` had run that prefill itself:
         each layer keeps the entries `keep[layer]` (None = all) and the method keeps the state
         it built here. Valid for methods that only select (see evals/fanout.py)."""
-        twin = Engine(self.model, method, reserve=self.reserve, compile=self.compile, tokenizer=self.tokenizer)
+        twin = Engine(
+            self.model,
+            method,
+            reserve=self.reserve,
+            compile=self.compile,
+            tokenizer=self.tokenizer,
+            fused=self.fused_wanted,
+        )
         twin.states[id(method)] = self.state_of(method)
         twin.next_pos = self.next_pos.clone()
         twin.prompt_lengths = self.prompt_lengths.clone()

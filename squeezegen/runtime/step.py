@@ -1,5 +1,5 @@
-"""One decode step, eager or through `torch.compile` (inductor kernels on the CPU, CUDA graphs on
-a GPU).
+"""One decode step, through the engine's fused forward or the HF layers, eager or through
+`torch.compile` (inductor kernels on the CPU, CUDA graphs on a GPU).
 
 The step is a pure function of the engine's device tensors (weights, decode buffers, method
 state), which keep their shapes from step to step: one compiled function serves every engine, a
@@ -21,9 +21,12 @@ _COMPILED: dict[str, object] = {}
 
 def decode_step(engine: Engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One decode step over every layer: tokens (B,) at positions (B,) -> next-token logits (B, V).
-    Device tensors in, device tensors out; the caches are written in place."""
-    parts = engine.parts
+    Device tensors in, device tensors out; the caches are written in place. The engine's fused
+    forward (runtime/fused.py) where the model has one, else the HF layers."""
     engine.positions = positions[:, None]
+    if engine.fused is not None:
+        return engine.fused.step(engine, tokens, positions)
+    parts = engine.parts
     hidden = parts.embed(tokens[:, None])
     rope = parts.rope(hidden, engine.positions)
     for i, layer in enumerate(parts.layers):

@@ -9,9 +9,6 @@
  * costs one bit of memory traffic and an eighth of a multiply-add; four output rows go side by
  * side so that the multiply-adds do not wait on each other.
  *
- * sg_half_linear: y[t, o] = sum_j w[o, j] * x[t, j] for a float16 matrix (the 16-bit LM head a
- * packed model keeps), each row widened to float32 once (F16C) and used for every token.
- *
  * x and y are float32 or bfloat16 (bf16 = the upper half of a float32); scales, router and bias
  * are float32. Rows are shared among OpenMP threads when the layer is big enough to pay for them.
  */
@@ -76,22 +73,6 @@ static void store_row(void *y, int bf16, size_t start, int n, const float *value
         bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch does */
         h[i] = (uint16_t)(bits >> 16);
     }
-}
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0x1F) {
-        bits = sign | 0x7F800000 | (mantissa << 13); /* inf, nan */
-    } else if (exponent) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else { /* zero or subnormal: mantissa * 2^-24 */
-        float f = (float)mantissa * 5.9604644775390625e-8f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 static float dot(const float *a, const float *b, int n) {
@@ -251,40 +232,5 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
             store_row(ys[i], bf16, (size_t)t * out, out, row);
         }
     }
-    return failed;
-}
-
-int sg_half_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features,
-                   const uint16_t *weight) {
-    /* float32 outputs go straight to y; bf16 ones through float32 scratch */
-    size_t in_floats = round8((size_t)tokens * in_features);
-    float *xf = scratch(0, in_floats + (bf16 ? (size_t)tokens * out_features : 0));
-    if (!xf) return 1;
-    float *yt = bf16 ? xf + in_floats : (float *)y;
-    for (int t = 0; t < tokens; t++) load_row(x, bf16, (size_t)t * in_features, in_features, xf + (size_t)t * in_features);
-    int failed = 0;
-#pragma omp parallel if ((size_t)out_features * in_features >= PARALLEL_BYTES)
-    {
-        float *wf = scratch(1, in_features); /* one row, widened */
-        if (!wf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int o = 0; o < out_features; o++) {
-            if (!wf) continue;
-            const uint16_t *w = weight + (size_t)o * in_features;
-            int j = 0;
-#ifdef __AVX2__
-            for (; j + 8 <= in_features; j += 8)
-                _mm256_storeu_ps(wf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))));
-#endif
-            for (; j < in_features; j++) wf[j] = half_to_float(w[j]);
-            for (int t = 0; t < tokens; t++)
-                yt[(size_t)t * out_features + o] = dot(wf, xf + (size_t)t * in_features, in_features);
-        }
-    }
-    for (int t = 0; t < tokens && !failed && bf16; t++)
-        store_row(y, bf16, (size_t)t * out_features, out_features, yt + (size_t)t * out_features);
     return failed;
 }

@@ -1,0 +1,160 @@
+/* y[t, o] = sum_j w[o, j] * x[t, j] for a few tokens t: the decode-time matrix-vector product.
+ *
+ * A decode step reads every weight once for one token a row, so it is bound by memory, and the
+ * BLAS kernels torch calls for 16-bit weights reach about half of what the memory gives on small
+ * CPUs. Here each thread streams its share of rows, widens 16-bit weights to float32 in registers
+ * (bf16: a shift; fp16: F16C) and keeps four rows' multiply-adds in flight; the sums are float32.
+ *
+ * x and y are float32 or bfloat16 (bf16 = the upper half of a float32, rounded to nearest even);
+ * w is float32 (kind 0), bfloat16 (1) or float16 (2), row-major (out_features, in_features).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define MAX_TOKENS 16
+#define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
+
+static float widen(const void *w, int kind, size_t i) {
+    if (kind == 0) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    uint32_t bits;
+    if (kind == 1) {
+        bits = (uint32_t)h << 16;
+    } else { /* float16 */
+        uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+        if (exponent == 0x1F) {
+            bits = sign | 0x7F800000 | (mantissa << 13);
+        } else if (exponent) {
+            bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+        } else {
+            float f = (float)mantissa * 5.9604644775390625e-8f;
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#ifdef __AVX2__
+static inline __m256 load8(const void *w, int kind, size_t i) {
+    if (kind == 0) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (kind == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* out[r] = row (o + r) . x for four consecutive rows and one token: the common decode case, its
+ * four sums kept in registers. Summed in the very order of rows_dot, so that a row of a batch gets
+ * the bits it gets alone. */
+static void four_rows_dot(const void *w, int kind, int o, int n, const float *x, float *out) {
+    int j = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    size_t r0 = (size_t)o * n, r1 = r0 + n, r2 = r1 + n, r3 = r2 + n;
+    for (; j + 8 <= n; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(load8(w, kind, r0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w, kind, r1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w, kind, r2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w, kind, r3 + j), xv, a3);
+    }
+    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+#else
+    out[0] = out[1] = out[2] = out[3] = 0.0f;
+#endif
+    for (; j < n; j++)
+        for (int r = 0; r < 4; r++) out[r] += widen(w, kind, (size_t)(o + r) * n + j) * x[j];
+}
+
+/* out[r * tokens + t] = row (o + r) . x[t] for `rows` (<= 4) consecutive rows */
+static void rows_dot(const void *w, int kind, int o, int rows, int n, const float *x, int tokens, float *out) {
+    int j = 0;
+#ifdef __AVX2__
+    __m256 acc[4][MAX_TOKENS];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) acc[r][t] = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        for (int r = 0; r < rows; r++) {
+            __m256 wv = load8(w, kind, (size_t)(o + r) * n + j);
+            for (int t = 0; t < tokens; t++)
+                acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)t * n + j), acc[r][t]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) out[r * tokens + t] = hsum(acc[r][t]);
+#else
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) out[r * tokens + t] = 0.0f;
+#endif
+    for (; j < n; j++)
+        for (int r = 0; r < rows; r++) {
+            float wv = widen(w, kind, (size_t)(o + r) * n + j);
+            for (int t = 0; t < tokens; t++) out[r * tokens + t] += wv * x[(size_t)t * n + j];
+        }
+}
+
+static void store(void *y, int bf16, size_t i, float v) {
+    if (!bf16) {
+        ((float *)y)[i] = v;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch does */
+    ((uint16_t *)y)[i] = (uint16_t)(bits >> 16);
+}
+
+/* Returns 0, or 1 when the input does not fit the kernel (too many tokens) or memory runs out. */
+int sg_dense_linear(const void *x, void *y, int bf16, int tokens, int in_features, int out_features, const void *w,
+                    int kind) {
+    if (tokens < 1 || tokens > MAX_TOKENS) return 1;
+    static __thread float *xf = NULL;
+    static __thread size_t capacity = 0;
+    size_t floats = (size_t)tokens * in_features;
+    if (floats > capacity) {
+        free(xf);
+        capacity = floats + floats / 2;
+        xf = aligned_alloc(32, sizeof(float) * ((capacity + 7) / 8 * 8));
+        if (!xf) {
+            capacity = 0;
+            return 1;
+        }
+    }
+    for (size_t i = 0; i < floats; i++) {
+        if (bf16) {
+            uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+            memcpy(xf + i, &bits, 4);
+        } else {
+            xf[i] = ((const float *)x)[i];
+        }
+    }
+    const float *xs = xf; /* the calling thread's buffer, read by every thread below */
+    size_t weight_bytes = (size_t)out_features * in_features * (kind == 0 ? 4 : 2);
+    int blocks = (out_features + 3) / 4;
+#pragma omp parallel for schedule(static) if (weight_bytes >= PARALLEL_BYTES)
+    for (int b = 0; b < blocks; b++) {
+        int o = 4 * b, rows = out_features - o < 4 ? out_features - o : 4;
+        float sums[4 * MAX_TOKENS];
+        if (tokens == 1 && rows == 4)
+            four_rows_dot(w, kind, o, in_features, xs, sums);
+        else
+            rows_dot(w, kind, o, rows, in_features, xs, tokens, sums);
+        for (int r = 0; r < rows; r++)
+            for (int t = 0; t < tokens; t++) store(y, bf16, (size_t)t * out_features + o + r, sums[r * tokens + t]);
+    }
+    return 0;
+}

@@ -1,0 +1,240 @@
+"""The engine's own decode forward: every decoder layer as plain tensor code over the HF layer's
+weights, in the manner of gpt-fast's model.py.
+
+A token per row and layer: RMSNorm, one q/k/v product, the q/k norms (Qwen3, Gemma-3), RoPE from
+a table, the engine's attention over its static buffers (`Engine.attend`: the cache write, the
+decode-time method hooks, per-head buffers), the output projection, one gate/up product, the
+activation and the down projection; no HF module, kwargs or attention-interface dispatch on the
+way. The q/k/v and gate/up weights are concatenated once per model and the HF projections' own
+weights become views into them, so nothing is held twice and the HF layers (which run every
+prefill, and stay the reference) compute what they computed. Projections that are not plain
+`nn.Linear` (packed 1-bit layers) are called as modules, so their kernels serve the fused step too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from squeezegen.runtime.decoder import DecoderParts
+from squeezegen.runtime.native import dense_linear
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class Norm:
+    """An RMSNorm as its HF module computes it: Llama's `w * x_normed.to(dtype)` or Gemma's
+    `(x_normed * (1 + w)).to(dtype)`, normalised in float32."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.gemma = type(module).__name__.startswith("Gemma")
+        self.eps = module.eps if self.gemma else module.variance_epsilon
+        self.weight = (1.0 + module.weight.float()) if self.gemma else module.weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight).type_as(x) if self.gemma else self.weight * h.to(x.dtype)
+
+
+class Projections:
+    """Linear layers that read one input (or one alone), as one product: their weights (and biases)
+    concatenated into one tensor that the modules then view; modules that are not plain nn.Linear
+    are called."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        self.weight = self.bias = None
+        if all(type(m) is nn.Linear for m in modules):
+            self.weight = _concat_into([m.weight for m in modules])
+            if all(m.bias is not None for m in modules):
+                self.bias = _concat_into([m.bias for m in modules])
+            elif any(m.bias is not None for m in modules):
+                self.weight = None  # mixed biases: leave them as they are
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.weight is None:
+            return [m(x) for m in self.modules]
+        # the decode kernel (runtime/native.py) where it beats torch: float32 weights for any few
+        # tokens, 16-bit ones for one token a call (for several, torch's bf16 GEMM is the faster)
+        one_token = x.numel() == x.shape[-1]
+        y = dense_linear(x, self.weight) if self.weight.dtype == torch.float32 or one_token else None
+        if y is None:
+            y = F.linear(x, self.weight, self.bias)
+        elif self.bias is not None:
+            y += self.bias
+        return list(y.split(self.sizes, dim=-1))
+
+    def current(self) -> bool:
+        """Whether the modules still view the concatenated weight (not moved, cast or reloaded since)."""
+        if self.weight is None:
+            return all(type(m) is not nn.Linear for m in self.modules)
+        offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()[:-1]]
+        width = self.weight.shape[1]
+        return all(
+            m.weight.dtype == self.weight.dtype
+            and m.weight.data_ptr() == self.weight.data_ptr() + at * width * self.weight.element_size()
+            for m, at in zip(self.modules, offsets, strict=True)
+        )
+
+
+def _concat_into(params: list[nn.Parameter]) -> torch.Tensor:
+    """One tensor holding `params` end to end, each parameter's data becoming a view of it (a
+    single contiguous parameter is its own)."""
+    if len(params) == 1 and params[0].is_contiguous():
+        return params[0].data
+    whole = torch.cat([p.data for p in params])
+    at = 0
+    for p in params:
+        p.data = whole[at : at + p.shape[0]]
+        at += p.shape[0]
+    return whole
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights and shapes as the fused step reads them."""
+
+    index: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    window: int | None
+    rope_type: str
+    input_norm: Norm
+    qkv: Projections
+    q_norm: Norm | None
+    k_norm: Norm | None
+    o_proj: Projections
+    post_attention_norm: Norm | None  # Gemma-3's sandwich norm after attention
+    mlp_norm: Norm  # post_attention_layernorm (Llama) or pre_feedforward_layernorm (Gemma-3)
+    gate_up: Projections
+    down_proj: Projections
+    post_mlp_norm: Norm | None  # Gemma-3's post_feedforward_layernorm
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, index: int, block: nn.Module, parts: DecoderParts) -> Layer:
+        attn, mlp = block.self_attn, block.mlp
+        config = attn.config
+        gemma = hasattr(block, "pre_feedforward_layernorm")
+        act_name = getattr(config, "hidden_activation", None) or config.hidden_act
+        return cls(
+            index=index,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=attn.head_dim,
+            scaling=attn.scaling,
+            window=getattr(attn, "sliding_window", None) if parts.is_sliding(index) else None,
+            rope_type=parts.layer_types[index],
+            input_norm=Norm(block.input_layernorm),
+            qkv=Projections([attn.q_proj, attn.k_proj, attn.v_proj]),
+            q_norm=Norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+            k_norm=Norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+            o_proj=Projections([attn.o_proj]),
+            post_attention_norm=Norm(block.post_attention_layernorm) if gemma else None,
+            mlp_norm=Norm(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm),
+            gate_up=Projections([mlp.gate_proj, mlp.up_proj]),
+            down_proj=Projections([mlp.down_proj]),
+            post_mlp_norm=Norm(block.post_feedforward_layernorm) if gemma else None,
+            act=ACTIVATIONS[act_name],
+        )
+
+    def __call__(self, engine, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """hidden (B, 1, width) -> the layer's output (B, 1, width); the token's K/V go to the cache."""
+        b, d = hidden.shape[0], self.head_dim
+        q, k, v = self.qkv(self.input_norm(hidden))
+        q, k, v = q.view(b, 1, self.heads, d), k.view(b, 1, self.kv_heads, d), v.view(b, 1, self.kv_heads, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        out = engine.attend(self.index, q, k, v, self.scaling, self.window)
+        (out,) = self.o_proj(out.transpose(1, 2).reshape(b, 1, self.heads * d))
+        if self.post_attention_norm is not None:
+            out = self.post_attention_norm(out)
+        hidden = hidden + out
+        gate, up = self.gate_up(self.mlp_norm(hidden))
+        (out,) = self.down_proj(self.act(gate) * up)
+        if self.post_mlp_norm is not None:
+            out = self.post_mlp_norm(out)
+        return hidden + out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RopeTable:
+    """cos/sin of every position up to a length, per layer type, made by the model's own rotary
+    module (so each entry equals what it computes for that position alone) and doubled on demand."""
+
+    def __init__(self, parts: DecoderParts) -> None:
+        self.parts = parts
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    def cover(self, length: int, like: torch.Tensor) -> None:
+        """Make the tables hold positions [0, length) at least (outside a decode step: it allocates)."""
+        if length <= self.length:
+            return
+        self.length = max(length, 2 * self.length, 256)
+        positions = torch.arange(self.length, device=like.device)[None]
+        self.tables = {t: (cos[0], sin[0]) for t, (cos, sin) in self.parts.rope(like, positions).items()}
+
+    def at(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin (B, 1, D) per layer type at positions (B, 1)."""
+        return {t: (cos[positions], sin[positions]) for t, (cos, sin) in self.tables.items()}
+
+
+class FusedDecoder:
+    """The fused decode forward of one model (`FusedDecoder.of(model)`), or None where a layer is
+    not of a family it knows (the engine then decodes through the HF layers)."""
+
+    def __init__(self, parts: DecoderParts) -> None:
+        self.parts = parts
+        self.layers = [Layer.of(i, block, parts) for i, block in enumerate(parts.layers)]
+        self.norm = Norm(parts.norm)
+        self.head = Projections([parts.lm_head])  # a packed model's 16-bit head is called as it is
+        self.rope = RopeTable(parts)
+
+    _MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, model: nn.Module, parts: DecoderParts) -> FusedDecoder | None:
+        made = cls._MADE.get(model)
+        if made is not None and made.current():
+            return made
+        try:
+            made = cls(parts)
+        except (AttributeError, KeyError):  # a layer of another shape: the HF layers decode it
+            return None
+        cls._MADE[model] = made
+        return made
+
+    def current(self) -> bool:
+        groups = ("qkv", "o_proj", "gate_up", "down_proj")
+        return self.head.current() and all(getattr(layer, g).current() for layer in self.layers for g in groups)
+
+    def step(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step: tokens (B,) at positions (B,) -> next-token logits (B, V)."""
+        hidden = self.parts.embed(tokens[:, None])
+        rope = self.rope.at(positions[:, None])
+        for layer in self.layers:
+            cos, sin = rope[layer.rope_type]
+            hidden = layer(engine, hidden, cos, sin)
+        (logits,) = self.head(self.norm(hidden[:, -1]))
+        softcap = self.parts.logit_softcap
+        return torch.tanh(logits.float() / softcap) * softcap if softcap else logits.float()

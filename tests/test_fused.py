@@ -1,0 +1,114 @@
+"""The engine's fused decode forward (runtime/fused.py) against the HF layers it replaces in decoding:
+the same logits step by step, for every family, with decode-time methods, padded batches and packed
+1-bit layers; weights held once; rebuilt when the model's weights move."""
+
+import copy
+
+import pytest
+import torch
+
+import squeezegen as sg
+from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.fused import FusedDecoder
+
+from .conftest import TINY, tiny
+from .test_engine_parity import BATCH, PROMPT
+
+# float32: the fused products sum in the order the separate ones do on the CPUs seen (bit-exact);
+# bf16: a concatenated GEMV may block its sums otherwise, each logit rounds to 2^-8 of itself
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def decode_logits(model, ids, fused: bool, steps: int = 24, method=None, mask=None) -> torch.Tensor:
+    """Logits (steps, B, V) of greedy decoding after a prefill, through the fused forward or the HF layers."""
+    engine = Engine(model, method, reserve=8, fused=fused)  # 8: the buffers grow twice on the way
+    token = engine.prefill(ids, mask).argmax(-1)
+    out = []
+    for _ in range(steps):
+        logits = engine.decode(token)
+        out.append(logits)
+        token = logits.argmax(-1)
+    if fused:
+        assert engine.fused is not None, "the fused forward did not take this model"
+    return torch.stack(out)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    return bool((a - b).abs().max() <= TOLERANCE[dtype] * b.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", TINY)
+def test_fused_decode_equals_the_hf_layers(name, dtype):
+    model, tok = sg.load(name, dtype=dtype)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    fused, reference = decode_logits(model, ids, True), decode_logits(model, ids, False)
+    assert close(fused, reference, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(fused.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_fused_decode_of_a_padded_batch_equals_the_hf_layers(name):
+    model, tok = tiny(name)
+    enc = tok(BATCH, return_tensors="pt", padding=True, padding_side="left")
+    fused = decode_logits(model, enc.input_ids, True, mask=enc.attention_mask)
+    assert close(fused, decode_logits(model, enc.input_ids, False, mask=enc.attention_mask), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        sg.method("h2o", budget=24),
+        sg.method("tova", budget=0.5),
+        sg.method("streaming_llm", budget=20),
+        sg.method("rpc", P=8, R=4, c=2),
+        sg.method("snapkv", budget=0.3, adaptive=True),  # uneven heads: buffers of their own
+    ],
+    ids=["h2o", "tova", "streaming_llm", "rpc", "adakv"],
+)
+def test_decode_time_methods_run_in_the_fused_step(method):
+    model, tok = tiny("tiny-llama")
+    ids = tok(" ".join([PROMPT] * 3), return_tensors="pt").input_ids
+    fused = decode_logits(model, ids, True, method=method)
+    assert close(fused, decode_logits(model, ids, False, method=method), torch.float32)
+
+
+def test_packed_binary_layers_decode_through_their_kernels_in_the_fused_step():
+    model, tok = sg.load("tiny-llama", dtype="float32")
+    sg.pack_(sg.binarize_(model, sg.BinaryMoSConfig(experts=2)))
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    fused = decode_logits(model, ids, True, steps=8)
+    assert close(fused, decode_logits(model, ids, False, steps=8), torch.float32)
+
+
+def test_fused_weights_are_the_hf_weights_not_a_copy():
+    model, tok = sg.load("tiny-qwen2", dtype="float32")  # q/k/v with biases
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    before = model(ids).logits
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    decoder = FusedDecoder.of(model, Engine(model).parts)
+    attn = model.model.layers[0].self_attn
+    qkv = decoder.layers[0].qkv
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == qkv.weight.untyped_storage().data_ptr()
+    assert attn.v_proj.bias.untyped_storage().data_ptr() == qkv.bias.untyped_storage().data_ptr()
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == nbytes
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) < len(storages)  # views now
+    assert torch.equal(model(ids).logits, before)  # the HF forward computes what it did
+    assert FusedDecoder.of(model, Engine(model).parts) is decoder  # made once per model
+
+
+def test_the_fused_forward_follows_a_cast_and_a_copy_of_the_model():
+    model, tok = sg.load("tiny-llama", dtype="float32")
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    decode_logits(model, ids, True, steps=2)
+    twin = copy.deepcopy(model)
+    model.to(torch.bfloat16)
+    fused = decode_logits(model, ids, True, steps=6)
+    assert fused.dtype == torch.float32 and close(fused, decode_logits(model, ids, False, steps=6), torch.bfloat16)
+    decode_logits(twin, ids, True, steps=2)  # the copy's own fused weights
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_proj.weight.mul_(2)  # edited in place after they were made
+        twin.model.layers[1].mlp.down_proj.weight.mul_(-1)
+    assert close(decode_logits(twin, ids, True, steps=6), decode_logits(twin, ids, False, steps=6), torch.float32)
