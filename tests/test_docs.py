@@ -71,16 +71,17 @@ def test_a_changed_json_value_makes_the_check_fail(tmp_path, monkeypatch, capsys
     assert gen.main(["--check"]) == 0  # the copy is as fresh as the original
     capsys.readouterr()
 
-    runs = tmp_path / "docs" / "results" / "engine-vs-hf" / "runs.json"
+    runs = tmp_path / "docs" / "results" / "peers-avx512" / "peers.json"
     doc = json.loads(runs.read_text())
-    doc["runs"][0]["decode_ratio"] = 9.87
+    doc["rows"][0]["decode_tok_s"] = 98.7
     runs.write_text(json.dumps(doc))
     assert gen.main(["--check"]) == 1
     out = capsys.readouterr().out
     assert "docs/engine.md" in out and "README.md" in out  # the table and the headline that quote it
 
     assert gen.main([]) == 0  # a rerun rewrites the pages from the JSON...
-    assert "9.87x" in (tmp_path / "docs" / "engine.md").read_text()
+    assert "| 98.7 |" in (tmp_path / "docs" / "engine.md").read_text()
+    assert "fused decode step 98.7 tok/s" in (tmp_path / "README.md").read_text()
     assert gen.main(["--check"]) == 0  # ...and then they are fresh again
 
 
