@@ -76,10 +76,12 @@ def test_decode_time_methods_run_in_the_fused_step(method):
 
 def test_packed_binary_layers_decode_through_their_kernels_in_the_fused_step():
     model, tok = sg.load("tiny-llama", dtype="float32")
-    sg.pack_(sg.binarize_(model, sg.BinaryMoSConfig(experts=2)))
     ids = tok(PROMPT, return_tensors="pt").input_ids
+    before = decode_logits(model, ids, True, steps=8)  # fused weights made for the float layers...
+    sg.pack_(sg.binarize_(model, sg.BinaryMoSConfig(experts=2)))  # ...which are then replaced
     fused = decode_logits(model, ids, True, steps=8)
     assert close(fused, decode_logits(model, ids, False, steps=8), torch.float32)
+    assert not close(fused, before, torch.float32)
 
 
 def test_fused_weights_are_the_hf_weights_not_a_copy():

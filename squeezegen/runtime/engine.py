@@ -283,7 +283,7 @@ class Engine:
         """The fused step's RoPE table reaches every position the steps reserved may take."""
         if self.fused is not None:
             last = int(self.next_pos.max()) + self._horizon - self.decode_steps
-            self.fused.rope.cover(last + 1, self.cache.layers[0].keys)
+            self.fused.rope.cover(last + 1, self.parts.norm.weight)  # in the model's dtype and device
 
     # --- called by every attention module (runtime/attention.py) ---------------------------------
     def attend(

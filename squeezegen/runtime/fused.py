@@ -32,34 +32,36 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class Norm:
     """An RMSNorm as its HF module computes it: Llama's `w * x_normed.to(dtype)` or Gemma's
-    `(x_normed * (1 + w)).to(dtype)`, normalised in float32."""
+    `(x_normed * (1 + w)).to(dtype)`, normalised in float32 (the module's weight read each call)."""
 
     def __init__(self, module: nn.Module) -> None:
+        self.module = module
         self.gemma = type(module).__name__.startswith("Gemma")
         self.eps = module.eps if self.gemma else module.variance_epsilon
-        self.weight = (1.0 + module.weight.float()) if self.gemma else module.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * self.weight).type_as(x) if self.gemma else self.weight * h.to(x.dtype)
+        weight = self.module.weight
+        return (h * (1.0 + weight.float())).type_as(x) if self.gemma else weight * h.to(x.dtype)
 
 
 class Projections:
-    """Linear layers that read one input (or one alone), as one product: their weights (and biases)
-    concatenated into one tensor that the modules then view; modules that are not plain nn.Linear
-    are called."""
+    """Linear layers of `parent` that read one input (or one alone), as one product: their weights
+    (and biases) concatenated into one tensor that the modules then view; modules that are not
+    plain nn.Linear (packed 1-bit layers) are called as they are."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
-        self.sizes = [m.out_features for m in modules]
+    def __init__(self, parent: nn.Module, names: list[str]) -> None:
+        self.parent, self.names = parent, names
+        self.modules = [getattr(parent, name) for name in names]
+        self.sizes = [m.out_features for m in self.modules]
         self.weight = self.bias = None
-        if all(type(m) is nn.Linear for m in modules):
-            self.weight = _concat_into([m.weight for m in modules])
-            if all(m.bias is not None for m in modules):
-                self.bias = _concat_into([m.bias for m in modules])
-            elif any(m.bias is not None for m in modules):
-                self.weight = None  # mixed biases: leave them as they are
+        plain = all(type(m) is nn.Linear for m in self.modules)
+        biases = {m.bias is not None for m in self.modules} if plain else set()
+        if plain and len(biases) == 1:  # mixed biases: left as they are
+            self.weight = _concat_into([m.weight for m in self.modules])
+            if biases == {True}:
+                self.bias = _concat_into([m.bias for m in self.modules])
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.weight is None:
@@ -75,9 +77,12 @@ class Projections:
         return list(y.split(self.sizes, dim=-1))
 
     def current(self) -> bool:
-        """Whether the modules still view the concatenated weight (not moved, cast or reloaded since)."""
-        if self.weight is None:
-            return all(type(m) is not nn.Linear for m in self.modules)
+        """Whether these are still the parent's modules (not replaced, by sg.binarize_ say) and still
+        view the concatenated weight (not moved, cast or reloaded since)."""
+        if any(getattr(self.parent, n) is not m for n, m in zip(self.names, self.modules, strict=True)):
+            return False
+        if self.weight is None:  # called as modules: nothing of theirs is held here
+            return True
         offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()[:-1]]
         width = self.weight.shape[1]
         return all(
@@ -138,14 +143,14 @@ class Layer:
             window=getattr(attn, "sliding_window", None) if parts.is_sliding(index) else None,
             rope_type=parts.layer_types[index],
             input_norm=Norm(block.input_layernorm),
-            qkv=Projections([attn.q_proj, attn.k_proj, attn.v_proj]),
+            qkv=Projections(attn, ["q_proj", "k_proj", "v_proj"]),
             q_norm=Norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
             k_norm=Norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
-            o_proj=Projections([attn.o_proj]),
+            o_proj=Projections(attn, ["o_proj"]),
             post_attention_norm=Norm(block.post_attention_layernorm) if gemma else None,
             mlp_norm=Norm(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm),
-            gate_up=Projections([mlp.gate_proj, mlp.up_proj]),
-            down_proj=Projections([mlp.down_proj]),
+            gate_up=Projections(mlp, ["gate_proj", "up_proj"]),
+            down_proj=Projections(mlp, ["down_proj"]),
             post_mlp_norm=Norm(block.post_feedforward_layernorm) if gemma else None,
             act=ACTIVATIONS[act_name],
         )
@@ -203,11 +208,10 @@ class FusedDecoder:
     """The fused decode forward of one model (`FusedDecoder.of(model)`), or None where a layer is
     not of a family it knows (the engine then decodes through the HF layers)."""
 
-    def __init__(self, parts: DecoderParts) -> None:
-        self.parts = parts
+    def __init__(self, model: nn.Module, parts: DecoderParts) -> None:
         self.layers = [Layer.of(i, block, parts) for i, block in enumerate(parts.layers)]
         self.norm = Norm(parts.norm)
-        self.head = Projections([parts.lm_head])  # a packed model's 16-bit head is called as it is
+        self.head = Projections(model, ["lm_head"])  # a packed model's 16-bit head is called as it is
         self.rope = RopeTable(parts)
 
     _MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -218,7 +222,7 @@ class FusedDecoder:
         if made is not None and made.current():
             return made
         try:
-            made = cls(parts)
+            made = cls(model, parts)
         except (AttributeError, KeyError):  # a layer of another shape: the HF layers decode it
             return None
         cls._MADE[model] = made
@@ -230,11 +234,12 @@ class FusedDecoder:
 
     def step(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step: tokens (B,) at positions (B,) -> next-token logits (B, V)."""
-        hidden = self.parts.embed(tokens[:, None])
+        parts = engine.parts  # the model's modules now (a packed model's embedding is its own)
+        hidden = parts.embed(tokens[:, None])
         rope = self.rope.at(positions[:, None])
         for layer in self.layers:
             cos, sin = rope[layer.rope_type]
             hidden = layer(engine, hidden, cos, sin)
         (logits,) = self.head(self.norm(hidden[:, -1]))
-        softcap = self.parts.logit_softcap
+        softcap = parts.logit_softcap
         return torch.tanh(logits.float() / softcap) * softcap if softcap else logits.float()
