@@ -114,3 +114,11 @@ def test_the_fused_forward_follows_a_cast_and_a_copy_of_the_model():
         twin.model.layers[0].self_attn.q_proj.weight.mul_(2)  # edited in place after they were made
         twin.model.layers[1].mlp.down_proj.weight.mul_(-1)
     assert close(decode_logits(twin, ids, True, steps=6), decode_logits(twin, ids, False, steps=6), torch.float32)
+
+
+def test_the_compiled_fused_step_gives_the_eager_tokens():
+    """Under torch.compile the C kernel steps aside (no graph break) and the compiler's products serve."""
+    model, tok = tiny("tiny-llama")
+    eager = sg.generate(model, tok, PROMPT, max_new_tokens=8, ignore_eos=True)
+    compiled = sg.generate(model, tok, PROMPT, max_new_tokens=8, ignore_eos=True, compile=True)
+    assert compiled.token_ids == eager.token_ids

@@ -92,6 +92,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """y (..., out) = x @ weight.T, summed in float32, in x's dtype, for a float32, bfloat16 or
     float16 `weight` (out, in) on the CPU; None where the kernel does not apply (too many tokens,
     another dtype or device, no compiler), and the caller computes it with torch."""
+    if torch.compiler.is_compiling():  # inside torch.compile the compiler's own kernels serve
+        return None
     flat = kernel_input(x)
     kind = _WEIGHT_KINDS.get(weight.dtype)
     if flat is None or kind is None or weight.device.type != "cpu" or not weight.is_contiguous():
