@@ -163,7 +163,6 @@ class Layer:
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         out = engine.attend(self.index, q, k, v, self.scaling, self.window)
         (out,) = self.o_proj(out.transpose(1, 2).reshape(b, 1, self.heads * d))
@@ -200,8 +199,8 @@ class RopeTable:
         self.tables = {t: (cos[0], sin[0]) for t, (cos, sin) in self.parts.rope(like, positions).items()}
 
     def at(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """cos/sin (B, 1, D) per layer type at positions (B, 1)."""
-        return {t: (cos[positions], sin[positions]) for t, (cos, sin) in self.tables.items()}
+        """cos/sin (B, 1, 1, D) per layer type at positions (B, 1), shaped for (B, H, 1, D) heads."""
+        return {t: (cos[positions][:, None], sin[positions][:, None]) for t, (cos, sin) in self.tables.items()}
 
 
 class FusedDecoder:
