@@ -496,6 +496,10 @@ def render_peers(doc: dict, path: str) -> str:
     return _benchmark("engine_vs_peers", "markdown_table")(doc["rows"])
 
 
+def render_compile(doc: dict, path: str) -> str:
+    return _benchmark("compile_break_even", "markdown_table")(doc["rows"])
+
+
 def _recorded_host(path: str) -> tuple[str | None, str | None]:
     """(CPU class, dtype) a result file records itself (meta.host, meta.dtype), where it does."""
     try:
@@ -540,6 +544,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "bench-binary": render_bench_binary,
     "serve-load": render_serve_load,
     "peers": render_peers,
+    "compile": render_compile,
     "tiny-sd-sizes": render_tiny_sd_sizes,
     "mobile-mini": render_mobile_mini,
     "mobile-sizes": render_mobile_sizes,

@@ -11,7 +11,7 @@ import squeezegen as sg
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.fused import FusedDecoder
 
-from .conftest import TINY, tiny
+from .conftest import AUTO, TINY, tiny
 from .test_engine_parity import BATCH, PROMPT
 
 # float32: the fused products sum in the order the separate ones do on the CPUs seen (bit-exact);
@@ -122,3 +122,37 @@ def test_the_compiled_fused_step_gives_the_eager_tokens():
     eager = sg.generate(model, tok, PROMPT, max_new_tokens=8, ignore_eos=True)
     compiled = sg.generate(model, tok, PROMPT, max_new_tokens=8, ignore_eos=True, compile=True)
     assert compiled.token_ids == eager.token_ids
+
+
+WARM_START = """
+import json, torch, squeezegen as sg
+from torch._dynamo.utils import counters
+model, tok = sg.load("tiny-llama", dtype="float32")
+out = sg.generate(model, tok, "The cache", max_new_tokens=3, ignore_eos=True, compile=True)
+print(json.dumps({"tokens": out.token_ids, **{k: v for k, v in counters["inductor"].items() if "fxgraph" in k}}))
+"""
+
+
+@pytest.mark.skipif(AUTO != "float32", reason="dtype-independent (tiny-llama in float32): runs once, in `make test`")
+def test_a_second_process_finds_the_compiled_step_in_squeezegens_cache(tmp_path):
+    """Inductor's products go to <squeezegen cache>/compile, and a second run of the same model and
+    dtype loads them instead of compiling (torch's default /tmp cache is not used: its state here is
+    whatever other runs left, so a first run could not miss)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["SQUEEZEGEN_CACHE"] = str(tmp_path)  # tiny models are built from configs: nothing to fetch
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", WARM_START], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold, warm = run(), run()
+    assert cold.get("fxgraph_cache_miss", 0) > 0 and cold.get("fxgraph_cache_hit", 0) == 0, cold
+    assert warm.get("fxgraph_cache_hit", 0) > 0 and warm.get("fxgraph_cache_miss", 0) == 0, warm
+    assert warm["tokens"] == cold["tokens"]
+    assert any((tmp_path / "compile").rglob("*")), "nothing was written under <squeezegen cache>/compile"
