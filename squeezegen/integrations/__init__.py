@@ -1,0 +1,1 @@
+"""squeezegen's methods inside other inference engines (each integration imports its engine lazily)."""

@@ -1,0 +1,102 @@
+"""What a vLLM request asks of squeezegen, and the selection it gets (no vLLM import here).
+
+A request names its method in `SamplingParams.extra_args["squeezegen"]`: the JSON text (or, from
+Python, the dict) `{"method": "snapkv", "args": {"budget": 0.25}}`, the body field that
+`squeezegen serve` takes. The OpenAI server passes `extra_body={"vllm_xargs": {"squeezegen":
+"<that JSON>"}}` into `extra_args`. The selection is the squeezegen method's own scoring and top-k
+(`ScoredSelection.kv_scores`/`choose`) over the request's prompt, so a request selects what
+`squeezegen serve` would select for the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.methods.registry import method as build_method
+from squeezegen.methods.selection import ScoredSelection
+from squeezegen.runtime.cache import LayerCache
+from squeezegen.runtime.hooks import LayerView
+
+# prefill-time selections whose layers each keep the same count in every KV head: kept entries can
+# be packed into fewer paged blocks. Adaptive budgets (AdaKV), KVzip's probes and decode-time
+# eviction (H2O, TOVA, RPC) are not offered: see docs/serving.md.
+SUPPORTED = ("snapkv", "pyramidkv", "streaming_llm")
+FIELD = "squeezegen"
+
+
+def parse_request(extra_args: dict | None) -> ScoredSelection | None:
+    """The method a request asks for, None for the full cache; SqueezegenError (one line) if bad."""
+    spec = (extra_args or {}).get(FIELD)
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            raise SqueezegenError(
+                f'{FIELD} must be JSON such as {{"method": "snapkv", "args": {{"budget": 0.25}}}}, got {spec!r}'
+            ) from None
+    if not isinstance(spec, dict) or set(spec) - {"method", "args"} or not isinstance(spec.get("args", {}), dict):
+        raise SqueezegenError(f'{FIELD} must be an object {{"method": name, "args": {{...}}}}, got {spec!r}')
+    name = spec.get("method")
+    if name in (None, "full"):
+        return None
+    if name not in SUPPORTED:
+        raise SqueezegenError(f"the vLLM plugin runs {', '.join(SUPPORTED)} (or full); got method {name!r}")
+    built = build_method(name, **spec.get("args", {}))
+    if built.adaptive:
+        raise SqueezegenError("adaptive=True gives KV heads uneven budgets, which paged blocks cannot free: drop it")
+    return built
+
+
+def layer_budgets(method: ScoredSelection, prompt: int, num_layers: int) -> list[int]:
+    """Entries each layer keeps of a `prompt`-token prompt (every layer sees the whole prompt)."""
+    return [
+        min(prompt, method.layer_budget(SimpleNamespace(index=i, num_layers=num_layers), prompt, prompt))
+        for i in range(num_layers)
+    ]
+
+
+def freeable_tokens(method: ScoredSelection, prompt: int, num_layers: int) -> int:
+    """Leading prompt slots no layer needs once its kept entries sit at the end of the prompt."""
+    return prompt - max(layer_budgets(method, prompt, num_layers))
+
+
+def select(
+    method: ScoredSelection,
+    layer: int,
+    num_layers: int,
+    scaling: float,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """Positions (Hkv, K) each KV head of one layer keeps, ascending, K the layer's budget.
+
+    query (Hq, Lq, D): the last Lq prompt tokens' queries (the observation window); keys and values
+    (Hkv, L, D): the whole prompt's, at positions 0..L-1.
+    """
+    prompt = keys.shape[1]
+    cache = LayerCache()
+    cache.append(keys[None], values[None], torch.arange(prompt)[None])
+    positions = torch.arange(prompt - query.shape[1], prompt)[None]
+    view = LayerView(
+        index=layer,
+        num_layers=num_layers,
+        layer_types=["full_attention"] * num_layers,
+        scaling=scaling,
+        positions=positions,
+        cache=cache,
+        prompt_lengths=[prompt],
+        row_tokens=[prompt],
+        state=method.new_state(),
+        memo={},
+        engine=None,
+    )
+    scores = method.kv_scores(view, query[None], keys[None])
+    keep = method.choose(view, scores, method.row_budgets(view))[0]
+    return keep.expand(keys.shape[0], -1)

@@ -1,0 +1,59 @@
+"""The scheduler side: a compressed request's leading prompt blocks go back to vLLM's block pool.
+
+The attention backend packs each layer's kept entries into the last slots of the prompt, so the
+first `prompt - max kept over layers` slots are read by no layer. Once the prompt is processed,
+the blocks wholly inside that range are freed and replaced by vLLM's null block, as its sliding
+window and R-SWA managers free blocks out of view. The count follows from the method and the
+prompt length alone, so the scheduler and the workers agree without talking.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+from squeezegen.errors import SqueezegenError
+from squeezegen.integrations.vllm.compression import freeable_tokens, parse_request
+
+
+class PromptGapManager(FullAttentionManager):
+    """Full attention whose compressed requests free their leading prompt blocks."""
+
+    gaps: dict[str, tuple[int, int]]  # request id -> (prompt tokens, freeable leading tokens)
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        gap = self.gaps.get(request_id)
+        if gap is not None and processed_computed_tokens >= gap[0]:
+            self._remove_blocks_in_range(request_id, 0, gap[1] // self.block_size)
+
+
+class SqueezeScheduler(AsyncScheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.cache_config.enable_prefix_caching:
+            raise ValueError(
+                "the squeezegen plugin rewrites a compressed prompt's blocks in place, which cached prefixes "
+                "share: serve with --no-enable-prefix-caching"
+            )
+        self.num_layers = self.vllm_config.model_config.get_num_layers(self.vllm_config.parallel_config)
+        self.gap_managers = []
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if type(manager) is FullAttentionManager:  # sliding-window groups keep their own manager
+                manager.__class__ = PromptGapManager
+                manager.gaps = {}
+                self.gap_managers.append(manager)
+
+    def add_request(self, request) -> None:
+        try:
+            method = parse_request(request.sampling_params.extra_args if request.sampling_params else None)
+        except SqueezegenError:
+            method = None
+        for manager in self.gap_managers:  # finished ones; a preempted request keeps its gap for its recompute
+            for req_id in [r for r in manager.gaps if r not in self.requests]:
+                del manager.gaps[req_id]
+        if method is not None:
+            gap = (request.num_prompt_tokens, freeable_tokens(method, request.num_prompt_tokens, self.num_layers))
+            for manager in self.gap_managers:
+                manager.gaps[request.request_id] = gap
+        super().add_request(request)
