@@ -500,6 +500,10 @@ def render_compile(doc: dict, path: str) -> str:
     return _benchmark("compile_break_even", "markdown_table")(doc["rows"])
 
 
+def render_vllm_plugin(doc: dict, path: str) -> str:
+    return _benchmark("vllm_plugin", "markdown_table")(doc["rows"])
+
+
 def _recorded_host(path: str) -> tuple[str | None, str | None]:
     """(CPU class, dtype) a result file records itself (meta.host, meta.dtype), where it does."""
     try:
@@ -545,6 +549,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "serve-load": render_serve_load,
     "peers": render_peers,
     "compile": render_compile,
+    "vllm-plugin": render_vllm_plugin,
     "tiny-sd-sizes": render_tiny_sd_sizes,
     "mobile-mini": render_mobile_mini,
     "mobile-sizes": render_mobile_sizes,
