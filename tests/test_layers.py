@@ -9,7 +9,7 @@ The layers, from bottom to top (a module may import its own layer and those belo
     3  models                loading by name or path (a 1-bit folder through quant)
     4  evals                 corpora, tasks, perplexity, reports
     5  bench                 measurements side by side
-    6  serve
+    6  serve, integrations   the OpenAI server; the methods inside other engines (vLLM), side by side
     7  cli                   the `squeezegen` command
 
 The package root (squeezegen/__init__.py, the facade of `import squeezegen as sg`) may import any of them,
@@ -37,6 +37,7 @@ LEVELS = {
     "evals": 4,
     "bench": 5,
     "serve": 6,
+    "integrations": 6,
     "cli": 7,
 }
 

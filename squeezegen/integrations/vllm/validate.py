@@ -21,7 +21,7 @@ class SqueezeArgs(LogitsProcessor):
         try:
             parse_request(sampling_params.extra_args)
         except SqueezegenError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(f"squeezegen field: {exc}") from None
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass
