@@ -30,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from squeezegen.integrations.vllm.compression import select
-from squeezegen.integrations.vllm.worker import batch_requests
+from squeezegen.integrations.vllm.worker import batch_requests, live_requests
 from squeezegen.methods.selection import ScoredSelection
 
 
@@ -108,8 +108,8 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
                     seq_len = row.end - (starts[row.row + 1] - 1 - token)
                     one = slice(token, token + 1)
                     self._attend(layer, row, query[one], seq_len, caches, table, output[one])
-        if len(self.kept_from) > 4 * len(rows) + 256:
-            live = {row.req_id for row in rows}
+        if len(self.kept_from) + len(self.pending) > 4 * len(rows) + 256:  # forget finished requests
+            live = live_requests()
             self.kept_from = {r: s for r, s in self.kept_from.items() if r in live}
             self.pending = {r: p for r, p in self.pending.items() if r in live}
         return output

@@ -38,3 +38,8 @@ def batch_requests(num_reqs: int) -> list[tuple[str, int, ScoredSelection | None
                 _METHODS[req_id] = None
         rows.append((req_id, state.num_prompt_tokens, _METHODS[req_id]))
     return rows
+
+
+def live_requests() -> set[str]:
+    """Ids of the requests this worker still holds (finished ones are gone)."""
+    return set(_RUNNER.requests) if _RUNNER is not None else set()
