@@ -112,14 +112,18 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
+            save(args, rows)  # as it goes: a run cut short keeps the configurations it finished
     finally:
         server.terminate()
         server.wait(60)
+    print(markdown_table(rows))
+
+
+def save(args: argparse.Namespace, rows: list[dict]) -> None:
     meta = {**vars(args), "out": str(args.out), "host": host(), "block_size": 128, "model": "smollm2-135m"}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm_plugin.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (args.out / "vllm_plugin.md").write_text(markdown_table(rows) + "\n")
-    print(markdown_table(rows))
 
 
 def markdown_table(rows: list[dict]) -> str:

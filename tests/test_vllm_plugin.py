@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -29,6 +30,23 @@ from tests.conftest import AUTO
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 BLOCK = 128  # vLLM's CPU block size for this model (vllm:cache_config_info)
+REQUIRED = bool(os.environ.get("SQUEEZEGEN_REQUIRE_VLLM"))  # make test-vllm: a server that cannot start fails
+SERVER_MARKS = (
+    pytest.mark.skipif(
+        AUTO != "float32", reason="the vLLM servers run float32 whatever dtype auto means: run once, in `make test`"
+    ),
+    pytest.mark.skipif(
+        not VLLM_PYTHON.exists() and not REQUIRED,
+        reason="vLLM's environment is not built here: `make vllm-env` (then `make test-vllm`)",
+    ),
+)
+
+
+def needs_servers(test):
+    """The marks of a test against the real servers."""
+    for mark in SERVER_MARKS:
+        test = mark(test)
+    return test
 
 
 def spec(name: str, **args) -> dict:
@@ -104,10 +122,12 @@ def test_the_launcher_adds_the_plugin_and_keeps_what_the_user_chose():
 # --- real servers ----------------------------------------------------------------------------------
 
 
-def _skip_or_fail(reason: str):
-    if os.environ.get("SQUEEZEGEN_REQUIRE_VLLM"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+def _unavailable(reason: str):
+    """vLLM installed but not running on this machine: a skip with the reason, or a failure under
+    `make test-vllm`."""
+    if not REQUIRED:
+        pytest.skip(reason)
+    pytest.fail(reason)
 
 
 def _start(folder: Path, port: int, *extra: str) -> subprocess.Popen:
@@ -132,23 +152,18 @@ def _wait(proc: subprocess.Popen, port: int, timeout: float = 600) -> None:
     while time.time() < deadline:
         if proc.poll() is not None:
             tail = Path(f"/tmp/squeezegen-vllm-{port}.log").read_text().strip().splitlines()[-1:]
-            _skip_or_fail(f"vllm serve exited ({proc.returncode}) on this machine: {' '.join(tail)}")
+            _unavailable(f"vllm serve exited ({proc.returncode}) on this machine: {' '.join(tail)}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
             return
         except OSError:
             time.sleep(2)
-    _skip_or_fail(f"vllm serve did not start within {timeout:.0f} s")
+    _unavailable(f"vllm serve did not start within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
 def servers():
     """(plugin client, plain vLLM client, plugin metrics URL): two real servers on loopback."""
-    if AUTO != "float32":
-        pytest.skip("the vLLM servers run float32 whatever dtype auto means: run once, in `make test`")
-    if not VLLM_PYTHON.exists():
-        _skip_or_fail("vLLM's environment is not built here: `make vllm-env` (then `make test-vllm`)")
-    openai = pytest.importorskip("openai")
     from squeezegen.models.bundled import BUNDLED, dequantized_folder
 
     folder = dequantized_folder(BUNDLED["smollm2-135m"])
@@ -183,6 +198,7 @@ def needles(servers):
     return [make_sample("niah_number", tok, 1500, seed=300 + seed) for seed in range(4)]
 
 
+@needs_servers
 def test_a_full_cache_answer_equals_vllm_without_the_plugin(servers, needles):
     plugin, plain, _ = servers
     prompts = [needles[0].prompt, needles[1].prompt, "Name three uses of a Python dictionary."]
@@ -193,6 +209,7 @@ def test_a_full_cache_answer_equals_vllm_without_the_plugin(servers, needles):
         assert _answer(plugin, prompt, spec("snapkv", budget=1.0)) == expected
 
 
+@needs_servers
 def test_the_body_field_of_squeezegen_serve_selects_the_method_too(servers, needles):
     plugin, _, _ = servers
     chosen = {"method": "streaming_llm", "args": {"budget": 16}}  # 4 sinks and 12 newest: the needle is gone
@@ -202,13 +219,13 @@ def test_the_body_field_of_squeezegen_serve_selects_the_method_too(servers, need
     )
     through_xargs = _answer(plugin, needles[0].prompt, spec("streaming_llm", budget=16))
     assert reply.choices[0].message.content == through_xargs != _answer(plugin, needles[0].prompt)
-    openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError, match="squeezegen field: .*tova"):
         plugin.chat.completions.create(
             model="smollm2", messages=messages, max_tokens=2, extra_body={"squeezegen": {"method": "tova"}}
         )
 
 
+@needs_servers
 @pytest.mark.parametrize("heads", ["per-head", "shared"])
 def test_a_compressed_request_answers_as_squeezegen_does(servers, needles, heads):
     plugin, _, _ = servers
@@ -243,6 +260,7 @@ def _blocks_in_use(client, metrics_url: str, prompt: str, extra: dict | None, to
     return max(seen)
 
 
+@needs_servers
 def test_a_compressed_request_returns_its_blocks_to_vllm(servers):
     plugin, _, metrics_url = servers
     text = urllib.request.urlopen(metrics_url).read().decode()
@@ -265,13 +283,13 @@ def test_a_compressed_request_returns_its_blocks_to_vllm(servers):
         assert freed >= (5 if name != "pyramidkv" else 2)
 
 
+@needs_servers
 @pytest.mark.parametrize(
     "extra",
     [spec("h2o"), spec("snapkv", budget=-1), spec("snapkv", heads="sideways"), {"squeezegen": "{"}],
 )
 def test_a_bad_request_gets_400_and_the_server_goes_on(servers, extra):
     plugin, _, _ = servers
-    openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError) as info:
         _answer(plugin, "Hello.", extra, max_tokens=2)
     assert info.value.status_code == 400 and "squeezegen field:" in str(info.value)
