@@ -4,6 +4,7 @@ import squeezegen as sg
 model, tok = sg.load("smollm2-135m")
 res = sg.generate(model, tok, ["prompt text"], max_new_tokens=16)
 sg.binarize_(model, sg.BinaryMoSConfig(experts=4)); sg.save(model, tok, "out"); sg.load("out")
+sg.quantize_(model, sg.Int4WeightOnlyConfig())  # 4-bit weights (GGUF Q4_1's layout)
 """
 
 import squeezegen.quiet_imports  # noqa: F401  (first: silences optional dependencies' import noise)
@@ -12,11 +13,13 @@ from squeezegen.methods import Compose, Method, method, methods
 from squeezegen.models import available_models, load
 from squeezegen.quant import (
     BinaryMoSConfig,
+    Int4WeightOnlyConfig,
     OneBitConfig,
     SignConfig,
     binarize_,
     bits_per_weight,
     pack_,
+    quantize_,
     save,
     stored_bytes,
 )
@@ -27,11 +30,13 @@ from squeezegen.version import __version__
 __all__ = [
     "__version__",
     "BinaryMoSConfig",
+    "Int4WeightOnlyConfig",
     "OneBitConfig",
     "SignConfig",
     "binarize_",
     "bits_per_weight",
     "pack_",
+    "quantize_",
     "save",
     "stored_bytes",
     "Compose",

@@ -7,7 +7,7 @@ from squeezegen.runtime import native
 
 
 def test_the_kernel_builds():
-    assert native.dense_library() is not None, "the dense kernel did not build: is a C compiler (gcc) installed?"
+    assert native.runtime_library() is not None, "the dense kernel did not build: is a C compiler (gcc) installed?"
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16])

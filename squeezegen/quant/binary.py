@@ -20,6 +20,7 @@ from torch import nn
 
 from squeezegen.quant.kernels import BinaryPlan
 from squeezegen.quant.packing import pack_signs, unpack_signs
+from squeezegen.runtime.native_step import NativeProjection
 
 STORED_DTYPE = torch.float16  # scales, router and bias in the deployed format
 
@@ -99,6 +100,15 @@ class BinaryLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_kernel_watch", None)  # moved or cast: the kernel's tensors are made again
         return super()._apply(fn, recurse)
+
+    @classmethod
+    def native_projection(cls, modules: list[BinaryLinear]) -> NativeProjection | None:
+        """Packed layers that read one input, as one call of the C decode step (their kernel)."""
+        if not all(m.is_packed for m in modules) or len({m.in_features for m in modules}) != 1:
+            return None
+        plan = BinaryPlan(modules[0].in_features, [(m.packed, m.out_features, *m.kernel_args()) for m in modules])
+        fields = plan.native_fields()
+        return None if fields is None else NativeProjection(fields, [plan])
 
     def kernel_args(self) -> tuple:
         """(in_scales (E, in) | None, out_scales (E, out), router (E, in) | None, bias | None,

@@ -35,6 +35,7 @@ from squeezegen.quant.api import (
     pack_,
     stored_bytes,
 )
+from squeezegen.quant.int4 import int4_layers
 
 MANIFEST = "squeezegen_binary.json"
 WEIGHTS = "model.safetensors"
@@ -77,6 +78,10 @@ def save(model: torch.nn.Module, tokenizer, folder: str | Path, overwrite: bool 
     the new one is written beside it and swapped in, so a failed save leaves the old one as it was.
     """
     folder = Path(folder)
+    if int4_layers(model):
+        raise SqueezegenError(
+            "int4 weights are quantized at load time: save the float model and call sg.quantize_ after sg.load"
+        )
     if not binary_layers(model):
         raise SqueezegenError("sg.save writes binarized models: apply sg.binarize_(model, config) first")
     existing = _replaceable(folder, overwrite)

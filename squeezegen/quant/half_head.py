@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from squeezegen.runtime.native import dense_linear
+from squeezegen.runtime.native_step import NativeProjection, dense_projection
 
 STORED = torch.float16
 
@@ -52,6 +53,14 @@ class HalfHead(_Sixteen):
         if y is None:  # many tokens (a prefill, a perplexity), gradients, another device: widen
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @classmethod
+    def native_projection(cls, modules: list[HalfHead]) -> NativeProjection | None:
+        """The head as the C decode step's dense product over its 16-bit weight."""
+        (head,) = modules
+        if head.bias is not None and head.bias.dtype != head.compute.dtype:
+            return None
+        return dense_projection(head.weight, head.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"

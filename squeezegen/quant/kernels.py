@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from squeezegen.runtime.native import build, kernel_input
+from squeezegen.runtime.native_step import PROJ_BINARY
 
 SOURCE = Path(__file__).parent / "csrc" / "binary_linear.c"
 MAX_EXPERTS = 64  # the kernel's per-token gate buffer
@@ -88,6 +89,26 @@ class BinaryPlan:
         outs, packed, ins, scales, routers, biases = (ctypes.addressof(a) for a in self._arrays)
         self._args = (outs, packed, ins, scales, self.experts, routers, biases, int(layers[0][6]))
         self._outputs = pointers
+
+    def native_fields(self) -> dict | None:
+        """The plan as the C decode step's `Proj` fields (runtime/native_step.py), or None."""
+        lib = library()
+        if lib is None or self.experts > MAX_EXPERTS:
+            return None
+        outs, packed, ins, scales, experts, routers, biases, layernorm = self._args
+        return {
+            "kind": PROJ_BINARY,
+            "call": ctypes.cast(lib.sg_binary_linears, ctypes.c_void_p).value,
+            "count": len(self.layers),
+            "experts": experts,
+            "layernorm": layernorm,
+            "sizes": outs,
+            "packed": packed,
+            "in_scales": ins,
+            "out_scales": scales,
+            "routers": routers,
+            "biases": biases,
+        }
 
     def __reduce__(self):  # copied or pickled: made again over the copies of its tensors
         return BinaryPlan, (self.in_features, self.layers)

@@ -38,7 +38,7 @@ def stack(engines: list[Engine]) -> Engine:
     if not all(batchable(e) for e in engines):
         raise SqueezegenError("a method that rewrites the cache while decoding cannot share a batch")
     first = engines[0]
-    batch = Engine(first.model, Method(), tokenizer=first.tokenizer)
+    batch = Engine(first.model, Method(), tokenizer=first.tokenizer, native=first.native)
     for i, layer in enumerate(batch.cache.layers):
         parts = [_padded(e.cache.layers[i]) for e in engines]
         width = max(p.keys.shape[2] for p in parts)

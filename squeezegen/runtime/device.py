@@ -57,11 +57,9 @@ SPEED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "
 
 
 @cache
-def host() -> dict:
-    """The machine a result is measured on: CPU model, its speed-deciding flags and class ("amx",
-    "avx512-bf16", "avx2" or "other"), cores, and the GPU if one is visible. Stored with results,
-    since speed ratios hold only for the machine class they were measured on."""
-    model, flags = platform.processor() or platform.machine(), set()
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and the feature flags /proc/cpuinfo lists (empty where it cannot be read)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -69,10 +67,19 @@ def host() -> dict:
                 if key.strip() == "model name":
                     model = value.strip()
                 elif key.strip() == "flags":
-                    flags = set(value.split())
+                    flags = frozenset(value.split())
                     break
     except OSError:
         pass
+    return model, flags
+
+
+@cache
+def host() -> dict:
+    """The machine a result is measured on: CPU model, its speed-deciding flags and class ("amx",
+    "avx512-bf16", "avx2" or "other"), cores, and the GPU if one is visible. Stored with results,
+    since speed ratios hold only for the machine class they were measured on."""
+    model, flags = cpu_model_and_flags()
     if "amx_bf16" in flags:
         kind = "amx"
     elif "avx512_bf16" in flags:

@@ -43,16 +43,20 @@ class Engine:
         compile: bool = False,
         tokenizer=None,
         fused: bool = True,
+        native: bool = True,
     ) -> None:
         """`reserve`: decode steps to size the decode buffers for (they grow if more come);
         `compile`: run decode steps through `torch.compile` (see runtime/step.py);
         `tokenizer`: for methods that write text of their own (KVzip's reconstruction prompt);
         `fused`: decode through the engine's own forward (runtime/fused.py) where the model has
-        one; False decodes through the HF layers (the reference)."""
+        one; False decodes through the HF layers (the reference);
+        `native`: run that forward's step in C (runtime/native_step.py) where it applies; False
+        runs it as torch operations."""
         self.model = model
         self.tokenizer = tokenizer
         self.parts = DecoderParts.of(model)
         self.fused_wanted = fused
+        self.native = native
         self.fused: FusedDecoder | None = None  # made when decoding starts
         self.method = method if method is not None else Method()
         self.hooks = self.method.hooks()
@@ -384,6 +388,7 @@ class Engine:
             compile=self.compile,
             tokenizer=self.tokenizer,
             fused=self.fused_wanted,
+            native=self.native,
         )
         twin.states[id(method)] = self.state_of(method)
         twin.next_pos = self.next_pos.clone()

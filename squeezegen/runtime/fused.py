@@ -23,6 +23,7 @@ from torch import nn
 
 from squeezegen.runtime.decoder import DecoderParts
 from squeezegen.runtime.native import dense_linear
+from squeezegen.runtime.native_step import NativeStep
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -49,10 +50,9 @@ class Norm:
 class Projections:
     """Linear layers of `parent` that read one input (or one alone), as one product: their weights
     (and biases) concatenated into one tensor that the modules then view; modules that are not
-    plain nn.Linear (packed 1-bit layers) are called as they are."""
+    plain nn.Linear (4-bit or packed 1-bit layers) are called as they are."""
 
     def __init__(self, parent: nn.Module, names: list[str]) -> None:
-        self.parent, self.names = parent, names
         self.modules = [getattr(parent, name) for name in names]
         self.sizes = [m.out_features for m in self.modules]
         self.weight = self.bias = None
@@ -75,21 +75,6 @@ class Projections:
         elif self.bias is not None:
             y += self.bias
         return list(y.split(self.sizes, dim=-1))
-
-    def current(self) -> bool:
-        """Whether these are still the parent's modules (not replaced, by sg.binarize_ say) and still
-        view the concatenated weight (not moved, cast or reloaded since)."""
-        if any(getattr(self.parent, n) is not m for n, m in zip(self.names, self.modules, strict=True)):
-            return False
-        if self.weight is None:  # called as modules: nothing of theirs is held here
-            return True
-        offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()[:-1]]
-        width = self.weight.shape[1]
-        return all(
-            m.weight.dtype == self.weight.dtype
-            and m.weight.data_ptr() == self.weight.data_ptr() + at * width * self.weight.element_size()
-            for m, at in zip(self.modules, offsets, strict=True)
-        )
 
 
 def _concat_into(params: list[nn.Parameter]) -> torch.Tensor:
@@ -126,7 +111,11 @@ class Layer:
     gate_up: Projections
     down_proj: Projections
     post_mlp_norm: Norm | None  # Gemma-3's post_feedforward_layernorm
-    act: Callable[[torch.Tensor], torch.Tensor]
+    act_name: str
+
+    @property
+    def act(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return ACTIVATIONS[self.act_name]
 
     @classmethod
     def of(cls, index: int, block: nn.Module, parts: DecoderParts) -> Layer:
@@ -134,6 +123,8 @@ class Layer:
         config = attn.config
         gemma = hasattr(block, "pre_feedforward_layernorm")
         act_name = getattr(config, "hidden_activation", None) or config.hidden_act
+        if act_name not in ACTIVATIONS:
+            raise KeyError(act_name)  # not a family this forward knows: the HF layers decode it
         return cls(
             index=index,
             heads=config.num_attention_heads,
@@ -152,7 +143,7 @@ class Layer:
             gate_up=Projections(mlp, ["gate_proj", "up_proj"]),
             down_proj=Projections(mlp, ["down_proj"]),
             post_mlp_norm=Norm(block.post_feedforward_layernorm) if gemma else None,
-            act=ACTIVATIONS[act_name],
+            act_name=act_name,
         )
 
     def __call__(self, engine, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -174,6 +165,11 @@ class Layer:
         if self.post_mlp_norm is not None:
             out = self.post_mlp_norm(out)
         return hidden + out
+
+
+def _fingerprint(model: nn.Module) -> list[tuple]:
+    """Where and in what dtype each of the model's tensors is now."""
+    return [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -208,10 +204,13 @@ class FusedDecoder:
     not of a family it knows (the engine then decodes through the HF layers)."""
 
     def __init__(self, model: nn.Module, parts: DecoderParts) -> None:
+        self.model = weakref.ref(model)
         self.layers = [Layer.of(i, block, parts) for i, block in enumerate(parts.layers)]
         self.norm = Norm(parts.norm)
         self.head = Projections(model, ["lm_head"])  # a packed model's 16-bit head is called as it is
         self.rope = RopeTable(parts)
+        self.native = NativeStep.of(self)  # the same step in C, where it applies
+        self.fingerprint = _fingerprint(model)  # after both made theirs (they concatenate weights)
 
     _MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -228,17 +227,21 @@ class FusedDecoder:
         return made
 
     def current(self) -> bool:
-        groups = ("qkv", "o_proj", "gate_up", "down_proj")
-        return self.head.current() and all(getattr(layer, g).current() for layer in self.layers for g in groups)
+        """Whether the model still holds the tensors this forward reads: not cast, moved, reloaded
+        or replaced (by sg.binarize_, sg.quantize_) since it was made."""
+        return _fingerprint(self.model()) == self.fingerprint
 
     def step(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decode step: tokens (B,) at positions (B,) -> next-token logits (B, V)."""
+        """One decode step: tokens (B,) at positions (B,) -> next-token logits (B, V): in C where
+        it applies and the engine wants it (`engine.native`), else as torch operations."""
         parts = engine.parts  # the model's modules now (a packed model's embedding is its own)
-        hidden = parts.embed(tokens[:, None])
-        rope = self.rope.at(positions[:, None])
-        for layer in self.layers:
-            cos, sin = rope[layer.rope_type]
-            hidden = layer(engine, hidden, cos, sin)
-        (logits,) = self.head(self.norm(hidden[:, -1]))
+        logits = self.native(engine, tokens, positions) if self.native is not None and engine.native else None
+        if logits is None:
+            hidden = parts.embed(tokens[:, None])
+            rope = self.rope.at(positions[:, None])
+            for layer in self.layers:
+                cos, sin = rope[layer.rope_type]
+                hidden = layer(engine, hidden, cos, sin)
+            (logits,) = self.head(self.norm(hidden[:, -1]))
         softcap = parts.logit_softcap
         return torch.tanh(logits.float() / softcap) * softcap if softcap else logits.float()

@@ -1,6 +1,9 @@
-"""Small C kernels built on the user's machine: compiled once with its own C compiler (AVX2/FMA/F16C
-and OpenMP where the CPU and compiler have them), cached by source and flags, loaded
+"""Small C kernels built on the user's machine: compiled once with its own C compiler (AVX2/FMA/F16C,
+AVX512 and OpenMP where the CPU and compiler have them), cached by source and flags, loaded
 through ctypes. Without a compiler, callers fall back to torch (one warning).
+
+The runtime's own C files (csrc/*.c: the decode step and the products it calls) make one library,
+`runtime_library()`.
 
 `dense_linear` is the decode-time matrix-vector product (csrc/dense_linear.c): a decode step
 reads every weight once, and for float32 and 16-bit weights torch's CPU kernels reach about half
@@ -23,31 +26,39 @@ from pathlib import Path
 import torch
 
 from squeezegen.paths import cache_dir
+from squeezegen.runtime.device import cpu_model_and_flags
 
-DENSE_SOURCE = Path(__file__).parent / "csrc" / "dense_linear.c"
+CSRC = Path(__file__).parent / "csrc"
 KERNEL_TOKENS = 16  # at most this many tokens per call; more are a matrix product's job
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def compile_flags() -> list[str]:
     """What this CPU's kernels are built with (the vector units torch found on it)."""
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", f"-I{CSRC}"]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    cpu = cpu_model_and_flags()[1]
+    if capability == "AVX512" and {"avx512f", "avx512bw", "avx512vl"} <= cpu:
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+        if "avx512_bf16" in cpu:
+            flags.append("-mavx512bf16")
     return flags
 
 
-def build(source: Path, what: str) -> ctypes.CDLL | None:
-    """`source` compiled for this machine (once; later calls load the cached library), or None
-    with a warning naming `what` falls back to torch."""
+def build(source: Path | list[Path], what: str) -> ctypes.CDLL | None:
+    """`source` (one C file or several) compiled for this machine into one library (once; later
+    calls load the cached library), or None with a warning naming `what` falls back to torch."""
+    sources = [source] if isinstance(source, Path) else sorted(source)
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         warnings.warn(f"no C compiler found: {what} runs through torch (slower)", stacklevel=3)
         return None
     flags = compile_flags()
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
+    headers = sorted(CSRC.glob("*.h"))
+    text = b"".join(p.read_bytes() for p in [*sources, *headers]) + " ".join([compiler, *flags]).encode()
+    target = cache_dir() / "kernels" / f"{sources[0].stem}-{hashlib.sha256(text).hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.parent / ".build.lock", "w") as lock:
@@ -56,12 +67,12 @@ def build(source: Path, what: str) -> ctypes.CDLL | None:
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                     built = Path(tmp) / target.name
                     result = subprocess.run(
-                        [compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True
+                        [compiler, *flags, *map(str, sources), "-o", str(built), "-lm"], capture_output=True
                     )
                     if result.returncode:
                         message = result.stderr.decode(errors="replace").strip().splitlines()[-1:]
                         warnings.warn(
-                            f"building {source.name} failed ({message}): {what} runs through torch", stacklevel=3
+                            f"building {sources[0].name} failed ({message}): {what} runs through torch", stacklevel=3
                         )
                         return None
                     built.replace(target)
@@ -69,8 +80,9 @@ def build(source: Path, what: str) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def dense_library() -> ctypes.CDLL | None:
-    lib = build(DENSE_SOURCE, "decoding's matrix-vector products")
+def runtime_library() -> ctypes.CDLL | None:
+    """The runtime's C files built together (decode step, dense and 4-bit products), or None."""
+    lib = build(list(CSRC.glob("*.c")), "decoding's matrix-vector products")
     if lib is not None:
         lib.sg_dense_linear.restype = ctypes.c_int
         lib.sg_dense_linear.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
@@ -98,7 +110,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     kind = _WEIGHT_KINDS.get(weight.dtype)
     if flat is None or kind is None or weight.device.type != "cpu" or not weight.is_contiguous():
         return None
-    lib = dense_library()
+    lib = runtime_library()
     if lib is None:
         return None
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype)

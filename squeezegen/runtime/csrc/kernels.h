@@ -1,0 +1,26 @@
+/* What the runtime's C files share: they are compiled together into one library per machine
+ * (runtime/native.py), and the decode step (decode_step.c) calls the products below on the rows
+ * each of its threads owns.
+ *
+ * Every product takes float32 activations x (tokens, in) and writes float32 y[t * y_stride + o] for
+ * the rows o in [o_begin, o_end) on the calling thread alone (no OpenMP inside); a token's sums
+ * are made in one fixed order whatever `tokens` is, so a row of a batch gets the bits it gets alone.
+ */
+#ifndef SG_KERNELS_H
+#define SG_KERNELS_H
+#include <stdint.h>
+
+#define SG_MAX_TOKENS 16 /* at most this many tokens per call */
+
+/* w (out, in) row-major: float32 (kind 0), bfloat16 (1) or float16 (2) */
+void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, int tokens, float *y,
+                   int y_stride);
+
+/* 4-bit weights in groups of `group` (a multiple of 32) along `in`, w[o, j] = q * scale + min with
+ * q in 0..15, as GGUF's Q4_1 stores them: packed (out, in / 2) bytes, each group of 32 weights in
+ * 16 bytes, byte i holding weight i in its low nibble and weight i + 16 in its high one; scales
+ * and mins (out, in / group) float16. */
+void sg_int4_rows(const uint8_t *packed, const uint16_t *scales, const uint16_t *mins, int group, int in, int o_begin,
+                  int o_end, const float *x, int tokens, float *y, int y_stride);
+
+#endif
