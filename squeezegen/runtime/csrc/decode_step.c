@@ -155,6 +155,20 @@ static inline __m256 load8(const void *p, int bf16, size_t i) {
 }
 #endif
 
+/* the largest of p[0..n) (-inf for none), sixteen lanes at a time: a scalar max is a chain of
+ * dependent instructions as long as the slots */
+static float max_of(const float *p, int n) {
+    float max = -INFINITY;
+    int i = 0;
+#ifdef __AVX512F__
+    __m512 v = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(p + i));
+    max = _mm512_reduce_max_ps(v);
+#endif
+    for (; i < n; i++) max = p[i] > max ? p[i] : max;
+    return max;
+}
+
 /* p[i] = exp(p[i] - max) for i < n, returning their sum (in a fixed order) */
 static float exp_shifted(float *p, int n, float max) {
     int i = 0;
@@ -278,7 +292,8 @@ static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 /* sc[i] = q . key(slot[i]) * scaling for n slots of one head (the product rounded to the model's
  * dtype first, as a bf16 matmul rounds it): four slots at a time, so that four
  * independent chains of multiply-adds are in flight (one chain of head_dim / 16 is latency-bound) */
-static void scores(const Model *m, const Layer *l, size_t row, const int *slots, int n, const float *q, float *sc) {
+static void scores(const Model *m, const Layer *l, size_t row, const int *slots, int n, const float *q, float *sc,
+                   int prefetch) {
     int d = l->head_dim, i = 0;
 #ifdef __AVX512BF16__
     if (m->bf16 && d % 32 == 0 && d <= MAX_HEAD_DIM) {
@@ -290,6 +305,9 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
         for (; i + 4 <= n; i += 4) {
             const uint16_t *k0 = keys + (row + slots[i]) * d, *k1 = keys + (row + slots[i + 1]) * d,
                            *k2 = keys + (row + slots[i + 2]) * d, *k3 = keys + (row + slots[i + 3]) * d;
+            if (prefetch && i + 12 <= n) /* the first head's pass reads the keys from memory */
+                for (int r = 8; r < 12; r++)
+                    for (int j = 0; j < d; j += 32) _mm_prefetch((const char *)(keys + (row + slots[i + r]) * d + j), _MM_HINT_T0);
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int j = 0; j < d; j += 32) {
                 a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(k0 + j), qb[j / 32]);
@@ -338,12 +356,16 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
  * per head size, so the sums stay in registers): two slots at a time into two sets of sums */
 static inline __attribute__((always_inline)) void head_values(const Model *m, const Layer *l, size_t row,
                                                               const int *slots, int n, const float *p, float *out,
-                                                              const int d) {
+                                                              int prefetch, const int d) {
     __m512 a[16], b[16];
     for (int c = 0; c < d / 16; c++) a[c] = b[c] = _mm512_setzero_ps();
     int i = 0;
     for (; i + 2 <= n; i += 2) {
         size_t v0 = (row + slots[i]) * d, v1 = (row + slots[i + 1]) * d;
+        if (prefetch && i + 10 <= n)
+            for (int c = 0; c < d; c += 32)
+                for (int r = 8; r < 10; r++)
+                    _mm_prefetch((const char *)((const uint16_t *)l->values + ((row + slots[i + r]) * d + c) * (m->bf16 ? 1 : 2)), _MM_HINT_T0);
         __m512 p0 = _mm512_set1_ps(p[i]), p1 = _mm512_set1_ps(p[i + 1]);
         for (int c = 0; c < d / 16; c++) {
             a[c] = _mm512_fmadd_ps(p0, load16(l->values, m->bf16, v0 + 16 * c), a[c]);
@@ -360,12 +382,13 @@ static inline __attribute__((always_inline)) void head_values(const Model *m, co
 #endif
 
 /* out[j] = sum_i p[i] * value(slot[i])[j] for one head */
-static void values(const Model *m, const Layer *l, size_t row, const int *slots, int n, const float *p, float *out) {
+static void values(const Model *m, const Layer *l, size_t row, const int *slots, int n, const float *p, float *out,
+                   int prefetch) {
     int d = l->head_dim;
 #ifdef __AVX512F__
-    if (d == 64) return head_values(m, l, row, slots, n, p, out, 64);
-    if (d == 128) return head_values(m, l, row, slots, n, p, out, 128);
-    if (d == 256) return head_values(m, l, row, slots, n, p, out, 256);
+    if (d == 64) return head_values(m, l, row, slots, n, p, out, prefetch, 64);
+    if (d == 128) return head_values(m, l, row, slots, n, p, out, prefetch, 128);
+    if (d == 256) return head_values(m, l, row, slots, n, p, out, prefetch, 256);
 #endif
     for (int j = 0; j < d; j++) out[j] = 0.0f;
     for (int i = 0; i < n; i++) {
@@ -386,10 +409,10 @@ static void attend_slots(const Model *m, const Layer *l, int b, int g, const flo
         if (pos[s] >= 0) slots[n++] = s;
     for (int h = 0; h < group; h++) {
         float max = -INFINITY, *out = part + (size_t)h * (d + 2);
-        scores(m, l, row, slots, n, q + (size_t)(g * group + h) * d, work);
-        for (int i = 0; i < n; i++) max = work[i] > max ? work[i] : max;
+        scores(m, l, row, slots, n, q + (size_t)(g * group + h) * d, work, h == 0);
+        max = max_of(work, n);
         out[0] = max, out[1] = n ? exp_shifted(work, n, max) : 0.0f;
-        values(m, l, row, slots, n, work, out + 2);
+        values(m, l, row, slots, n, work, out + 2, h == 0);
     }
 }
 

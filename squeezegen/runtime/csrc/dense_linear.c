@@ -79,8 +79,14 @@ static void four_rows_dot(const void *w, int kind, int o, int n, const float *x,
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     size_t r0 = (size_t)o * n, r1 = r0 + n, r2 = r1 + n, r3 = r2 + n;
+    const char *next = (const char *)w + (r0 + 8 * (size_t)n) * (kind == 0 ? 4 : 2);
+    size_t esz = kind == 0 ? 4 : 2;
     for (; j + 16 <= n; j += 16) {
         __m512 xv = _mm512_loadu_ps(x + j);
+        _mm_prefetch(next + j * esz, _MM_HINT_T1);
+        _mm_prefetch(next + (n + j) * esz, _MM_HINT_T1);
+        _mm_prefetch(next + (2 * n + j) * esz, _MM_HINT_T1);
+        _mm_prefetch(next + (3 * n + j) * esz, _MM_HINT_T1);
         a0 = _mm512_fmadd_ps(load16(w, kind, r0 + j), xv, a0);
         a1 = _mm512_fmadd_ps(load16(w, kind, r1 + j), xv, a1);
         a2 = _mm512_fmadd_ps(load16(w, kind, r2 + j), xv, a2);
