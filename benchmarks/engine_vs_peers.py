@@ -1,8 +1,10 @@
 """The engine beside the peers a user would pick instead, side by side in one run.
 
 Each configuration prefills the same real-text prompt (the same token ids) and greedily decodes
-`--new-tokens` tokens; the engine decodes through its fused forward (runtime/fused.py, the
-default) and through the HF layers (the path before it). Decode's achieved bytes/s (weights + KV
+`--new-tokens` tokens; the engine decodes through its fused forward run in C (runtime/native_step.py,
+the default), the same forward as torch operations, and the HF layers (the path before both), in
+float32 and bf16, and in C with 4-bit weights (`sg.quantize_`) and packed BinaryMoS layers (an
+untrained `sg.binarize_` + `sg.pack_`: the same bytes and kernels as a trained one). Decode's achieved bytes/s (weights + KV
 read per step) is set beside the machine's copy bandwidth measured in the same run. Peers:
 Hugging Face `generate` (eager, and with `cache_implementation="static"` + `torch.compile`, the
 transformers docs' recipe) and
@@ -26,6 +28,7 @@ import torch
 from squeezegen.evals.corpus import prose
 from squeezegen.models.bundled import BUNDLED
 from squeezegen.models.loading import load
+from squeezegen.quant import BinaryMoSConfig, Int4WeightOnlyConfig, binarize_, pack_, quantize_
 from squeezegen.runtime.device import auto_dtype, host
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.timing import synchronize
@@ -46,9 +49,12 @@ def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes a decode step reads of the weights: every parameter once (a tied lm_head once)."""
-    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    return sum(seen.values())
+    """Bytes a decode step reads of the weights: every parameter and buffer once (a tied lm_head
+    once), less an embedding the head does not share (a step reads one row of it)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())}
+    embedding = model.get_input_embeddings().weight
+    head = {t.data_ptr() for t in model.get_output_embeddings().parameters()}
+    return sum(seen.values()) - (0 if embedding.data_ptr() in head else embedding.numel() * embedding.element_size())
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
@@ -57,8 +63,10 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def run_engine(model, ids: torch.Tensor, new_tokens: int, compile: bool, fused: bool = True) -> dict:
-    engine = Engine(model, reserve=new_tokens - 1, compile=compile, fused=fused)
+def run_engine(
+    model, ids: torch.Tensor, new_tokens: int, compile: bool, fused: bool = True, native: bool = True
+) -> dict:
+    engine = Engine(model, reserve=new_tokens - 1, compile=compile, fused=fused, native=native)
     start = time.perf_counter()
     token = engine.prefill(ids).argmax(-1)
     synchronize(ids.device)
@@ -110,16 +118,26 @@ def main() -> None:
     auto = auto_dtype(device)
     models = {dtype: load(args.model, dtype=dtype)[0] for dtype in {torch.float32, torch.bfloat16, auto}}
     tok = load(args.model)[1]
+    int4 = quantize_(load(args.model, dtype=auto)[0], Int4WeightOnlyConfig())
+    binary = pack_(binarize_(load(args.model, dtype=auto)[0], BinaryMoSConfig(experts=4)))
     text = tok(prose(tok, max(args.contexts) + 512, seed=7)).input_ids
     bandwidth = copy_bandwidth(device)
+    n = args.new_tokens
     configs: dict[str, tuple[torch.dtype, Callable]] = {
-        "engine float32 fused": (torch.float32, lambda m, ids: run_engine(m, ids, args.new_tokens, False)),
-        "engine bfloat16 fused": (torch.bfloat16, lambda m, ids: run_engine(m, ids, args.new_tokens, False)),
-        "engine float32 HF layers": (torch.float32, lambda m, ids: run_engine(m, ids, args.new_tokens, False, False)),
-        "engine bfloat16 HF layers": (
-            torch.bfloat16,
-            lambda m, ids: run_engine(m, ids, args.new_tokens, False, False),
+        "engine float32 C step": (torch.float32, lambda m, ids: run_engine(m, ids, n, False)),
+        "engine bfloat16 C step": (torch.bfloat16, lambda m, ids: run_engine(m, ids, n, False)),
+        f"engine {str(auto)[6:]} C step, 4-bit weights": (
+            auto,
+            lambda m, ids: run_engine(int4, ids, n, False),
         ),
+        f"engine {str(auto)[6:]} C step, packed BinaryMoS": (
+            auto,
+            lambda m, ids: run_engine(binary, ids, n, False),
+        ),
+        "engine float32 fused torch ops": (torch.float32, lambda m, ids: run_engine(m, ids, n, False, native=False)),
+        "engine bfloat16 fused torch ops": (torch.bfloat16, lambda m, ids: run_engine(m, ids, n, False, native=False)),
+        "engine float32 HF layers": (torch.float32, lambda m, ids: run_engine(m, ids, n, False, False)),
+        "engine bfloat16 HF layers": (torch.bfloat16, lambda m, ids: run_engine(m, ids, n, False, False)),
         f"engine {str(auto)[6:]} compiled (auto dtype)": (
             auto,
             lambda m, ids: run_engine(m, ids, args.new_tokens, True),
@@ -148,7 +166,8 @@ def main() -> None:
                 # warm-up; a compiled configuration compiles for this very shape first
                 fn(models[dtype], ids if "compiled" in label else ids[:, :256])
                 result = fn(models[dtype], ids)
-                weights, kv_token = weight_bytes(models[dtype]), kv_bytes_per_token(models[dtype], dtype)
+                model = int4 if "4-bit" in label else binary if "BinaryMoS" in label else models[dtype]
+                weights, kv_token = weight_bytes(model), kv_bytes_per_token(model, dtype)
             step_bytes = weights + kv_token * (context + args.new_tokens // 2)
             rows.append(
                 {

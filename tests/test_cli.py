@@ -102,3 +102,16 @@ def test_the_command_tree_is_all_there():
 def test_every_subcommand_has_help(capsys, command):
     code, out, err = run(capsys, *command, "--help")
     assert code == 0 and out.startswith(f"usage: squeezegen {' '.join(command)}") and not err
+
+
+def test_generate_with_4bit_weights_is_generate_on_the_quantized_model(capsys):
+    import squeezegen as sg
+
+    argv = ["generate", "--model", "tiny-llama", "--dtype", "float32", "--prompt", "Once upon a time"]
+    code, out, _ = run(capsys, *argv, "--max-new-tokens", "6", "--ignore-eos", "--json", "--weights", "int4")
+    assert code == 0
+    model, tok = sg.load("tiny-llama", dtype="float32")
+    float_ids = sg.generate(model, tok, "Once upon a time", max_new_tokens=6, ignore_eos=True).token_ids[0]
+    sg.quantize_(model, sg.Int4WeightOnlyConfig())
+    expected = sg.generate(model, tok, "Once upon a time", max_new_tokens=6, ignore_eos=True).token_ids[0]
+    assert json.loads(out)["token_ids"] == expected != float_ids

@@ -203,3 +203,34 @@ def test_a_second_process_finds_the_compiled_step_in_squeezegens_cache(tmp_path)
     assert warm.get("fxgraph_cache_hit", 0) > 0 and warm.get("fxgraph_cache_miss", 0) == 0, warm
     assert warm["tokens"] == cold["tokens"]
     assert any((tmp_path / "compile").rglob("*")), "nothing was written under <squeezegen cache>/compile"
+
+
+def test_4bit_layers_decode_through_their_kernel_in_the_c_step():
+    model, tok = sg.load("tiny-qwen2", dtype="float32")  # q/k/v biases: concatenated 4-bit groups with biases
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    sg.quantize_(model, sg.Int4WeightOnlyConfig())
+    before = c_steps(model)
+    fused, reference = paired(model, ids, steps=8)
+    assert close(fused, reference, torch.float32) and c_steps(model) > before
+    torch_ops, _ = paired(model, ids, steps=8, native=False)
+    assert close(fused, torch_ops, torch.float32)
+
+
+def test_a_model_cast_after_decoding_decodes_again():
+    """The fused forward (and the C step's pointers) are made again when the model's tensors move."""
+    model, tok = sg.load("tiny-llama", dtype="float32")
+    sg.quantize_(model, sg.Int4WeightOnlyConfig())
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    decode_logits(model, ids, True, steps=2)
+    model.to(torch.bfloat16)
+    fused, reference = paired(model, ids, steps=6)
+    assert fused.dtype == torch.float32 and (fused - reference).abs().max() <= C_BF16 * reference.abs().max()
+
+
+def test_more_rows_than_the_c_step_takes_decode_as_torch_operations():
+    model, tok = tiny("tiny-llama")
+    prompts = [f"{PROMPT} {i}" for i in range(17)]  # the C step takes up to 16 rows
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    before = c_steps(model)
+    fused, reference = paired(model, enc.input_ids, steps=4, mask=enc.attention_mask)
+    assert c_steps(model) == before and close(fused, reference, torch.float32)

@@ -106,6 +106,14 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = None) 
         help="auto: bfloat16 where the hardware has native bf16 (CUDA, AMX / AVX512-BF16 CPUs), else float32",
     )
     parser.add_argument("--device", default="cpu", type=device_arg, help=DEVICES)
+    parser.add_argument(
+        "--weights",
+        default="model",
+        choices=["model", "int4"],
+        help="model: the weights as loaded (in --dtype); int4: the decoder's linear layers and the LM head "
+        "quantized to 4 bits after loading (sg.quantize_, GGUF Q4_1's layout: a decode step reads about a "
+        "third of bf16's bytes; activations stay in --dtype)",
+    )
 
 
 def add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -137,13 +145,19 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, PreTrainedTokenizer
     """(model, tokenizer) as `add_model_args` chose them (--dtype auto resolved in `args`)."""
     from squeezegen.models.loading import load
 
-    return load(args.model, dtype=resolve_dtype_arg(args), device=args.device)
+    model, tok = load(args.model, dtype=resolve_dtype_arg(args), device=args.device)
+    if getattr(args, "weights", "model") == "int4":
+        from squeezegen.quant.int4 import Int4WeightOnlyConfig, quantize_
+
+        quantize_(model, Int4WeightOnlyConfig())
+    return model, tok
 
 
 def dtype_line(args: argparse.Namespace) -> str:
     """What ran, for the reports: the dtype (and whether auto chose it) and the device."""
     chosen = " (auto)" if getattr(args, "dtype_auto", False) else ""
-    return f"{args.model} in {args.dtype}{chosen} on {args.device}, {torch_threads()} threads"
+    weights = ", 4-bit weights" if getattr(args, "weights", "model") == "int4" else ""
+    return f"{args.model} in {args.dtype}{chosen}{weights} on {args.device}, {torch_threads()} threads"
 
 
 def torch_threads() -> int:
