@@ -4,12 +4,12 @@ Each configuration prefills the same real-text prompt (the same token ids) and g
 `--new-tokens` tokens; the engine decodes through its fused forward run in C (runtime/native_step.py,
 the default), the same forward as torch operations, and the HF layers (the path before both), in
 float32 and bf16, and in C with 4-bit weights (`sg.quantize_`) and packed BinaryMoS layers (an
-untrained `sg.binarize_` + `sg.pack_`: the same bytes and kernels as a trained one). Decode's achieved bytes/s (weights + KV
-read per step) is set beside the machine's copy bandwidth measured in the same run. Peers:
-Hugging Face `generate` (eager, and with `cache_implementation="static"` + `torch.compile`, the
-transformers docs' recipe) and
-llama.cpp through llama-cpp-python on the very GGUF file the bundled model ships (optional:
-`pip install 'squeezegen[peers]'`, built from source). Usage:
+untrained `sg.binarize_` + `sg.pack_`: the same bytes and kernels as a trained one). Decode's
+achieved bytes/s (weights + KV read per step) is set beside the machine's copy bandwidth measured
+in the same run. Peers: Hugging Face `generate` (eager, and with `cache_implementation="static"` +
+`torch.compile`, the transformers docs' recipe) and llama.cpp through llama-cpp-python on the very
+GGUF file the bundled model ships (optional: `pip install 'squeezegen[peers]'`, built from source).
+Usage:
     python benchmarks/engine_vs_peers.py --contexts 2048 8192 --new-tokens 64 --out docs/results/peers
 """
 
