@@ -234,3 +234,18 @@ def test_more_rows_than_the_c_step_takes_decode_as_torch_operations():
     before = c_steps(model)
     fused, reference = paired(model, enc.input_ids, steps=4, mask=enc.attention_mask)
     assert c_steps(model) == before and close(fused, reference, torch.float32)
+
+
+def test_engines_on_other_threads_share_the_c_step_safely():
+    """One model's C step holds one set of structs: engines decoding at once from several threads
+    take turns, each getting the tokens it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = tiny("tiny-llama")
+    prompts = [PROMPT, "The cache of a layer", "Once upon a time there was", BATCH[0]]
+    alone = [sg.generate(model, tok, p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(lambda p: sg.generate(model, tok, p, max_new_tokens=12, ignore_eos=True).token_ids, prompts)
+        )
+    assert together == alone

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -194,6 +195,7 @@ class NativeStep:
         self.scratch = torch.empty(0)
         self._bound: list = []
         self.steps = 0  # decode steps run in C (the rest fell back to the torch step)
+        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, fused) -> NativeStep | None:
@@ -233,9 +235,13 @@ class NativeStep:
     def __call__(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """One decode step: tokens (B,) at positions (B,) -> logits (B, V) float32, or None where
         the C step does not apply (the caller runs the torch one)."""
-        rows = tokens.shape[0]
-        if torch.compiler.is_compiling() or rows > KERNEL_TOKENS or not self._bind(engine):
+        if torch.compiler.is_compiling() or tokens.shape[0] > KERNEL_TOKENS:
             return None
+        with self._lock:  # one model, one set of structs: engines on other threads wait their turn
+            return self._step(engine, tokens, positions) if self._bind(engine) else None
+
+    def _step(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = tokens.shape[0]
         hidden = engine.parts.embed(tokens[:, None])[:, 0].to(torch.float32).contiguous()
         model = ctypes.byref(self.struct)
         self.struct.threads = torch.get_num_threads()
