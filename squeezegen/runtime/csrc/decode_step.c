@@ -305,9 +305,12 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
         for (; i + 4 <= n; i += 4) {
             const uint16_t *k0 = keys + (row + slots[i]) * d, *k1 = keys + (row + slots[i + 1]) * d,
                            *k2 = keys + (row + slots[i + 2]) * d, *k3 = keys + (row + slots[i + 3]) * d;
-            if (prefetch && i + 12 <= n) /* the first head's pass reads the keys from memory */
+            if (prefetch && i + 12 <= n) /* the first head's pass reads the keys, and asks for the values */
                 for (int r = 8; r < 12; r++)
-                    for (int j = 0; j < d; j += 32) _mm_prefetch((const char *)(keys + (row + slots[i + r]) * d + j), _MM_HINT_T0);
+                    for (int j = 0; j < d; j += 32) {
+                        _mm_prefetch((const char *)(keys + (row + slots[i + r]) * d + j), _MM_HINT_T0);
+                        _mm_prefetch((const char *)((const uint16_t *)l->values + (row + slots[i + r]) * d + j), _MM_HINT_T1);
+                    }
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int j = 0; j < d; j += 32) {
                 a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(k0 + j), qb[j / 32]);
