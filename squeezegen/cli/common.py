@@ -121,7 +121,7 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
         "--compile",
         default="auto",
         choices=["auto", "on", "off"],
-        help="decode steps through torch.compile (auto: on a GPU; off on the CPU, where the eager fused step "
+        help="decode steps through torch.compile (auto: on a GPU; off on the CPU, where the C decode step "
         "decodes faster than the compiled one: docs/engine.md)",
     )
 

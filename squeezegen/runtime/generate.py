@@ -92,10 +92,10 @@ def check_model(model: object) -> None:
 
 
 def compile_by_default(device: torch.device) -> bool:
-    """Compiled decode steps are for a GPU (CUDA graphs). On the CPU the eager fused step, whose
-    products run in the engine's C kernel, decodes faster than inductor's code at steady state
-    (0.5-0.6x in bf16 on an AMX host, docs/engine.md), so compiling never pays back there and is
-    asked for explicitly."""
+    """Compiled decode steps are for a GPU (CUDA graphs). On the CPU the step in C decodes faster
+    than inductor's code of the torch step at steady state (which was 0.5-0.6x even the torch step
+    in bf16 on an AMX host, docs/engine.md), so compiling never pays back there and is asked for
+    explicitly."""
     return device.type == "cuda"
 
 
