@@ -107,7 +107,7 @@ def test_smollm2_token_sparse_tau0_is_full_and_drops_tokens_at_tau(tmp_path, mon
     assert same.token_ids == full.token_ids
     engine = sg.Engine(model, sg.method("token_sparse"))
     engine.prefill(tok(prompt, return_tensors="pt").input_ids)
-    kept = {layer: s["kept"] for layer, s in engine.state["tsa"].items()}
+    kept = {layer: s["kept"] for layer, s in engine.state_of(engine.method).stats.items()}
     shipped = Path(sg.__file__).parent / "methods" / "layer_profiles" / "llama-l30-h576-v49152.json"
     assert set(kept) == set(json.loads(shipped.read_text())["sparse_layers"])
     assert min(kept.values()) < 1.0
