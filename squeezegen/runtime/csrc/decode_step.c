@@ -308,8 +308,9 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
             if (prefetch && i + 12 <= n) /* the first head's pass reads the keys, and asks for the values */
                 for (int r = 8; r < 12; r++)
                     for (int j = 0; j < d; j += 32) {
-                        _mm_prefetch((const char *)(keys + (row + slots[i + r]) * d + j), _MM_HINT_T0);
-                        _mm_prefetch((const char *)((const uint16_t *)l->values + (row + slots[i + r]) * d + j), _MM_HINT_T1);
+                        size_t at = (row + slots[i + r]) * d + j;
+                        _mm_prefetch((const char *)(keys + at), _MM_HINT_T0);
+                        _mm_prefetch((const char *)((const uint16_t *)l->values + at), _MM_HINT_T1);
                     }
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int j = 0; j < d; j += 32) {
@@ -365,10 +366,11 @@ static inline __attribute__((always_inline)) void head_values(const Model *m, co
     int i = 0;
     for (; i + 2 <= n; i += 2) {
         size_t v0 = (row + slots[i]) * d, v1 = (row + slots[i + 1]) * d;
-        if (prefetch && i + 10 <= n)
-            for (int c = 0; c < d; c += 32)
-                for (int r = 8; r < 10; r++)
-                    _mm_prefetch((const char *)((const uint16_t *)l->values + ((row + slots[i + r]) * d + c) * (m->bf16 ? 1 : 2)), _MM_HINT_T0);
+        if (prefetch && i + 10 <= n) /* the values eight slots ahead (64 bytes at a time) */
+            for (int r = 8; r < 10; r++)
+                for (int c = 0; c < d; c += m->bf16 ? 32 : 16)
+                    _mm_prefetch((const char *)l->values + ((row + slots[i + r]) * d + c) * (m->bf16 ? 2 : 4),
+                                 _MM_HINT_T0);
         __m512 p0 = _mm512_set1_ps(p[i]), p1 = _mm512_set1_ps(p[i + 1]);
         for (int c = 0; c < d / 16; c++) {
             a[c] = _mm512_fmadd_ps(p0, load16(l->values, m->bf16, v0 + 16 * c), a[c]);
@@ -411,9 +413,9 @@ static void attend_slots(const Model *m, const Layer *l, int b, int g, const flo
     for (int s = s0; s < s1; s++)
         if (pos[s] >= 0) slots[n++] = s;
     for (int h = 0; h < group; h++) {
-        float max = -INFINITY, *out = part + (size_t)h * (d + 2);
+        float *out = part + (size_t)h * (d + 2);
         scores(m, l, row, slots, n, q + (size_t)(g * group + h) * d, work, h == 0);
-        max = max_of(work, n);
+        float max = max_of(work, n);
         out[0] = max, out[1] = n ? exp_shifted(work, n, max) : 0.0f;
         values(m, l, row, slots, n, work, out + 2, h == 0);
     }
