@@ -112,6 +112,29 @@ static void four_rows_dot(const void *w, int kind, int o, int n, const float *x,
         for (int r = 0; r < 4; r++) out[r] += widen(w, kind, (size_t)(o + r) * n + j) * x[j];
 }
 
+#if defined(__AVX512F__)
+/* out[r] = row (o + r) . x for eight consecutive rows and one token: twice four_rows_dot's loads in
+ * flight (one core's loads, not the memory, bound a decode product), each row summed exactly as
+ * there, so a row's bits do not depend on the block it falls in. */
+static void eight_rows_dot(const void *w, int kind, int o, int n, const float *x, float *out) {
+    size_t esz = kind == 0 ? 4 : 2, r0 = (size_t)o * n;
+    const char *next = (const char *)w + (r0 + 16 * (size_t)n) * esz; /* two blocks ahead */
+    __m512 a[8];
+    for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 xv = _mm512_loadu_ps(x + j);
+        for (int r = 0; r < 8; r++) {
+            _mm_prefetch(next + (r * (size_t)n + j) * esz, _MM_HINT_T1);
+            a[r] = _mm512_fmadd_ps(load16(w, kind, r0 + r * (size_t)n + j), xv, a[r]);
+        }
+    }
+    for (int r = 0; r < 8; r++) out[r] = _mm512_reduce_add_ps(a[r]);
+    for (; j < n; j++)
+        for (int r = 0; r < 8; r++) out[r] += widen(w, kind, r0 + r * (size_t)n + j) * x[j];
+}
+#endif
+
 /* out[r * tokens + t] = row (o + r) . x[t] for `rows` (<= 4) consecutive rows */
 static void rows_dot(const void *w, int kind, int o, int rows, int n, const float *x, int tokens, float *out) {
     int j = 0;
@@ -178,6 +201,14 @@ void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, cons
     for (int o = o_begin; o < o_end; o += 4) {
         int rows = o_end - o < 4 ? o_end - o : 4;
         float sums[4 * MAX_TOKENS];
+#if defined(__AVX512F__)
+        if (tokens == 1 && o_end - o >= 8) {
+            eight_rows_dot(w, kind, o, in, x, sums);
+            for (int r = 0; r < 8; r++) y[o + r] = sums[r];
+            o += 4;
+            continue;
+        }
+#endif
         if (tokens == 1 && rows == 4)
             four_rows_dot(w, kind, o, in, x, sums);
         else
