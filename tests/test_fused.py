@@ -7,8 +7,10 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import squeezegen as sg
+from squeezegen.models.tiny import tiny_config
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.fused import FusedDecoder
 
@@ -86,6 +88,21 @@ def test_fused_decode_equals_the_hf_layers(name, dtype, native):
         assert torch.equal(fused.argmax(-1), reference.argmax(-1))
         greedy = decode_logits(model, ids, True, native=native)  # on its own tokens too
         assert torch.equal(greedy.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_the_c_steps_attention_for_real_head_sizes_equals_the_hf_layers(head_dim, dtype):
+    # the sizes of SmolLM2 (64), Qwen (128) and Gemma-3 (256) take the attention's vector paths
+    # (several slots a pass, a head's sums held in registers), which the tiny models' 16 do not
+    config = tiny_config("tiny-llama")
+    config.head_dim, config.num_hidden_layers = head_dim, 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    ids = tiny("tiny-llama")[1](BATCH[1], return_tensors="pt").input_ids  # 40 tokens: many 4-slot passes
+    fused, reference = paired(model, ids, steps=8)
+    assert (fused - reference).abs().max() <= (C_BF16 if dtype == torch.bfloat16 else 1e-5) * reference.abs().max()
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])

@@ -164,6 +164,12 @@ static float max_of(const float *p, int n) {
     __m512 v = _mm512_set1_ps(-INFINITY);
     for (; i + 16 <= n; i += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(p + i));
     max = _mm512_reduce_max_ps(v);
+#elif defined(__AVX2__)
+    __m256 v = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(p + i));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    max = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
 #endif
     for (; i < n; i++) max = p[i] > max ? p[i] : max;
     return max;
@@ -339,6 +345,30 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
             _mm_storeu_ps(sc + i, sum4(a0, a1, a2, a3));
         }
     }
+#elif defined(__AVX2__)
+    if (d % 8 == 0) {
+        for (; i + 4 <= n; i += 4) {
+            size_t k0 = (row + slots[i]) * d, k1 = (row + slots[i + 1]) * d, k2 = (row + slots[i + 2]) * d,
+                   k3 = (row + slots[i + 3]) * d;
+            if (prefetch && i + 12 <= n) /* as above: the keys of slots eight ahead, and their values */
+                for (int r = 8; r < 12; r++)
+                    for (int j = 0; j < d; j += m->bf16 ? 32 : 16) {
+                        size_t at = ((row + slots[i + r]) * d + j) * (m->bf16 ? 2 : 4);
+                        _mm_prefetch((const char *)l->keys + at, _MM_HINT_T0);
+                        _mm_prefetch((const char *)l->values + at, _MM_HINT_T1);
+                    }
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < d; j += 8) {
+                __m256 qv = _mm256_loadu_ps(q + j);
+                a0 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k0 + j), qv, a0);
+                a1 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k1 + j), qv, a1);
+                a2 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k2 + j), qv, a2);
+                a3 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k3 + j), qv, a3);
+            }
+            /* each slot's eight lanes summed as hsum8 sums them, so every slot gets the same order */
+            sc[i] = hsum8(a0), sc[i + 1] = hsum8(a1), sc[i + 2] = hsum8(a2), sc[i + 3] = hsum8(a3);
+        }
+    }
 #endif
     for (; i < n; i++) {
         size_t at = (row + slots[i]) * d;
@@ -384,13 +414,34 @@ static inline __attribute__((always_inline)) void head_values(const Model *m, co
     }
     for (int c = 0; c < d / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_add_ps(a[c], b[c]));
 }
+#elif defined(__AVX2__)
+/* The same for eight lanes: sixteen registers hold 64 sums, so a head wider than 64 takes its
+ * columns 64 at a time, each pass over all the slots (every sum still adds the slots in order). */
+static inline __attribute__((always_inline)) void head_values(const Model *m, const Layer *l, size_t row,
+                                                              const int *slots, int n, const float *p, float *out,
+                                                              int prefetch, const int d) {
+    for (int c0 = 0; c0 < d; c0 += 64) {
+        __m256 a[8];
+        for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+        for (int i = 0; i < n; i++) {
+            size_t v0 = (row + slots[i]) * d + c0;
+            if (prefetch && c0 == 0 && i + 8 < n)
+                for (int c = 0; c < d; c += m->bf16 ? 32 : 16)
+                    _mm_prefetch((const char *)l->values + ((row + slots[i + 8]) * d + c) * (m->bf16 ? 2 : 4),
+                                 _MM_HINT_T0);
+            __m256 p0 = _mm256_set1_ps(p[i]);
+            for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(p0, load8(l->values, m->bf16, v0 + 8 * c), a[c]);
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + c0 + 8 * c, a[c]);
+    }
+}
 #endif
 
 /* out[j] = sum_i p[i] * value(slot[i])[j] for one head */
 static void values(const Model *m, const Layer *l, size_t row, const int *slots, int n, const float *p, float *out,
                    int prefetch) {
     int d = l->head_dim;
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
     if (d == 64) return head_values(m, l, row, slots, n, p, out, prefetch, 64);
     if (d == 128) return head_values(m, l, row, slots, n, p, out, prefetch, 128);
     if (d == 256) return head_values(m, l, row, slots, n, p, out, prefetch, 256);
@@ -427,7 +478,9 @@ static void attention(const Model *m, const Layer *l, const float *q, int tokens
     int chunks = (l->capacity + SLOTS_PER_TASK - 1) / SLOTS_PER_TASK, tasks = tokens * l->kv_heads * chunks;
     size_t part_floats = (size_t)group * (d + 2);
     float *parts = scratch, *work = parts + (size_t)tasks * part_floats;
-#pragma omp parallel for schedule(static) num_threads(m->threads)
+    /* dynamic: the last range of a buffer is mostly empty, so equal shares of tasks are not equal work
+     * (which thread takes a task does not change its result) */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(m->threads)
     for (int task = 0; task < tasks; task++) {
         int c = task % chunks, g = (task / chunks) % l->kv_heads, b = task / chunks / l->kv_heads;
         int s0 = c * SLOTS_PER_TASK, s1 = s0 + SLOTS_PER_TASK < l->capacity ? s0 + SLOTS_PER_TASK : l->capacity;
