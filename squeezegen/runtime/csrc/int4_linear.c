@@ -5,9 +5,10 @@
  * quarter of a bf16 model's bytes, so the work per byte decides here, not the memory alone. Each
  * group's 16 possible weights q * scale + min are made once (one multiply-add) as a table, and the
  * nibbles pick from it in registers (AVX512: one permute per 16 weights), so the sums are over the
- * dequantized weights themselves, in float32, as x @ W.T would make them. A token's sums run over
- * j in one order (16 lanes or 8, reduced the same way) whatever the number of tokens or rows a call
- * has, so a row of a batch gets the bits it gets alone.
+ * dequantized weights themselves, in float32, as x @ W.T would make them (AVX2 splits a group's
+ * sum in two, see below). A token's sums run over j in one order (16 lanes or 8, reduced the same
+ * way) whatever the number of tokens or rows a call has, so a row of a batch gets the bits it gets
+ * alone.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -73,10 +74,13 @@ static inline vec block_fma(const block_t *b, const float *x, vec acc) {
 }
 
 #elif defined(__AVX2__)
+/* Eight lanes hold no 16-entry table, and widening each nibble and scaling it costs more than the
+ * product itself: here a group's sum is split as scale * sum(q x) + min * sum(x), the codes q
+ * multiplied as they are and sum(x) a group made once a call (the same value, summed in another
+ * order: within float32's rounding of the AVX512 path's). */
+#define GROUP_SPLIT 1
 typedef __m256 vec;
-typedef struct { /* eight lanes hold no 16-entry table: the nibbles are widened and scaled instead */
-    __m256 scale, min;
-} tab_t;
+typedef __m256 tab_t; /* the group's scale in every lane */
 #define vzero _mm256_setzero_ps
 
 static inline float vsum(__m256 v) {
@@ -87,23 +91,22 @@ static inline float vsum(__m256 v) {
 }
 
 static inline tab_t table(float scale, float min) {
-    tab_t tab = {_mm256_set1_ps(scale), _mm256_set1_ps(min)};
-    return tab;
+    (void)min;
+    return _mm256_set1_ps(scale);
 }
 
 typedef struct {
     __m256 w[4];
 } block_t;
 
-/* weights 0..7, 8..15 (low nibbles of bytes 0..15), 16..23, 24..31 (high nibbles), each
- * q * scale + min in one rounding, as a table entry is made */
+/* codes 0..7, 8..15 (low nibbles of bytes 0..15), 16..23, 24..31 (high nibbles), as floats */
 static inline block_t weights(const uint8_t *block, tab_t tab) {
+    (void)tab;
     __m128i bytes = _mm_loadu_si128((const __m128i *)block), nibble = _mm_set1_epi8(0x0F);
     __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
     __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     block_t b;
-    for (int i = 0; i < 4; i++)
-        b.w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[i])), tab.scale, tab.min);
+    for (int i = 0; i < 4; i++) b.w[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[i]));
     return b;
 }
 
@@ -111,6 +114,9 @@ static inline vec block_fma(const block_t *b, const float *x, vec acc) {
     for (int i = 0; i < 4; i++) acc = _mm256_fmadd_ps(b->w[i], _mm256_loadu_ps(x + 8 * i), acc);
     return acc;
 }
+#endif
+#ifndef GROUP_SPLIT
+#define GROUP_SPLIT 0
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -144,11 +150,13 @@ static inline void widen_groups(const uint16_t *scales, const uint16_t *mins, si
  * same order whatever the counts, so a row of a batch gets the bits it gets alone. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *packed, const uint16_t *scales,
                                                        const uint16_t *mins, int group, int blocks, int in, int o,
-                                                       int rows, const float *const *xt, int tokens, float *sums) {
+                                                       int rows, const float *const *xt, const float *const *xg,
+                                                       int tokens, float *sums) {
+    (void)xg; /* read only where GROUP_SPLIT */
     int groups = in / group;
     size_t row_bytes = (size_t)in / 2;
-    vec acc[ROWS][TOKEN_STEP];
-    float scale[ROWS][CHUNK], min[ROWS][CHUNK];
+    vec acc[ROWS][TOKEN_STEP], part[ROWS][TOKEN_STEP];
+    float scale[ROWS][CHUNK], min[ROWS][CHUNK], by_min[ROWS][TOKEN_STEP] = {{0.0f}};
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
@@ -159,29 +167,44 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *packed, co
         for (int k = 0; k < n; k++) {
             tab_t tab[ROWS];
 #pragma GCC unroll 4
-            for (int r = 0; r < rows; r++) tab[r] = table(scale[r][k], min[r][k]);
+            for (int r = 0; r < rows; r++) {
+                tab[r] = table(scale[r][k], min[r][k]);
+#pragma GCC unroll 4
+                for (int t = 0; t < tokens; t++) part[r][t] = GROUP_SPLIT ? vzero() : acc[r][t];
+            }
             for (int b = 0; b < blocks; b++) {
                 size_t j = (size_t)(g0 + k) * group + (size_t)b * BLOCK;
 #pragma GCC unroll 4
                 for (int r = 0; r < rows; r++) {
                     block_t w = weights(packed + (size_t)(o + r) * row_bytes + j / 2, tab[r]);
 #pragma GCC unroll 4
-                    for (int t = 0; t < tokens; t++) acc[r][t] = block_fma(&w, xt[t] + j, acc[r][t]);
+                    for (int t = 0; t < tokens; t++) part[r][t] = block_fma(&w, xt[t] + j, part[r][t]);
                 }
             }
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+                for (int t = 0; t < tokens; t++) {
+#if GROUP_SPLIT
+                    acc[r][t] = _mm256_fmadd_ps(tab[r], part[r][t], acc[r][t]);
+                    by_min[r][t] += min[r][k] * xg[t][g0 + k];
+#else
+                    acc[r][t] = part[r][t];
+#endif
+                }
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
-        for (int t = 0; t < tokens; t++) sums[r * tokens + t] = vsum(acc[r][t]);
+        for (int t = 0; t < tokens; t++) sums[r * tokens + t] = vsum(acc[r][t]) + by_min[r][t];
 }
 
 /* The tile for these counts, made with them as constants. Four rows share each load of x: with more
  * tokens a pass, x (tokens * in floats) outgrows the L1 cache and its reloads decide the speed. */
 static void run_tile(const uint8_t *packed, const uint16_t *scales, const uint16_t *mins, int group, int in, int o,
-                     int rows, const float *const *xt, int tokens, float *sums) {
-#define TILE(B, R, T) tile(packed, scales, mins, group, B, in, o, R, xt, T, sums)
+                     int rows, const float *const *xt, const float *const *xg, int tokens, float *sums) {
+#define TILE(B, R, T) tile(packed, scales, mins, group, B, in, o, R, xt, xg, T, sums)
     switch ((group == BLOCK) * 256 + rows * 16 + tokens) {
     case 256 + 4 * 16 + 1: TILE(1, 4, 1); break;
     case 256 + 4 * 16 + 2: TILE(1, 4, 2); break;
@@ -200,13 +223,17 @@ static void run_tile(const uint8_t *packed, const uint16_t *scales, const uint16
  * cache between passes); a last pass of fewer takes the next count of 1, 2 or 4, its missing
  * tokens repeating token 0 and dropped. */
 static void rows_all_tokens(const uint8_t *packed, const uint16_t *scales, const uint16_t *mins, int group, int in,
-                            int o, int rows, const float *x, int tokens, float *y, int y_stride) {
+                            int o, int rows, const float *x, const float *x_groups, int tokens, float *y,
+                            int y_stride) {
     for (int t0 = 0; t0 < tokens; t0 += TOKEN_STEP) {
         int left = tokens - t0, step = left > 2 ? 4 : left;
-        const float *xt[TOKEN_STEP];
+        const float *xt[TOKEN_STEP], *xg[TOKEN_STEP];
         float sums[ROWS * TOKEN_STEP];
-        for (int t = 0; t < step; t++) xt[t] = x + (size_t)(t < left ? t0 + t : 0) * in;
-        run_tile(packed, scales, mins, group, in, o, rows, xt, step, sums);
+        for (int t = 0; t < step; t++) {
+            size_t token = (size_t)(t < left ? t0 + t : 0);
+            xt[t] = x + token * in, xg[t] = x_groups + token * (in / group);
+        }
+        run_tile(packed, scales, mins, group, in, o, rows, xt, xg, step, sums);
         for (int r = 0; r < rows; r++)
             for (int t = 0; t < step && t < left; t++) y[(size_t)(t0 + t) * y_stride + o + r] = sums[r * step + t];
     }
@@ -237,10 +264,20 @@ static void row_tokens(const uint8_t *packed, const uint16_t *scales, const uint
 void sg_int4_rows(const uint8_t *packed, const uint16_t *scales, const uint16_t *mins, int group, int in, int o_begin,
                   int o_end, const float *x, int tokens, float *y, int y_stride) {
 #ifdef VECTOR
+    /* each token's sum of x over each group (GROUP_SPLIT's second term), once for all the rows */
+    int groups = in / group;
+    float x_groups[GROUP_SPLIT ? tokens * groups : 1]; /* 2 bytes an input at 16 tokens: on the stack */
+    for (int t = 0; GROUP_SPLIT && t < tokens; t++)
+        for (int g = 0; g < groups; g++) {
+            const float *xs = x + (size_t)t * in + (size_t)g * group;
+            float sum = 0.0f;
+            for (int j = 0; j < group; j++) sum += xs[j];
+            x_groups[t * groups + g] = sum;
+        }
     int o = o_begin;
     for (; o + ROWS <= o_end; o += ROWS)
-        rows_all_tokens(packed, scales, mins, group, in, o, ROWS, x, tokens, y, y_stride);
-    for (; o < o_end; o++) rows_all_tokens(packed, scales, mins, group, in, o, 1, x, tokens, y, y_stride);
+        rows_all_tokens(packed, scales, mins, group, in, o, ROWS, x, x_groups, tokens, y, y_stride);
+    for (; o < o_end; o++) rows_all_tokens(packed, scales, mins, group, in, o, 1, x, x_groups, tokens, y, y_stride);
 #else
     for (int o = o_begin; o < o_end; o++) row_tokens(packed, scales, mins, group, in, o, x, tokens, y, y_stride);
 #endif
