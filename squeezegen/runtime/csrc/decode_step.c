@@ -295,6 +295,41 @@ static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 #endif
 
+/* The vector width scores() sums keys in: 16 lanes with AVX512, 8 with AVX2, and how four slots'
+ * lanes are reduced to their four sums. */
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 lanes_t;
+#define lanes_zero _mm512_setzero_ps
+#define lanes_fma _mm512_fmadd_ps
+#define lanes_q _mm512_loadu_ps
+#define lanes_kv load16
+#define store_sums4(sc, a0, a1, a2, a3) _mm_storeu_ps(sc, sum4(a0, a1, a2, a3))
+#elif defined(__AVX2__)
+#define LANES 8
+typedef __m256 lanes_t;
+#define lanes_zero _mm256_setzero_ps
+#define lanes_fma _mm256_fmadd_ps
+#define lanes_q _mm256_loadu_ps
+#define lanes_kv load8
+/* each slot's lanes reduced as hsum8 reduces a lone slot's, so every slot gets the same order */
+#define store_sums4(sc, a0, a1, a2, a3) ((sc)[0] = hsum8(a0), (sc)[1] = hsum8(a1), (sc)[2] = hsum8(a2), (sc)[3] = hsum8(a3))
+#endif
+
+#ifdef __AVX2__
+/* Ask for the keys (into L1) and values (into L2) of n slots, a cache line at a time: the first
+ * head's pass over a range reads them from memory, the group's other heads find them cached. */
+static inline void prefetch_slots(const Model *m, const Layer *l, size_t row, const int *slots, int n) {
+    int d = l->head_dim, size = m->bf16 ? 2 : 4;
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < d; j += 64 / size) {
+            size_t at = ((row + slots[r]) * d + j) * size;
+            _mm_prefetch((const char *)l->keys + at, _MM_HINT_T0);
+            _mm_prefetch((const char *)l->values + at, _MM_HINT_T1);
+        }
+}
+#endif
+
 /* sc[i] = q . key(slot[i]) * scaling for n slots of one head (the product rounded to the model's
  * dtype first, as a bf16 matmul rounds it): four slots at a time, so that four
  * independent chains of multiply-adds are in flight (one chain of head_dim / 16 is latency-bound) */
@@ -311,13 +346,7 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
         for (; i + 4 <= n; i += 4) {
             const uint16_t *k0 = keys + (row + slots[i]) * d, *k1 = keys + (row + slots[i + 1]) * d,
                            *k2 = keys + (row + slots[i + 2]) * d, *k3 = keys + (row + slots[i + 3]) * d;
-            if (prefetch && i + 12 <= n) /* the first head's pass reads the keys, and asks for the values */
-                for (int r = 8; r < 12; r++)
-                    for (int j = 0; j < d; j += 32) {
-                        size_t at = (row + slots[i + r]) * d + j;
-                        _mm_prefetch((const char *)(keys + at), _MM_HINT_T0);
-                        _mm_prefetch((const char *)((const uint16_t *)l->values + at), _MM_HINT_T1);
-                    }
+            if (prefetch && i + 12 <= n) prefetch_slots(m, l, row, slots + i + 8, 4);
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int j = 0; j < d; j += 32) {
                 a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(k0 + j), qb[j / 32]);
@@ -329,44 +358,21 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
         }
     }
 #endif
-#ifdef __AVX512F__
-    if (d % 16 == 0) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (d % LANES == 0) {
         for (; i + 4 <= n; i += 4) {
             size_t k0 = (row + slots[i]) * d, k1 = (row + slots[i + 1]) * d, k2 = (row + slots[i + 2]) * d,
                    k3 = (row + slots[i + 3]) * d;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int j = 0; j < d; j += 16) {
-                __m512 qv = _mm512_loadu_ps(q + j);
-                a0 = _mm512_fmadd_ps(load16(l->keys, m->bf16, k0 + j), qv, a0);
-                a1 = _mm512_fmadd_ps(load16(l->keys, m->bf16, k1 + j), qv, a1);
-                a2 = _mm512_fmadd_ps(load16(l->keys, m->bf16, k2 + j), qv, a2);
-                a3 = _mm512_fmadd_ps(load16(l->keys, m->bf16, k3 + j), qv, a3);
+            if (prefetch && i + 12 <= n) prefetch_slots(m, l, row, slots + i + 8, 4);
+            lanes_t a0 = lanes_zero(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < d; j += LANES) {
+                lanes_t qv = lanes_q(q + j);
+                a0 = lanes_fma(lanes_kv(l->keys, m->bf16, k0 + j), qv, a0);
+                a1 = lanes_fma(lanes_kv(l->keys, m->bf16, k1 + j), qv, a1);
+                a2 = lanes_fma(lanes_kv(l->keys, m->bf16, k2 + j), qv, a2);
+                a3 = lanes_fma(lanes_kv(l->keys, m->bf16, k3 + j), qv, a3);
             }
-            _mm_storeu_ps(sc + i, sum4(a0, a1, a2, a3));
-        }
-    }
-#elif defined(__AVX2__)
-    if (d % 8 == 0) {
-        for (; i + 4 <= n; i += 4) {
-            size_t k0 = (row + slots[i]) * d, k1 = (row + slots[i + 1]) * d, k2 = (row + slots[i + 2]) * d,
-                   k3 = (row + slots[i + 3]) * d;
-            if (prefetch && i + 12 <= n) /* as above: the keys of slots eight ahead, and their values */
-                for (int r = 8; r < 12; r++)
-                    for (int j = 0; j < d; j += m->bf16 ? 32 : 16) {
-                        size_t at = ((row + slots[i + r]) * d + j) * (m->bf16 ? 2 : 4);
-                        _mm_prefetch((const char *)l->keys + at, _MM_HINT_T0);
-                        _mm_prefetch((const char *)l->values + at, _MM_HINT_T1);
-                    }
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int j = 0; j < d; j += 8) {
-                __m256 qv = _mm256_loadu_ps(q + j);
-                a0 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k0 + j), qv, a0);
-                a1 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k1 + j), qv, a1);
-                a2 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k2 + j), qv, a2);
-                a3 = _mm256_fmadd_ps(load8(l->keys, m->bf16, k3 + j), qv, a3);
-            }
-            /* each slot's eight lanes summed as hsum8 sums them, so every slot gets the same order */
-            sc[i] = hsum8(a0), sc[i + 1] = hsum8(a1), sc[i + 2] = hsum8(a2), sc[i + 3] = hsum8(a3);
+            store_sums4(sc + i, a0, a1, a2, a3);
         }
     }
 #endif
