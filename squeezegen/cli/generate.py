@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SqueezegenError(f"--context {args.context} is beyond what {args.model} takes: use at most {most}")
     sample = make_sample("niah_number", tok, args.context, args.seed)
     # untimed: the first decode on a machine builds the C kernels (seconds, once), which no row should pay
-    generate(model, tok, sample.question, max_new_tokens=2)
+    generate(model, tok, sample.question, max_new_tokens=2, ignore_eos=True)  # a decode step, even after an EOS
     print(common.dtype_line(args))
     print(f"question after ~{args.context} tokens of Python documentation prose: {sample.question}")
     print(f"expected answer: {sample.answers[0]}\n")
