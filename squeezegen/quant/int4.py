@@ -92,11 +92,20 @@ def int4_linear(
     stored = (packed, scales, mins)
     if torch.compiler.is_compiling() or any(t.device.type != "cpu" or not t.is_contiguous() for t in stored):
         return None
-    flat = kernel_input(x)
+    out, width = packed.shape[0], 2 * packed.shape[1]
+    grouped = (out, width // group) if isinstance(group, int) and group > 0 and width % group == 0 else None
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or scales.shape != grouped or mins.shape != grouped:
+        raise SqueezegenError(
+            "4-bit weights need packed uint8 (out, in / 2) with scales and mins (out, in / group): got packed "
+            f"{packed.dtype} {tuple(packed.shape)}, scales {tuple(scales.shape)}, mins {tuple(mins.shape)}, "
+            f"group {group}"
+        )
+    if scales.dtype != torch.float16 or mins.dtype != torch.float16:
+        raise SqueezegenError(f"4-bit scales and mins are float16, got {scales.dtype} and {mins.dtype}")
+    flat = kernel_input(x, width)
     lib = _library() if flat is not None else None
     if lib is None:
         return None
-    out, width = packed.shape[0], 2 * packed.shape[1]
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
     tokens = flat.numel() // width

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.native import build, kernel_input
 from squeezegen.runtime.native_step import PROJ_BINARY
 
@@ -36,9 +37,9 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _kernel_input(x: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor] | None:
+def _kernel_input(x: torch.Tensor, in_features: int) -> tuple[ctypes.CDLL, torch.Tensor] | None:
     """(library, x contiguous) when the kernels take `x` (float32/bf16 on the CPU, 1..16 tokens), else None."""
-    flat = kernel_input(x)
+    flat = kernel_input(x, in_features)
     lib = library() if flat is not None else None
     return None if lib is None else (lib, flat)
 
@@ -65,6 +66,28 @@ def binary_linear(
     return None if ys is None else ys[0]
 
 
+def _check_layer(in_features: int, experts: int, packed, out_features, in_scales, out_scales, router, bias) -> None:
+    """Refuse tensors whose shapes or dtypes disagree with the layer (the kernel trusts them)."""
+    rows = max(experts, 1)
+    expected = {
+        "packed": (packed, (out_features, -(-in_features // 8)), torch.uint8),
+        "in_scales": (in_scales, (experts, in_features), torch.float32),
+        "out_scales": (out_scales, (rows, out_features), torch.float32),
+        "router": (router, (experts, in_features), torch.float32),
+        "bias": (bias, (out_features,), torch.float32),
+    }
+    for name, (tensor, shape, dtype) in expected.items():
+        if tensor is None and name in ("packed", "out_scales"):
+            raise SqueezegenError(f"a packed 1-bit layer needs its {name}")
+        if tensor is None:
+            continue
+        if tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise SqueezegenError(
+                f"a 1-bit layer ({in_features} -> {out_features}) needs {name} {dtype} {shape}, contiguous on the CPU; "
+                f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+            )
+
+
 class BinaryPlan:
     """One kernel call over binary layers that read the same input (attention's q/k/v, the MLP's
     gate/up; or a single layer), its constant arguments made once: `plan(x)` returns their outputs,
@@ -80,6 +103,8 @@ class BinaryPlan:
         self.layers, self.in_features = layers, in_features
         self.out_features = [layer[1] for layer in layers]
         self.experts = experts.pop()
+        for layer in layers:
+            _check_layer(in_features, self.experts, *layer[:6])
         count = len(layers)
         pointers = ctypes.c_void_p * count
         self._arrays = [
@@ -114,8 +139,8 @@ class BinaryPlan:
         return BinaryPlan, (self.in_features, self.layers)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        ready = _kernel_input(x)
-        if ready is None or x.shape[-1] != self.in_features or self.experts > MAX_EXPERTS:
+        ready = _kernel_input(x, self.in_features)
+        if ready is None or self.experts > MAX_EXPERTS:
             return None
         lib, flat = ready
         ys = [torch.empty((*x.shape[:-1], out), dtype=x.dtype) for out in self.out_features]

@@ -123,6 +123,9 @@ class Engine:
         question asked after a compressed context, or text scored by teacher forcing)."""
         if self._horizon:
             raise SqueezegenError("prefill after decoding has started is not supported: start a new Engine")
+        self._check_tokens(input_ids, "input_ids", 2)
+        if attention_mask is not None:
+            self._check_mask(attention_mask, input_ids)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         start = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         if self.next_pos is not None:
@@ -231,6 +234,10 @@ class Engine:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run one new token per row (B,); returns the logits (B, V) for the token after it."""
+        if self.next_pos is None:
+            raise SqueezegenError("decode needs a prefill first: call engine.prefill(input_ids)")
+        self._check_tokens(tokens, "tokens", 1)
+        tokens = tokens.long()
         if not self._horizon:
             self.start_decoding()
         elif self.decode_steps >= self._horizon:
@@ -243,6 +250,40 @@ class Engine:
             self.cache.note_peak()
         self.decode_steps += 1
         return logits
+
+    def _check_tokens(self, ids: object, name: str, dims: int) -> None:
+        """Refuse token ids the layers (and the C step, which trusts its shapes) cannot take:
+        `dims` = 2 for a prefill chunk (B, L), 1 for a decode step (B,), one row per prefilled row."""
+        shape = "(rows, length)" if dims == 2 else "(rows,), one token per row"
+        if not isinstance(ids, torch.Tensor):
+            raise SqueezegenError(f"{name} must be a torch tensor of token ids {shape}, got {type(ids).__name__}")
+        if ids.dtype not in (torch.long, torch.int32):
+            raise SqueezegenError(f"{name} must hold integer token ids (torch.long), got {ids.dtype}")
+        if ids.dim() != dims or 0 in ids.shape:
+            raise SqueezegenError(f"{name} must have the shape {shape}, got {tuple(ids.shape)}")
+        device = next(self.model.parameters()).device
+        if ids.device != device:
+            raise SqueezegenError(
+                f"{name} is on {ids.device} but the model is on {device}: move it with .to({str(device)!r})"
+            )
+        if self.next_pos is not None and ids.shape[0] != self.next_pos.shape[0]:
+            rows = self.next_pos.shape[0]
+            raise SqueezegenError(f"{name} has {ids.shape[0]} row(s) but the engine holds {rows}: pass {rows}")
+        if ids.device.type == "cpu":  # a check on a GPU would wait for the device every step
+            vocab = self.model.get_input_embeddings().num_embeddings
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise SqueezegenError(
+                    f"{name} holds token id {low if low < 0 else high}: ids run from 0 to {vocab - 1}"
+                )
+
+    @staticmethod
+    def _check_mask(mask: object, input_ids: torch.Tensor) -> None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape or mask.device != input_ids.device:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise SqueezegenError(
+                f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)} on its device, got {got}"
+            )
 
     def start_decoding(self) -> None:
         """Move every layer into its decode buffer, sized for `reserve` steps (at least one)."""

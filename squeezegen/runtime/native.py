@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.paths import cache_dir
 from squeezegen.runtime.device import cpu_model_and_flags
 
@@ -89,8 +90,12 @@ def runtime_library() -> ctypes.CDLL | None:
     return lib
 
 
-def kernel_input(x: torch.Tensor) -> torch.Tensor | None:
-    """x contiguous when a decode kernel takes it (float32/bf16 on the CPU, 1..16 tokens), else None."""
+def kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor | None:
+    """x contiguous when a decode kernel takes it (float32/bf16 on the CPU, 1..16 tokens), else None;
+    an x whose last dimension is not `in_features` is refused here, since the kernels trust it."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise SqueezegenError(f"this layer takes inputs of shape (..., {in_features}), got {got}")
     if (
         not x.is_cpu
         or x.dtype not in (torch.float32, torch.bfloat16)
@@ -106,7 +111,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     another dtype or device, no compiler), and the caller computes it with torch."""
     if torch.compiler.is_compiling():  # inside torch.compile the compiler's own kernels serve
         return None
-    flat = kernel_input(x)
+    if weight.dim() != 2:
+        raise SqueezegenError(f"dense_linear takes a weight (out, in), got shape {tuple(weight.shape)}")
+    flat = kernel_input(x, weight.shape[1])
     kind = _WEIGHT_KINDS.get(weight.dtype)
     if flat is None or kind is None or weight.device.type != "cpu" or not weight.is_contiguous():
         return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.cache import LayerCache
 from squeezegen.runtime.native import KERNEL_TOKENS, runtime_library
 
@@ -238,7 +239,22 @@ class NativeStep:
         if torch.compiler.is_compiling() or tokens.shape[0] > KERNEL_TOKENS:
             return None
         with self._lock:  # one model, one set of structs: engines on other threads wait their turn
-            return self._step(engine, tokens, positions) if self._bind(engine) else None
+            if not self._bind(engine):
+                return None
+            self._check(tokens, positions)
+            return self._step(engine, tokens, positions)
+
+    def _check(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Refuse what the C loop would read or write out of bounds: it trusts every shape."""
+        rows = self._bound[0][0].shape[0]
+        for name, t in (("tokens", tokens), ("positions", positions)):
+            if t.shape != (rows,) or t.dtype != torch.long or t.device.type != "cpu":
+                raise SqueezegenError(
+                    f"the C decode step takes {name} as {rows} int64 values on the CPU (one per cached row), got "
+                    f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+        if any(keys.shape[0] != rows for keys, *_ in self._bound):
+            raise SqueezegenError("the engine's layers hold different numbers of rows: start a new Engine")
 
     def _step(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
