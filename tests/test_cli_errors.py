@@ -1,6 +1,11 @@
 """Bad input through the `squeezegen` command: one `squeezegen: error:` line and exit status 2."""
 
 import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +154,86 @@ def test_help_is_intact_and_states_the_budget_grammar(capsys):
         if budget_flags:
             assert BUDGET_GRAMMAR in " ".join(out.split()), name
     assert checked >= 9
+
+
+@contextlib.contextmanager
+def as_a_user():
+    """The block runs as an ordinary user where the tests run as root (root writes anywhere)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def open_tmp():
+    """A folder any user reaches (pytest's own are the owner's alone)."""
+    top = Path(tempfile.mkdtemp())
+    top.chmod(0o755)
+    yield top
+    for path in [top, *top.rglob("*")]:
+        path.chmod(0o777)
+    shutil.rmtree(top)
+
+
+@pytest.fixture
+def read_only(open_tmp):
+    folder = open_tmp / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+TINY_BENCH = ["--model", "tiny-llama", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", *TINY_BENCH, "--context", "64", "--new-tokens", "2", "--repeats", "1", "--methods", "snapkv"],
+        ["bench-long", *TINY_BENCH, "--lengths", "8", "--batch", "1", "--methods", "rpc"],
+        ["eval", *TINY_BENCH, "--contexts", "256", "--samples", "1"],
+        ["perplexity", *TINY_BENCH, "--context", "64", "--continuation", "8", "--texts", "1"],
+        ["profile-layers", *TINY_BENCH, "--tokens", "64"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_unwritable_out_is_refused_before_any_work(capsys, read_only, argv):
+    out = str(read_only / ("run.json" if argv[0] == "perplexity" else "run"))
+    with as_a_user():
+        code, _, err = run(capsys, *argv, "--out", out)
+    assert_one_line(code, err, "cannot write")
+    assert list(read_only.iterdir()) == []
+
+
+def test_resuming_into_an_unwritable_records_file_is_refused_and_it_is_kept(capsys, open_tmp):
+    out = open_tmp / "run"
+    argv = ["eval", *TINY_BENCH, "--contexts", "256", "--samples", "1", "--methods", "snapkv", "--out", str(out)]
+    assert run(capsys, *argv)[0] == 0
+    out.chmod(0o777)
+    for path in out.iterdir():
+        path.chmod(0o444 if path.name == "records.jsonl" else 0o666)
+    before = (out / "records.jsonl").read_bytes()
+    with as_a_user():
+        code, _, err = run(capsys, *argv, "--resume")
+    assert_one_line(code, err, "records.jsonl")
+    assert (out / "records.jsonl").read_bytes() == before
+
+
+def test_an_eval_whose_model_does_not_load_leaves_no_folder_behind(capsys, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    args = ["eval", "--model", str(tmp_path / "model"), "--dtype", "float32"]
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "new"))
+    assert_one_line(code, err, "model")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "kept"))
+    assert code == 2 and [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]

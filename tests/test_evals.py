@@ -353,6 +353,8 @@ def test_resume_refuses_other_settings_and_drops_a_half_written_sample(tmp_path,
     other = "float32" if auto_dtype == "bfloat16" else "bfloat16"  # an explicit other dtype is another run
     assert main([*EVAL, "--out", str(out), "--resume", "--dtype", other]) == 2
     assert f"dtype: {auto_dtype!r} then, {other!r} now" in capsys.readouterr().err
+    assert main([*EVAL, "--out", str(out), "--resume", "--weights", "int4"]) == 2  # once resumed as float rows
+    assert "weights: 'model' then, 'int4' now" in capsys.readouterr().err
 
     lines = (out / "records.jsonl").read_text()
     (out / "records.jsonl").write_text(lines + lines.splitlines()[0][:50])  # killed mid-write

@@ -6,16 +6,22 @@ import argparse
 import sys
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from squeezegen.cli import common
+from squeezegen.evals.report import refuse_unwritable
+
+if TYPE_CHECKING:
+    from squeezegen.evals.runner import EvalConfig
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from squeezegen.evals.report import markdown_tables, report_files, summarize, write_report
-    from squeezegen.evals.runner import EvalConfig, EvalFolder, run_eval
+    from squeezegen.evals.runner import EvalFolder, run_eval
 
-    config = common.settings_from(EvalConfig, args, methods=common.method_specs(args), chat=not args.no_chat)
-    settings = config.settings(args.model, common.resolve_dtype_arg(args))
+    config, settings = eval_settings(args)
+    if args.kvpress_layout:
+        refuse_unwritable(Path(args.kvpress_layout), "--kvpress-layout")
     out = Path(args.out)
     outputs = common.Outputs(report_files(out))  # claimed by EvalFolder, which knows --resume
     with EvalFolder(out, settings, resume=args.resume, overwrite=args.overwrite) as folder:  # before any work
@@ -38,6 +44,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     outputs.show(markdown_tables(summarize(records)), args)
 
 
+def eval_settings(args: argparse.Namespace) -> tuple[EvalConfig, dict]:
+    """The run's config and the settings that decide its records (what --resume must find again):
+    every flag of `eval` but where its files go."""
+    from squeezegen.evals.runner import EvalConfig
+
+    config = common.settings_from(EvalConfig, args, methods=common.method_specs(args), chat=not args.no_chat)
+    return config, config.settings(args.model, common.resolve_dtype_arg(args), args.weights, args.device)
+
+
 def write_kvpress(records: list[dict], args: argparse.Namespace) -> None:
     """--kvpress-layout: the records again, in kvpress's evaluation layout."""
     if args.kvpress_layout:
@@ -51,6 +66,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     from squeezegen.evals.report import markdown_tables, merge_records, report_paths, summarize, write_report
 
     outputs = common.Outputs(report_paths(args.out, args.overwrite))
+    if args.kvpress_layout:
+        refuse_unwritable(Path(args.kvpress_layout), "--kvpress-layout")
     settings, records = merge_records(args.merge)
     meta = {"command": " ".join(sys.argv), "merged": args.merge}
     if settings is not None:
@@ -95,6 +112,8 @@ def cmd_profile_layers(args: argparse.Namespace) -> None:
     from squeezegen.evals.layer_profile import choose_sparse, measure_drift, measure_sensitivity
     from squeezegen.methods.sparse_layers import save_profile
 
+    if args.out:
+        refuse_unwritable(Path(args.out))
     model, tok = common.load_model(args)
     ids = tok(prose(tok, args.tokens + 2048, seed=args.seed)).input_ids[: args.tokens]
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from squeezegen.errors import MissingDependencyError, SqueezegenError
-from squeezegen.evals.report import claim
+from squeezegen.evals.report import claim, refuse_unwritable
 
 RECIPE_NAMES = ("fp32", "fp16", "int8-weight-only", "int8-dynamic")
 
@@ -52,6 +52,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     check_recipe(args.recipe)
     _check_model_arg(args.model)
+    refuse_unwritable(Path(args.out))
     _require_mobile()
     from squeezegen.mobile.export import export_pipeline, module_files
     from squeezegen.mobile.rewrites import RewriteConfig
@@ -107,6 +108,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise SqueezegenError("the prompt is empty: pass --prompt TEXT")
+    refuse_unwritable(Path(args.out))
     from squeezegen.mobile.export import load_manifest
 
     load_manifest(args.model)
@@ -131,6 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_train_mini(args: argparse.Namespace) -> None:
+    refuse_unwritable(Path(args.out))
     _require_mobile()
     from squeezegen.mobile.miniature import train_mini
 

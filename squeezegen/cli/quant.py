@@ -30,12 +30,15 @@ if TYPE_CHECKING:
     from squeezegen.quant.distill import DistillConfig
 
 
-def cmd_binarize(args: argparse.Namespace) -> None:
-    from squeezegen.evals.report import claim
-    from squeezegen.quant.api import BinaryMoSConfig, OneBitConfig, SignConfig
+def binarize_settings(args: argparse.Namespace) -> tuple[BinaryConfig, DistillConfig, dict]:
+    """(binarization, training settings, run) of `binarize`'s flags; `run` (the model, the
+    binarization, the dtype, the held-out blocks) and the training settings are what a --resume
+    must find again in the checkpoint (`distill.resume_key`)."""
+    from squeezegen.quant.api import BinaryMoSConfig, OneBitConfig, SignConfig, config_to_dict
     from squeezegen.quant.distill import DistillConfig
 
-    config = {"binarymos": lambda: BinaryMoSConfig(experts=args.experts), "onebit": OneBitConfig, "sign": SignConfig}
+    make = {"binarymos": lambda: BinaryMoSConfig(experts=args.experts), "onebit": OneBitConfig, "sign": SignConfig}
+    binarization = make[args.method]()
     steps = args.steps
     if args.method == "sign" and steps:
         print("sign is the untrained floor: no distillation")
@@ -60,14 +63,29 @@ def cmd_binarize(args: argparse.Namespace) -> None:
         stop_after=args.stop_after,
         seed=args.seed,
     )
+    run = {
+        "model": args.model,
+        "binarization": config_to_dict(binarization),
+        "dtype": common.resolve_dtype_arg(args),
+        "eval_blocks": args.eval_blocks,
+    }
+    return binarization, train, run
+
+
+def cmd_binarize(args: argparse.Namespace) -> None:
+    from squeezegen.evals.report import claim, refuse_unwritable
+
+    binarization, train, run = binarize_settings(args)
     out = Path(args.out)
     if not out.is_dir() or any(out.iterdir()):  # an empty folder holds nothing to lose
         claim({"model": out}, args.overwrite)  # before the model is loaded
+    refuse_unwritable(out)
     report = binarize_model(
         args.model,
-        config[args.method](),
+        binarization,
         train,
         out,
+        run=run,
         resume=args.resume,
         overwrite=args.overwrite,
         decode_tokens=args.decode_tokens,
@@ -87,6 +105,7 @@ def binarize_model(
     config: BinaryConfig,
     train: DistillConfig,
     out: Path,
+    run: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
     decode_tokens: int = 32,
@@ -95,7 +114,8 @@ def binarize_model(
     dtype: str = "auto",
 ) -> dict | None:
     """Binarize `model_name`, distill it (unless `train.steps` is 0), save the packed model to `out`
-    and return the report (None on ranks other than 0 under torchrun).
+    and return the report (None on ranks other than 0 under torchrun). `run` is kept in the
+    training checkpoint: a resumed run must come with the same.
 
     The teacher and the deployed student compute in `dtype`; the student trains float32 master
     weights (bf16 compute comes from autocast, `train.bf16`: an AdamW step on bf16 weights rounds
@@ -129,7 +149,7 @@ def binarize_model(
     started = time.perf_counter()
     if train.steps > 0:
         blocks = token_blocks(tok, split_text("train"), train.block)
-        history = distill(student, teacher, blocks, train, checkpoint, resume=resume, held_out=held_out)
+        history = distill(student, teacher, blocks, train, checkpoint, resume=resume, held_out=held_out, run=run)
         if _world() > 1 and train.parallel == "fsdp":  # student and teacher are sharded in place
             names = {n for n, p in student.named_parameters() if p.requires_grad}
             gathered = trainable_state(student, names)  # a collective: every rank takes part

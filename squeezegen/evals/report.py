@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -140,7 +141,9 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
 FINAL_FILES = ("records.json", "summary.json", "table.md", "accuracy_vs_budget.png")
 
 # the settings that decide what a record of a given key measured; a split sweep shares them
-MEASURED_ALIKE = ("model", "dtype", "seed", "max_new_tokens", "chat")
+MEASURED_ALIKE = ("model", "dtype", "weights", "device", "seed", "max_new_tokens", "chat")
+# settings runs did not record before they were part of them, at the values they then had
+EARLIER_DEFAULTS = {"weights": "model", "device": "cpu"}
 
 
 def report_files(out_dir: str | Path) -> dict[str, Path]:
@@ -159,17 +162,43 @@ def report_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, Path
 def refuse_file_as_folder(path: Path, flag: str = "--out") -> None:
     """A folder that is to hold results must not be an existing file (nor lie under one)."""
     for folder in (path, *path.parents):
-        if folder.exists() and not folder.is_dir():
+        try:
+            a_file = folder.exists() and not folder.is_dir()
+        except OSError as exc:  # a folder above it that cannot be read
+            raise SqueezegenError(f"cannot reach {folder} ({exc.strerror}): choose a {flag} you can write to") from None
+        if a_file:
             raise SqueezegenError(f"{folder} is a file, not a folder: choose a folder for {flag}")
 
 
+def refuse_unwritable(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a file or folder the command could not write when it ends: an
+    existing file is opened for appending (nothing changes), otherwise a scratch file is made and
+    removed in the nearest folder that exists (where any missing folders would be made)."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            open(path, "ab").close()  # noqa: SIM115 - opened to learn whether it can be, then closed
+            return
+        folder = path
+        while not folder.is_dir():
+            folder = folder.parent
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SqueezegenError(
+            f"cannot write {path} ({reason}): choose a {flag} you can write to, or change its permissions"
+        ) from None
+
+
 def claim(paths: dict[str, Path], overwrite: bool = False, flag: str = "--out", hint: str = "") -> dict[str, Path]:
-    """Refuse, before any work is done, to replace files a user already has: the one place that does.
+    """Refuse, before any work is done, to replace files a user already has (the one place that
+    does), or to start work whose results could not be written.
 
     `flag` is the option that chose the paths, `hint` another way out.
     """
     for p in paths.values():
         refuse_file_as_folder(p.parent, flag)
+        refuse_unwritable(p, flag)
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not overwrite:
         verb = "exists" if len(taken) == 1 else "exist"
@@ -184,7 +213,8 @@ def run_settings(meta: dict) -> dict | None:
         return meta["settings"]
     if "model" not in meta:
         return None
-    return {**{k: meta.get(k) for k in MEASURED_ALIKE if k != "chat"}, "chat": not meta.get("no_chat", False)}
+    earlier = {k: meta.get(k, EARLIER_DEFAULTS.get(k)) for k in MEASURED_ALIKE if k != "chat"}
+    return {**earlier, "chat": not meta.get("no_chat", False)}
 
 
 def read_report(folder: str | Path) -> tuple[dict | None, list[dict]]:
@@ -212,7 +242,7 @@ def merge_records(folders: list[str | Path]) -> tuple[dict | None, list[dict]]:
     for folder in folders:
         settings, records = read_report(folder)
         if settings is not None:
-            alike = {k: settings.get(k) for k in MEASURED_ALIKE}
+            alike = {k: settings.get(k, EARLIER_DEFAULTS.get(k)) for k in MEASURED_ALIKE}
             if shared is None:
                 shared, first = alike, str(folder)
             elif alike != shared:

@@ -6,6 +6,7 @@ folder, so an interrupted run resumes where it stopped (`EvalFolder`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.fanout import answer_all
-from squeezegen.evals.report import FINAL_FILES, claim, refuse_file_as_folder
+from squeezegen.evals.report import EARLIER_DEFAULTS, FINAL_FILES, claim, refuse_file_as_folder, refuse_unwritable
 from squeezegen.evals.tasks import TASKS, make_sample
 from squeezegen.methods.spec import MethodSpec, expand
 from squeezegen.runtime.generate import Decoding, encode
@@ -49,13 +50,15 @@ class EvalConfig:
         if self.samples < 1:
             raise SqueezegenError("samples must be at least 1")
 
-    def settings(self, model: str, dtype: str) -> dict:
+    def settings(self, model: str, dtype: str, weights: str = "model", device: str = "cpu") -> dict:
         """What decides a run's records, as JSON values: a resumed run must match it exactly."""
         return json.loads(
             json.dumps(
                 {
                     "model": model,
                     "dtype": dtype,
+                    "weights": weights,
+                    "device": device,
                     "tasks": self.tasks,
                     "contexts": self.contexts,
                     "methods": [m.label for m in self.methods],
@@ -154,14 +157,19 @@ class EvalFolder:
         self.overwrite = overwrite
         self.config_path = self.out / "config.json"
         self.records_path = self.out / "records.jsonl"
+        self.lock_path = self.out / "eval.lock"
+        self._made: list[Path] = []
         self.done: dict[SampleKey, list[dict]] = {}
         self._lock = None
         self._records = None
 
     def __enter__(self) -> EvalFolder:
         refuse_file_as_folder(self.out)
+        for path in (self.out, self.config_path, self.records_path):
+            refuse_unwritable(path)
+        made = [p for p in (self.out, self.lock_path) if not p.exists()]  # what a run that never starts removes
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.out / "eval.lock", "a")  # noqa: SIM115  (held until __exit__)
+        self._lock = open(self.lock_path, "a")  # noqa: SIM115  (held until __exit__)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -169,6 +177,7 @@ class EvalFolder:
             raise SqueezegenError(
                 f"{self.out} is in use by another `squeezegen eval`: wait for it or choose another --out"
             ) from None
+        self._made = made
         try:
             if self.resume:
                 self._load()
@@ -185,8 +194,13 @@ class EvalFolder:
     def _release(self) -> None:
         if self._records is not None:
             self._records.close()
-        if self._lock is not None:
-            self._lock.close()  # closing the file drops the lock
+        if self._lock is None:
+            return
+        if self._records is None:  # never started (the model did not load): leave no trace of the run
+            for path in reversed(self._made):
+                with contextlib.suppress(OSError):  # a folder someone has put files in stays
+                    path.rmdir() if path.is_dir() else path.unlink()
+        self._lock.close()  # closing the file drops the lock
 
     def _refuse_earlier_run(self) -> None:
         """Refuse to replace an earlier run's results (a run that finished no sample holds none)."""
@@ -205,6 +219,7 @@ class EvalFolder:
             stored = json.loads(self.config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SqueezegenError(f"{self.config_path} is unreadable: pass --overwrite to start again") from None
+        stored = {**EARLIER_DEFAULTS, **stored}  # runs begun before these settings were recorded
         differing = [k for k in sorted(stored.keys() | self.settings.keys()) if stored.get(k) != self.settings.get(k)]
         if differing:
             shown = "; ".join(f"{k}: {stored.get(k)!r} then, {self.settings.get(k)!r} now" for k in differing)

@@ -161,6 +161,14 @@ def trainable_state(student: torch.nn.Module, names: set[str]) -> dict[str, torc
     return {n: t.detach().clone() for n, t in state.items() if n in names}
 
 
+def resume_key(config: DistillConfig, run: dict | None = None) -> dict:
+    """What a checkpoint must have been made with for a run to resume from it: the training
+    settings but those a resumed run may change (RESUMABLE), and `run`, what the caller says
+    decides the rest (the model, the binarization, the dtype)."""
+    kept = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
+    return {**kept, **(run or {})}
+
+
 def distill(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -169,11 +177,13 @@ def distill(
     folder: str | Path,
     resume: bool = False,
     held_out: torch.Tensor | None = None,
+    run: dict | None = None,
 ) -> list[dict]:
     """Train the binary layers of `student` to match `teacher` on `blocks` (N, block) token ids.
 
     Checkpoints go to `folder`; with `resume` training continues from the last one (a larger
-    `steps` stretches the schedule to the new length). With `eval_every` and `held_out` blocks,
+    `steps` stretches the schedule to the new length), refused unless `resume_key(config, run)`
+    is what the checkpoint was made with. With `eval_every` and `held_out` blocks,
     the history records held-out perplexity. Under FSDP both models are sharded in place (gather
     the result with `trainable_state`). Returns the history (rank 0's view)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -217,11 +227,12 @@ def distill(
         if not checkpoint.is_file():
             raise SqueezegenError(f"nothing to resume: {checkpoint} does not exist")
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        kept = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
-        if saved != kept:
-            changed = sorted(k for k in kept if saved.get(k) != kept[k])
-            raise SqueezegenError(f"{checkpoint} was made with other settings ({', '.join(changed)}): rerun them")
+        wanted = resume_key(config, run)
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE} | state.get("run", {})
+        changed = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])  # older ones lack "run"
+        if changed:
+            shown = "; ".join(f"{k}: {saved[k]!r} then, {wanted[k]!r} now" for k in changed)
+            raise SqueezegenError(f"{checkpoint} was made with other settings ({shown}): resume with the same flags")
         set_model_state_dict(student, state["trainable"], options=_full_load())
         set_optimizer_state_dict(student, optimizer, state["optimizer"], options=_full_load())
         scheduler.load_state_dict(state["scheduler"])
@@ -266,7 +277,7 @@ def distill(
             if rank == 0:
                 folder.mkdir(parents=True, exist_ok=True)
                 state = {"step": step + 1, "trainable": trainable, "optimizer": optim}
-                state.update(scheduler=scheduler.state_dict(), history=history, config=asdict(config))
+                state.update(scheduler=scheduler.state_dict(), history=history, config=asdict(config), run=run or {})
                 _save_atomic(state, checkpoint)
     if config.checkpointing:
         student.activation_checkpointing_disable()
