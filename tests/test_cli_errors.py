@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -237,3 +238,30 @@ def test_an_eval_whose_model_does_not_load_leaves_no_folder_behind(capsys, tmp_p
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "kept"))
     assert code == 2 and [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "70000"], "from 1 to 65535"),
+        (["--port", "-1"], "from 1 to 65535"),
+        (["--port", "http"], "expected a port number"),
+        (["--host", "999.1.1.1"], "is not an address of this machine"),
+        (["--grace", "-1"], "0 or more seconds"),
+        (["--grace", "nan"], "finite"),
+    ],
+)
+def test_serve_refuses_an_address_it_cannot_listen_on_before_serving(capsys, flags, message):
+    code, out, err = run(capsys, "serve", "--model", "tiny-llama", *flags)
+    assert_one_line(code, err, message)
+    assert "serving" not in out
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run(capsys, "serve", "--model", "no-such-model", "--port", str(port))
+    assert_one_line(code, err, f"port {port} on 127.0.0.1 is in use")
+    assert "serving" not in out

@@ -222,7 +222,15 @@ def test_report_merges_split_sweeps_keeping_shared_records_once(tmp_path):
     assert main(["report", "--merge", str(tmp_path / "nope"), "--out", str(tmp_path / "n")]) == 2
 
 
-SETTINGS = {"model": "tiny-llama", "dtype": "float32", "seed": 0, "max_new_tokens": 4, "chat": True}
+SETTINGS = {
+    "model": "tiny-llama",
+    "dtype": "float32",
+    "weights": "model",
+    "device": "cpu",
+    "seed": 0,
+    "max_new_tokens": 4,
+    "chat": True,
+}
 
 
 def merge_error(capsys, tmp_path, *folders):

@@ -227,6 +227,17 @@ def test_concurrent_requests_batch_and_each_equals_generate(running):
         (b"{not json", 400, None),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "stream_options": {"include_usage": "yes"},
+            },
+            400,
+            "stream_options",
+        ),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
@@ -258,6 +269,34 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(running, body, st
         model=MODEL, messages=[{"role": "user", "content": "still there?"}], max_tokens=2, temperature=0
     )
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("verb, path, status", [("GET", "/nope", 404), ("GET", "/v1/completions", 405)])
+def test_unknown_routes_and_verbs_answer_in_openai_shape(running, verb, path, status):
+    reply = httpx.request(verb, running.url + path, timeout=30)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and path in error["message"]
+
+
+def test_documents_say_where_to_ask_and_name_their_method_alike(running):
+    text = prompt(running.tok, 120, seed=7)
+    made = httpx.post(running.url + "/v1/documents", json={"model": MODEL, "text": text, "format": "plain"}, timeout=60)
+    doc = made.json()
+    assert made.status_code == 200 and doc["method"] == "kvzip"
+    assert httpx.get(f"{running.url}/v1/documents/{doc['id']}").json() == doc
+    on_chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "what?"}],
+        "squeezegen": {"document": doc["id"]},
+    }
+    reply = httpx.post(running.url + "/v1/chat/completions", json=on_chat, timeout=60)
+    assert reply.status_code == 400 and "/v1/completions" in reply.json()["error"]["message"]
+    again = {"model": MODEL, "text": text, "squeezegen": {"document": doc["id"]}}
+    reply = httpx.post(running.url + "/v1/documents", json=again, timeout=60)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "squeezegen"
+    asked = {"model": MODEL, "prompt": "what?", "max_tokens": 2, "squeezegen": {"document": doc["id"]}}
+    assert httpx.post(running.url + "/v1/completions", json=asked, timeout=60).status_code == 200
 
 
 def test_a_client_that_disconnects_frees_its_slot(running):
@@ -319,42 +358,89 @@ def test_a_full_queue_answers_429(monkeypatch):
         server.close()
 
 
-def test_sigterm_during_generation_exits_cleanly(tmp_path):
+def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`squeezegen serve` in a process of its own on a free loopback port, once it answers."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "squeezegen.cli", "serve", "--model", MODEL, "--port", str(port), "--grace", "3"],
+        [sys.executable, "-m", "squeezegen.cli", "serve", "--model", MODEL, "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        text=True,
     )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "A long story"}],
-            "max_tokens": 100000 // 20,
-            "stream": True,
-            "temperature": 0,
-        }
-        seen = []
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.stdout.read()}")
+
+
+LONG = {"model": MODEL, "max_tokens": 5000, "temperature": 0}
+
+
+def test_a_shutdown_past_the_grace_answers_503_and_ends_streams_with_done():
+    proc, url = start_server("--grace", "0.5")
+    answers = {}
+
+    def plain():
+        answers["plain"] = httpx.post(url + "/v1/completions", json={**LONG, "prompt": "Once upon a time"}, timeout=60)
+
+    def stream():
+        body = {**LONG, "messages": [{"role": "user", "content": "A long story"}], "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
-            lines = response.iter_lines()
-            seen.append(next(lines))
-            proc.send_signal(signal.SIGTERM)
-            try:
-                seen.extend(lines)
-            except httpx.HTTPError:
-                pass  # cut after the grace period: a clean abort
+            answers["stream"] = [line for line in response.iter_lines() if line]
+
+    try:
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while httpx.get(url + "/health").json()["running"] < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert seen[0].startswith("data: ")
+    log = proc.stdout.read()
+    assert "Traceback" not in log and "Exception" not in log, log
+    plain_reply = answers["plain"]
+    assert plain_reply.status_code == 503
+    assert plain_reply.json()["error"]["type"] == "server_error"
+    *_, error, done = answers["stream"]
+    assert json.loads(error.removeprefix("data: "))["error"]["message"].startswith("the server is shutting down")
+    assert done == "data: [DONE]"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_an_idle_server_with_status_0(sig):
+    proc, _ = start_server()
+    try:
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in proc.stdout.read()
+
+
+def test_a_plain_request_whose_client_disconnects_frees_its_slot(running):
+    body = json.dumps({**LONG, "prompt": "Once upon a time", "max_tokens": 8000}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    with socket.create_connection(("127.0.0.1", running.port)) as client:
+        client.sendall(head.encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 20
+        while not running.server.scheduler.running() and time.time() < deadline:
+            time.sleep(0.02)
+        assert running.server.scheduler.running() == 1
+    deadline = time.time() + 1  # all 8000 tokens take seconds more
+    while running.server.scheduler.running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert running.server.scheduler.running() == 0

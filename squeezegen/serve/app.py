@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import signal
+import socket
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.generate import _eos_ids
 from squeezegen.runtime.hooks import Method
 from squeezegen.serve import protocol
@@ -19,6 +26,8 @@ from squeezegen.serve.protocol import ApiError
 from squeezegen.serve.scheduler import Document, DocumentStore, Job, QueueFull, Scheduler, Summary
 
 PLACEHOLDER = "\x00question\x00"
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/documents", "/health")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (nobody receives it)
 
 
 @dataclass
@@ -58,6 +67,8 @@ class Server:
     # --- requests to jobs -------------------------------------------------------------------------
     def check_model(self, body: dict) -> None:
         model = body.get("model")
+        if model is None:
+            raise ApiError(400, f"model is required: this server serves {self.config.model_name!r}", param="model")
         if model != self.config.model_name:
             raise ApiError(
                 404,
@@ -119,7 +130,9 @@ class Server:
                 raise ApiError(400, "this model has no chat template: use /v1/completions")
             if document is None:
                 return [self.encode(self.template(messages))]
-            if len(messages) != 1 or messages[0]["role"] != "user" or document.format != "chat":
+            if document.format != "chat":
+                raise ApiError(400, "this document was stored as plain text: ask it on /v1/completions")
+            if len(messages) != 1 or messages[0]["role"] != "user":
                 raise ApiError(400, "a question on a chat document is one user message", param="messages")
             return [self.encode(messages[0]["content"] + self.chat_suffix)]
         prompt = body.get("prompt")
@@ -131,7 +144,7 @@ class Server:
             raise ApiError(400, "this document was stored for chat: ask it on /v1/chat/completions")
         return [self.encode("\n\n" + prompt)]
 
-    def document_job(self, body: dict) -> tuple[Job, asyncio.Queue, str, str]:
+    def document_job(self, body: dict) -> tuple[Job, asyncio.Queue]:
         protocol.check_keys(body, {"model", "text", "format", "squeezegen"})
         self.check_model(body)
         text = body.get("text")
@@ -141,6 +154,13 @@ class Server:
         if fmt not in ("chat", "plain"):
             raise ApiError(400, "format is chat (questions on /v1/chat/completions) or plain", param="format")
         ext = protocol.extension(body)
+        if ext.document is not None:
+            raise ApiError(
+                400,
+                "squeezegen.document names a stored document to ask (on the completion routes); a new document "
+                "is made from text: drop it",
+                param="squeezegen",
+            )
         if fmt == "chat":
             if self.chat_suffix is None:
                 raise ApiError(400, "this model has no chat template: store the document with format plain")
@@ -166,8 +186,9 @@ class Server:
             eos=set(),
             emit=lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
             store=fmt,
+            label=ext.label or self.config.document_label,
         )
-        return job, queue, fmt, ext.label or self.config.document_label
+        return job, queue
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -197,6 +218,21 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def route_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods a route does not take, in OpenAI's error shape too."""
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}: this server answers {', '.join(ROUTES)}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        response = error_response(
+            ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+        )
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -229,9 +265,11 @@ def create_app(server: Server) -> FastAPI:
             chunks = stream(request, job, queue, chat, kind, meta, decoding.include_usage, label)
             return StreamingResponse(chunks, media_type="text/event-stream")
         text, summary = [], None
-        try:
-            while True:
-                event, value = await queue.get()
+        async with contextlib.aclosing(events(queue, request, job)) as answers:
+            async for got in answers:
+                if got is None:  # the client went away: nobody reads the answer
+                    return Response(status_code=CLIENT_CLOSED)
+                event, value = got
                 if event == "token":
                     text.append(value)
                 elif event == "done":
@@ -239,9 +277,6 @@ def create_app(server: Server) -> FastAPI:
                     break
                 else:
                     raise failure(value)
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
         body = "".join(text)
         choice = {"index": 0, "finish_reason": protocol.FINISH[summary.finish_reason]}
         choice.update({"message": {"role": "assistant", "content": body}} if chat else {"text": body, "logprobs": None})
@@ -290,19 +325,23 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/documents")
     async def create_document(request: Request):
-        job, queue, fmt, label = server.document_job(await json_body(request))
+        job, queue = server.document_job(await json_body(request))
         submit(job)
-        event, value = await queue.get()
+        async with contextlib.aclosing(events(queue, request, job)) as answers:
+            got = await anext(answers)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED)
+        event, value = got
         if event != "done":
             raise failure(value)
-        return document_info(value, label)
+        return document_info(value)
 
     @app.get("/v1/documents/{doc_id}")
     async def get_document(doc_id: str):
         doc = server.documents.get(doc_id)
         if doc is None:
             raise ApiError(404, f"document {doc_id!r} is not stored", code="document_not_found")
-        return document_info(doc, doc.method)
+        return document_info(doc)
 
     @app.delete("/v1/documents/{doc_id}")
     async def delete_document(doc_id: str):
@@ -313,16 +352,44 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def document_info(doc: Document, label: str) -> dict:
+def document_info(doc: Document) -> dict:
     return {
         "id": doc.id,
         "object": "document",
         "created": doc.created,
         "tokens": doc.tokens,
         "kv_bytes": doc.nbytes,
-        "method": label,
+        "method": doc.method,
         "format": doc.format,
     }
+
+
+async def events(queue: asyncio.Queue, request: Request, job: Job) -> AsyncIterator[tuple[str, object] | None]:
+    """The job's events as they come, then None (and the job cancelled, so that its slot frees at
+    the next step) if the client closes its connection: a plain response is written only at its
+    end, so nothing else would notice that nobody waits for it."""
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        while True:
+            get = asyncio.ensure_future(queue.get())
+            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                job.cancelled = True
+                yield None
+                return
+            yield get.result()
+    except asyncio.CancelledError:  # the server cut the request (a shutdown past its grace)
+        job.cancelled = True
+        raise
+    finally:
+        gone.cancel()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the request's body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def failure(value: tuple[int, str]) -> ApiError:
@@ -331,20 +398,60 @@ def failure(value: tuple[int, str]) -> ApiError:
     return ApiError(status, message, type="invalid_request_error" if status < 500 else "server_error")
 
 
-def run(server: Server, host: str, port: int, grace_s: float = 30.0) -> None:
-    """Serve until SIGINT / SIGTERM: then refuse new connections, let in-flight requests finish for
-    up to `grace_s` seconds (cut after), stop the scheduler and return."""
-    import signal
-
-    import uvicorn
-
-    config = uvicorn.Config(
-        create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s
-    )
-    # uvicorn re-raises the signal once it has shut down, to the handler it found: make SIGTERM's a
-    # quiet one, so that a clean shutdown exits with status 0
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), made before the model loads so that a bad --host or a
+    port in use is said at once (and the port is held until the server takes it)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SqueezegenError(f"--port {port} is not a port: use a number from 1 to 65535")
     try:
-        uvicorn.Server(config).run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SqueezegenError(f"--host {host!r} is not an address of this machine ({exc}): try 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SqueezegenError(
+                f"port {port} on {host} is in use: choose another --port, or stop what holds it"
+            ) from None
+        raise SqueezegenError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): choose another --host or --port"
+        ) from None
+    return sock
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn that, at the first SIGINT or SIGTERM, gives in-flight requests `grace_s` seconds and
+    then ends them itself (the scheduler stops: a plain request is answered 503 in OpenAI's shape,
+    a stream gets that error as its last event and [DONE]), rather than have uvicorn cancel them
+    into a bare 500 or a cut stream; uvicorn's own cut stays as a backstop a few seconds later."""
+
+    BACKSTOP_S = 5.0
+
+    def __init__(self, server: Server, sock: socket.socket, grace_s: float) -> None:
+        config = uvicorn.Config(
+            create_app(server), log_level="warning", timeout_graceful_shutdown=grace_s + self.BACKSTOP_S
+        )
+        super().__init__(config)
+        self.scheduler, self.sock, self.grace_s = server.scheduler, sock, grace_s
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit:
+            timer = threading.Timer(self.grace_s, self.scheduler.stop)
+            timer.daemon = True
+            timer.start()
+        super().handle_exit(sig, frame)
+
+    def serve_until_stopped(self) -> None:
+        """Serve until SIGINT / SIGTERM, then return (a clean shutdown: the command exits 0).
+        uvicorn raises the signal again once it has shut down, to the handler it found: quiet
+        ones are in place meanwhile."""
+        quiet = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.run(sockets=[self.sock])
+        finally:
+            for sig, previous in quiet.items():
+                signal.signal(sig, previous)

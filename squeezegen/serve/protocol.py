@@ -85,8 +85,11 @@ def decoding(body: dict, default_max_tokens: int) -> Decoding:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise ApiError(400, "stream_options takes only include_usage", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "stream_options.include_usage must be true or false", param="stream_options")
     sampler = Sampler(temperature=float(temperature), top_p=float(top_p), seed=seed)
-    return Decoding(max_tokens, sampler, stops, stream, bool(options.get("include_usage")))
+    return Decoding(max_tokens, sampler, stops, stream, include_usage)
 
 
 @dataclass

@@ -69,6 +69,7 @@ class Job:
     emit: Emit
     document: Document | None = None  # a question on a stored document (chunks = [question])
     store: str | None = None  # the format of a document to store rather than answer
+    label: str = ""  # the method's name as the request gave it (what a stored document reports)
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     text: RowText | None = None
@@ -212,7 +213,7 @@ class Scheduler(threading.Thread):
             id=f"doc-{uuid.uuid4().hex[:24]}",
             engine=engine,
             tokens=len(job.chunks[0]),
-            method=type(job.method).__name__,
+            method=job.label or type(job.method).__name__,
             nbytes=engine.cache.nbytes(),
             format=job.store,
         )
