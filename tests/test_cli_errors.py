@@ -265,3 +265,19 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model(capsys):
         code, out, err = run(capsys, "serve", "--model", "no-such-model", "--port", str(port))
     assert_one_line(code, err, f"port {port} on 127.0.0.1 is in use")
     assert "serving" not in out
+
+
+def test_int4_weights_on_a_model_no_group_divides_say_so_in_cli_terms(capsys, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = squeezegen.load("tiny-llama")[1]
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "narrow")
+    tok.save_pretrained(tmp_path / "narrow")
+    capsys.readouterr()
+    code, _, err = run(capsys, *GENERATE[:1], "--model", str(tmp_path / "narrow"), *GENERATE[3:], "--weights", "int4")
+    last = err.split("\r")[-1].splitlines()[-1] + "\n"  # after the weights' loading bar
+    assert_one_line(code, last, "cannot use --weights int4")
+    assert "--weights model" in err and "group_size" not in err

@@ -103,6 +103,12 @@ def test_sampling_is_seeded():
         (dict(temperature=float("nan")), "finite"),
         (dict(temperature=float("inf")), "finite"),
         (dict(prompts=7), "prompts must be a string"),
+        (dict(stop=5), "stop must be a string or a list"),
+        (dict(top_k=2.0), "top_k must be a whole number"),
+        (dict(top_k=-1), "top_k must be a whole number"),
+        (dict(temperature=1.0, seed=1.5), "seed must be a whole number"),
+        (dict(temperature=True), "temperature"),
+        (dict(top_p=True), "top_p"),
     ],
 )
 def test_bad_input_gets_a_clear_error(kwargs, message):

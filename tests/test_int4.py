@@ -225,9 +225,11 @@ def test_a_tied_head_is_quantized_alone_and_stays_untied():
 
 def test_what_cannot_be_quantized_is_refused(tmp_path):
     base, tok = tiny("tiny-llama")
-    for group in (0, 48, -32):
+    for group in (0, 48, -32, 32.0, True, "32"):
         with pytest.raises(SqueezegenError, match="multiple of 32"):
             sg.Int4WeightOnlyConfig(group_size=group)
+    with pytest.raises(SqueezegenError, match="include_head"):
+        sg.Int4WeightOnlyConfig(include_head="yes")
     model = copy.deepcopy(base)
     with pytest.raises(SqueezegenError, match="not a multiple of group_size 128"):
         sg.quantize_(model, sg.Int4WeightOnlyConfig(group_size=128))  # the tiny model is 64 wide
@@ -235,6 +237,9 @@ def test_what_cannot_be_quantized_is_refused(tmp_path):
     sg.quantize_(model, sg.Int4WeightOnlyConfig())
     with pytest.raises(SqueezegenError, match="already quantized"):
         sg.quantize_(model, sg.Int4WeightOnlyConfig())
+    with pytest.raises(SqueezegenError, match="4-bit layers"):  # as the reverse order is refused
+        sg.binarize_(model, sg.BinaryMoSConfig())
+    assert not hasattr(model.config, "squeezegen_binary")
     with pytest.raises(SqueezegenError, match="quantized at load time"):
         sg.save(model, tok, tmp_path / "out")
     binary = sg.binarize_(copy.deepcopy(base), sg.SignConfig())

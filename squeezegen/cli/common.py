@@ -147,9 +147,16 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, PreTrainedTokenizer
 
     model, tok = load(args.model, dtype=resolve_dtype_arg(args), device=args.device)
     if getattr(args, "weights", "model") == "int4":
-        from squeezegen.quant.int4 import Int4WeightOnlyConfig, quantize_
+        from squeezegen.quant.int4 import Int4WeightOnlyConfig, group_misfit, quantize_
 
-        quantize_(model, Int4WeightOnlyConfig())
+        config = Int4WeightOnlyConfig()
+        misfit = group_misfit(model, config)
+        if misfit is not None:
+            raise SqueezegenError(
+                f"{args.model} cannot use --weights int4: {misfit}, which 4-bit groups of {config.group_size} do "
+                "not divide; run it with --weights model"
+            )
+        quantize_(model, config)
     return model, tok
 
 

@@ -41,6 +41,10 @@ class OneBitConfig:
     layernorm: bool = True
     name = "onebit"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.layernorm, bool):
+            raise SqueezegenError(f"layernorm must be True or False, got {self.layernorm!r}")
+
     def make(self, linear: nn.Linear) -> BinaryLinear:
         return OneBitLinear(linear, layernorm=self.layernorm)
 
@@ -53,8 +57,8 @@ class BinaryMoSConfig:
     name = "binarymos"
 
     def __post_init__(self) -> None:
-        if self.experts < 1:
-            raise SqueezegenError(f"experts must be >= 1, got {self.experts}")
+        if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 1:
+            raise SqueezegenError(f"experts must be a whole number >= 1, got {self.experts!r}")
 
     def make(self, linear: nn.Linear) -> BinaryLinear:
         return BinaryMoSLinear(linear, experts=self.experts)
@@ -91,6 +95,10 @@ def binarize_(model: nn.Module, config: BinaryConfig) -> nn.Module:
     """Replace every nn.Linear in the decoder blocks by `config`'s binary layer, in place."""
     if binary_layers(model):
         raise SqueezegenError("this model is already binarized")
+    from squeezegen.quant.int4 import int4_layers  # int4 builds on this module
+
+    if int4_layers(model):
+        raise SqueezegenError("this model holds 4-bit layers (sg.quantize_): binarize the float model instead")
     for block in decoder_layers(model):
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):

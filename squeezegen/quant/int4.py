@@ -41,8 +41,11 @@ class Int4WeightOnlyConfig:
     include_head: bool = True
 
     def __post_init__(self) -> None:
-        if self.group_size < BLOCK or self.group_size % BLOCK:
-            raise SqueezegenError(f"group_size must be a positive multiple of {BLOCK}, got {self.group_size}")
+        group = self.group_size
+        if isinstance(group, bool) or not isinstance(group, int) or group < BLOCK or group % BLOCK:
+            raise SqueezegenError(f"group_size must be a whole positive multiple of {BLOCK}, got {group!r}")
+        if not isinstance(self.include_head, bool):
+            raise SqueezegenError(f"include_head must be True or False, got {self.include_head!r}")
 
 
 @torch.no_grad()
@@ -205,15 +208,8 @@ def int4_layers(model: nn.Module) -> list[Int4Linear]:
     return [m for m in model.modules() if isinstance(m, Int4Linear)]
 
 
-@torch.no_grad()
-def quantize_(model: nn.Module, config: Int4WeightOnlyConfig) -> nn.Module:
-    """Replace every nn.Linear of the decoder blocks (and the LM head when `config.include_head`)
-    by an Int4Linear, in place. A head tied to the embedding is quantized alone: the embedding
-    keeps its weight and the model no longer ties them."""
-    if binary_layers(model):
-        raise SqueezegenError("this model holds 1-bit layers (sg.binarize_): quantize the float model instead")
-    if int4_layers(model):
-        raise SqueezegenError("this model is already quantized to 4 bits: load the float model again to requantize")
+def _targets(model: nn.Module, config: Int4WeightOnlyConfig) -> list[tuple]:
+    """(parent, attribute or None for the head, where, linear) of every layer `quantize_` replaces."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise SqueezegenError(
@@ -228,12 +224,33 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig) -> nn.Module:
     head = model.get_output_embeddings() if config.include_head else None
     if isinstance(head, nn.Linear):
         targets.append((model, None, "the LM head", head))
-    for _, _, where, linear in targets:
+    return targets
+
+
+def group_misfit(model: nn.Module, config: Int4WeightOnlyConfig) -> str | None:
+    """The first layer whose inputs `config`'s groups do not divide ("<where> has N inputs"), or None."""
+    for _, _, where, linear in _targets(model, config):
         if linear.in_features % config.group_size:
-            raise SqueezegenError(
-                f"{where} has {linear.in_features} inputs, not a multiple of group_size {config.group_size}: "
-                "pick a group_size that divides it (32 divides most models' widths)"
-            )
+            return f"{where} has {linear.in_features} inputs"
+    return None
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: Int4WeightOnlyConfig) -> nn.Module:
+    """Replace every nn.Linear of the decoder blocks (and the LM head when `config.include_head`)
+    by an Int4Linear, in place. A head tied to the embedding is quantized alone: the embedding
+    keeps its weight and the model no longer ties them."""
+    if binary_layers(model):
+        raise SqueezegenError("this model holds 1-bit layers (sg.binarize_): quantize the float model instead")
+    if int4_layers(model):
+        raise SqueezegenError("this model is already quantized to 4 bits: load the float model again to requantize")
+    targets = _targets(model, config)
+    misfit = group_misfit(model, config)
+    if misfit is not None:
+        raise SqueezegenError(
+            f"{misfit}, not a multiple of group_size {config.group_size}: pick a group_size that divides it "
+            "(32 divides most models' widths)"
+        )
     for parent, name, _, linear in targets:
         if name is None:  # the head: its tie (if any) is broken, and nothing may tie it again
             model.set_output_embeddings(Int4Linear.of(linear, config.group_size))

@@ -143,6 +143,17 @@ class Decoding:
         self.sampler = Sampler(self.temperature, self.top_k, self.top_p, self.seed)
 
 
+def stop_strings(stop: object) -> list[str]:
+    """`stop` as a list: one string, a list or tuple of them, or None."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise SqueezegenError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    return list(stop)
+
+
 def prefill_rows(engine: Engine, rows: list[list[list[int]]], pad_id: int, progress: bool = False) -> torch.Tensor:
     """Prefill the chunks of every row: the first compressed by the engine's method, a second one
     (a question after its context) appended as is. Returns the last position's logits."""
@@ -298,7 +309,7 @@ def generate(
         top_k,
         top_p,
         seed,
-        [stop] if isinstance(stop, str) else list(stop or []),
+        stop_strings(stop),
         ignore_eos,
     )
     rows = encode(tokenizer, prompts, context, chat)

@@ -22,12 +22,15 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+        number = isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+        if not (number and math.isfinite(self.temperature)) or self.temperature < 0:
             raise SqueezegenError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if isinstance(self.top_p, bool) or not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SqueezegenError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SqueezegenError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise SqueezegenError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SqueezegenError(f"seed must be a whole number or None, got {self.seed!r}")
         self._generator: torch.Generator | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
