@@ -61,7 +61,7 @@ GENERATE = ["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-to
         ([*GENERATE, "--temperature", "-1"], "temperature must be"),
         ([*GENERATE, "--top-p", "-0.5"], "top_p must be in (0, 1]"),
         ([*GENERATE, "--top-p", "nan"], "argument --top-p: must be a finite number"),
-        ([*GENERATE, "--top-k", "-1"], "top_k must be >= 0"),
+        ([*GENERATE, "--top-k", "-1"], "top_k must be a whole number >= 0"),
         ([*GENERATE, "--device", "bogus"], "unknown device 'bogus': use cpu, cuda, cuda:N, mps or auto"),
         ([*GENERATE, "--method", "snapkv", "--method-arg", "budget=1", "budget=2"], "'budget' is given twice"),
         ([*GENERATE, "--method", "snapkv", "--method-arg", "budget=2.5"], "a fractional budget must be in (0, 1]"),
