@@ -22,6 +22,7 @@ from squeezegen.quant.binary import (
     share_inputs_,
 )
 from squeezegen.quant.half_head import keep_head_16bit_
+from squeezegen.quant.int4 import int4_layers
 
 
 @dataclass
@@ -95,8 +96,6 @@ def binarize_(model: nn.Module, config: BinaryConfig) -> nn.Module:
     """Replace every nn.Linear in the decoder blocks by `config`'s binary layer, in place."""
     if binary_layers(model):
         raise SqueezegenError("this model is already binarized")
-    from squeezegen.quant.int4 import int4_layers  # int4 builds on this module
-
     if int4_layers(model):
         raise SqueezegenError("this model holds 4-bit layers (sg.quantize_): binarize the float model instead")
     for block in decoder_layers(model):

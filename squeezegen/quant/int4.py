@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.quant.api import binary_layers
+from squeezegen.quant.binary import BinaryLinear
 from squeezegen.runtime.native import kernel_input, runtime_library
 from squeezegen.runtime.native_step import PROJ_INT4, WEIGHT_KINDS, NativeProjection
 
@@ -240,7 +240,7 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig) -> nn.Module:
     """Replace every nn.Linear of the decoder blocks (and the LM head when `config.include_head`)
     by an Int4Linear, in place. A head tied to the embedding is quantized alone: the embedding
     keeps its weight and the model no longer ties them."""
-    if binary_layers(model):
+    if any(isinstance(m, BinaryLinear) for m in model.modules()):
         raise SqueezegenError("this model holds 1-bit layers (sg.binarize_): quantize the float model instead")
     if int4_layers(model):
         raise SqueezegenError("this model is already quantized to 4 bits: load the float model again to requantize")
