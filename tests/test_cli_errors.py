@@ -65,6 +65,12 @@ GENERATE = ["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-to
         ([*GENERATE, "--device", "bogus"], "unknown device 'bogus': use cpu, cuda, cuda:N, mps or auto"),
         ([*GENERATE, "--method", "snapkv", "--method-arg", "budget=1", "budget=2"], "'budget' is given twice"),
         ([*GENERATE, "--method", "snapkv", "--method-arg", "budget=2.5"], "a fractional budget must be in (0, 1]"),
+        ([*GENERATE, "--method", "snapkv", "--method-arg", "kernel=2.5"], "kernel must be a whole number, got 2.5"),
+        ([*GENERATE, "--method", "snapkv", "--method-arg", "window=x"], "window must be a whole number, got 'x'"),
+        ([*GENERATE, "--temperature", "1", "--seed", "9" * 23], "seed must be a whole number in [-2**63, 2**63)"),
+        (["eval", "--model", "tiny-llama", "--out", ""], "argument --out: is empty"),
+        (["bench", "--model", "tiny-llama", "--out", " "], "argument --out: is empty"),
+        (["eval", "--model", "tiny-llama", "--benchmark", "ruler", "--tasks", "niah_number"], "unknown ruler task"),
         (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus"),
         ([], "the following arguments are required: command"),
@@ -211,6 +217,25 @@ def test_an_unwritable_out_is_refused_before_any_work(capsys, read_only, argv):
         code, _, err = run(capsys, *argv, "--out", out)
     assert_one_line(code, err, "cannot write")
     assert list(read_only.iterdir()) == []
+
+
+def test_a_folder_where_a_result_file_goes_is_refused_before_any_work(capsys, tmp_path):
+    argv = ["perplexity", *TINY_BENCH, "--context", "64", "--continuation", "8", "--texts", "1"]
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path), "--overwrite")
+    assert_one_line(code, err, "is a folder, where a file is to be written")
+    assert "perplexity" not in out  # nothing was measured
+
+
+def test_resuming_with_a_read_only_lock_file_is_refused_in_one_line(capsys, open_tmp):
+    out = open_tmp / "run"
+    argv = ["eval", *TINY_BENCH, "--contexts", "256", "--samples", "1", "--methods", "snapkv", "--out", str(out)]
+    assert run(capsys, *argv)[0] == 0
+    out.chmod(0o777)
+    for path in out.iterdir():
+        path.chmod(0o444 if path.name == "eval.lock" else 0o666)
+    with as_a_user():
+        code, _, err = run(capsys, *argv, "--resume")
+    assert_one_line(code, err, "eval.lock")
 
 
 def test_resuming_into_an_unwritable_records_file_is_refused_and_it_is_kept(capsys, open_tmp):

@@ -2,6 +2,8 @@
 (the C loops trust their shapes; before these checks a decode with too many tokens wrote past
 the cache and corrupted the heap), and the engine decodes on as if nothing had happened."""
 
+import re
+
 import pytest
 import torch
 
@@ -141,3 +143,23 @@ def test_binary_kernel_refuses_tensors_of_another_layer():
     for x, p, scales, bias in wrong:
         with pytest.raises(SqueezegenError):
             binary_linear(x, p, 8, None, scales, None, bias, False)
+
+
+def test_an_engine_or_quantizer_given_the_wrong_objects_says_what_it_takes():
+    pair = sg.load("tiny-llama", dtype="float32")
+    model = pair[0]
+    for call, message in [
+        (lambda: sg.Engine(pair), "sg.load returns (model, tokenizer)"),
+        (lambda: sg.Engine(None), "model must be a Hugging Face causal LM"),
+        (lambda: sg.Engine(model, method="h2o"), "sg.method('h2o')"),
+        (lambda: sg.Engine(model, reserve="5"), "reserve is a number of decode steps"),
+        (lambda: sg.quantize_(pair, sg.Int4WeightOnlyConfig()), "sg.load returns (model, tokenizer)"),
+        (lambda: sg.quantize_(model, "int4"), "config must be sg.Int4WeightOnlyConfig"),
+        (lambda: sg.binarize_(model, sg.Int4WeightOnlyConfig()), "config must be sg.BinaryMoSConfig"),
+        (lambda: sg.generate(model, None, "hi"), "tokenizer must be the model's tokenizer"),
+        (lambda: sg.generate(model, pair[1], "hi", ignore_eos="no"), "ignore_eos must be True or False"),
+        (lambda: sg.generate(model, pair[1], "hi", stream=5), "stream must be a function"),
+    ]:
+        with pytest.raises(sg.SqueezegenError, match=re.escape(message)):
+            call()
+    assert not any(type(m).__name__ in ("Int4Linear", "BinaryLinear") for m in model.modules())

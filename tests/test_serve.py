@@ -225,6 +225,15 @@ def test_concurrent_requests_batch_and_each_equals_generate(running):
     "body, status, param",
     [
         (b"{not json", 400, None),
+        (b"[" * 5000, 400, None),  # nested past Python's recursion limit
+        ({"model": 5, "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": {"a": 1}}, 400, "stop"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream_options": []},
+            400,
+            "stream_options",
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
         ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
@@ -257,6 +266,15 @@ def test_concurrent_requests_batch_and_each_equals_generate(running):
             422,
             "squeezegen",
         ),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "squeezegen": {"method": "snapkv", "args": {"kernel": 2.5}},
+            },
+            422,
+            "squeezegen",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(running, body, status, param):
@@ -271,7 +289,14 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(running, body, st
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("verb, path, status", [("GET", "/nope", 404), ("GET", "/v1/completions", 405)])
+def test_a_model_is_retrieved_by_its_id(running):
+    assert httpx.get(f"{running.url}/v1/models/{MODEL}", timeout=30).json()["id"] == MODEL
+    assert httpx.get(f"{running.url}/v1/models/gpt-4", timeout=30).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "verb, path, status", [("GET", "/nope", 404), ("GET", "/v1/completions", 405), ("POST", "/v1/completions/", 404)]
+)
 def test_unknown_routes_and_verbs_answer_in_openai_shape(running, verb, path, status):
     reply = httpx.request(verb, running.url + path, timeout=30)
     assert reply.status_code == status

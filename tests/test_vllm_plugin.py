@@ -153,7 +153,16 @@ def test_the_launcher_refuses_a_folder_without_a_config_and_passes_hub_ids_on(tm
         "float32",
     ]
     (tmp_path / "config.json").write_text("{}")
+    assert "no model_type" in _launch("serve", str(tmp_path)).stderr
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert "holds no weights" in _launch("serve", str(tmp_path)).stderr
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert "holds no tokenizer" in _launch("serve", str(tmp_path)).stderr
+    (tmp_path / "tokenizer.json").write_text("{}")
     assert vllm_argv(["serve", "--model", str(tmp_path)])[:3] == ["serve", "--model", str(tmp_path)]
+    done = _launch("serve", str(tmp_path), "--port", "70000")
+    assert done.returncode == 2 and "no TCP port" in done.stderr and "Traceback" not in done.stderr
+    assert "is a file" in _launch("serve", str(tmp_path / "tokenizer.json")).stderr
 
 
 def test_the_launcher_help_names_what_it_adds(capsys):
@@ -164,7 +173,9 @@ def test_the_launcher_help_names_what_it_adds(capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this Python")
 def test_the_launcher_without_vllm_says_where_it_is(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
     done = _launch("serve", str(tmp_path))
     assert done.returncode == 2 and "make vllm-env" in done.stderr and done.stderr.count("\n") == 1
 

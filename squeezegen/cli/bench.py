@@ -143,6 +143,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument(
         "--out",
+        type=common.output_path,
         default=None,
         help="markdown file for the table; the rows go to the same name with .json (default: print only)",
     )

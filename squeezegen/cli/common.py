@@ -212,9 +212,16 @@ def settings_from(cls: type[Settings], args: argparse.Namespace, **given: object
     return cls(**{f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def output_path(text: str) -> str:
+    """--out: a path, never empty (which would scatter the results in the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a folder for the results, e.g. --out results/run1")
+    return text
+
+
 def add_output_args(parser: argparse.ArgumentParser, default: str | None, about: str | None = None) -> None:
     """--out (a folder; required without a default) and --overwrite, for `Outputs`."""
-    parser.add_argument("--out", required=default is None, default=default, help=about)
+    parser.add_argument("--out", type=output_path, required=default is None, default=default, help=about)
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
 
 

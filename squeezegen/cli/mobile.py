@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from squeezegen.cli import common
 from squeezegen.errors import MissingDependencyError, SqueezegenError
 from squeezegen.evals.report import claim, refuse_unwritable
 
@@ -182,7 +183,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = msub.add_parser("export", help="export a diffusers SD pipeline to text-encoder / UNet / VAE-decoder .tflite")
     p.add_argument("--model", required=True, help="diffusers SD 1.x/2.x folder, tiny-sd, or sd15 / sd21-base (random)")
-    p.add_argument("--out", required=True, help="output folder (three .tflite files + manifest.json), new or empty")
+    p.add_argument(
+        "--out",
+        type=common.output_path,
+        required=True,
+        help="output folder (three .tflite files + manifest.json), new or empty",
+    )
     p.add_argument("--recipe", default="fp32", help=f"one of {', '.join(RECIPE_NAMES)}")
     p.add_argument("--unet-parts", type=int, default=1, help="split the UNet into this many files (full-size SD)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the UNet's sample size x 8)")
@@ -221,7 +227,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="folder written by `squeezegen mobile export`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--out", default="image.png")
+    p.add_argument("--out", type=common.output_path, default="image.png")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "euler"])
@@ -230,7 +236,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = msub.add_parser("train-mini", help="train the miniature digits text-to-image model")
-    p.add_argument("--out", default="runs/mini-digits")
+    p.add_argument("--out", type=common.output_path, default="runs/mini-digits")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=64)

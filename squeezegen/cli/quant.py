@@ -303,7 +303,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="held-out blocks scored, at the end and every --eval-every steps (default: all)",
     )
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens timed for decode speed (0: skip)")
-    p.add_argument("--out", required=True, help="folder for the packed model")
+    p.add_argument("--out", type=common.output_path, required=True, help="folder for the packed model")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_binarize)

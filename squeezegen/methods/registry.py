@@ -45,6 +45,31 @@ def methods() -> dict[str, dict[str, object]]:
     }
 
 
+_KINDS = {  # a parameter's declared type -> the values it takes (bool is no number here)
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+}
+_WANTED = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a name", "None": "none"}
+
+
+def _check_types(name: str, cls: type, params: dict[str, object]) -> None:
+    """Refuse a value of the wrong kind in one line (kernel=2.5, window='x'), before the method runs
+    into it inside torch; types the table does not know are left to the method's own checks."""
+    declared = {
+        f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        for f in dataclasses.fields(cls)
+    }
+    for key, value in params.items():
+        kinds = [k.strip() for k in str(declared[key]).split("|")]
+        if not all(k in _KINDS for k in kinds) or any(_KINDS[k](value) for k in kinds):
+            continue
+        wanted = " or ".join(_WANTED[k] for k in kinds if not (k == "int" and "float" in kinds))
+        raise SqueezegenError(f"method {name!r}: {key} must be {wanted}, got {value!r}")
+
+
 def method(name: str, **params: object) -> Method:
     """A configured method by name, e.g. `method("snapkv", budget=0.25)`."""
     if not isinstance(name, str) or name not in REGISTRY:
@@ -55,6 +80,7 @@ def method(name: str, **params: object) -> Method:
     if unknown:
         allowed = ", ".join(sorted(known)) or "none"
         raise SqueezegenError(f"method {name!r} has no parameter {', '.join(unknown)}; its parameters: {allowed}")
+    _check_types(name, cls, params)
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:

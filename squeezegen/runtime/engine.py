@@ -32,6 +32,23 @@ from squeezegen.runtime.step import compiled_step, decode_step
 SPLIT_PADDING = 0.2
 
 
+def check_model(model: object) -> None:
+    """The engine drives Hugging Face causal LMs (what `sg.load` returns)."""
+    if isinstance(model, tuple):
+        raise SqueezegenError("sg.load returns (model, tokenizer): pass the model, as in `model, tok = sg.load(name)`")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise SqueezegenError(
+            f"model must be a Hugging Face causal LM (model, tok = sg.load(name)), got {type(model).__name__}"
+        )
+
+
+def check_method(method: object) -> None:
+    """A method is a configured instance (what `sg.method` returns) or None for the full cache."""
+    if method is not None and not isinstance(method, Method):
+        hint = f"sg.method({method!r})" if isinstance(method, str) else "sg.method(name, ...)"
+        raise SqueezegenError(f"method must be a configured method such as {hint}, got {type(method).__name__}")
+
+
 class Engine:
     """State of one generation: the cache, token positions and the methods' states."""
 
@@ -52,6 +69,10 @@ class Engine:
         one; False decodes through the HF layers (the reference);
         `native`: run that forward's step in C (runtime/native_step.py) where it applies; False
         runs it as torch operations."""
+        check_model(model)
+        check_method(method)
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise SqueezegenError(f"reserve is a number of decode steps (an int >= 0), got {reserve!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.parts = DecoderParts.of(model)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.runtime.engine import Engine
+from squeezegen.runtime.engine import Engine, check_method, check_model
 from squeezegen.runtime.hooks import Method
 from squeezegen.runtime.sampling import Sampler
 from squeezegen.runtime.text import RowText
@@ -81,14 +81,6 @@ def encode(tokenizer, prompts: Sequence[str], contexts: Sequence[str] | None, ch
         else:
             rows.append([tokenizer(context).input_ids, tokenizer("\n\n" + prompt, add_special_tokens=False).input_ids])
     return rows
-
-
-def check_model(model: object) -> None:
-    """The engine drives Hugging Face causal LMs (what `sg.load` returns)."""
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise SqueezegenError(
-            f"model must be a Hugging Face causal LM (model, tok = sg.load(name)), got {type(model).__name__}"
-        )
 
 
 def compile_by_default(device: torch.device) -> bool:
@@ -287,9 +279,16 @@ def generate(
     decode steps through `torch.compile` (None: where it pays, see `compile_by_default`).
     """
     check_model(model)
-    if method is not None and not isinstance(method, Method):
-        hint = f"sg.method({method!r})" if isinstance(method, str) else "sg.method(name, ...)"
-        raise SqueezegenError(f"method must be a configured method such as {hint}, got {type(method).__name__}")
+    check_method(method)
+    if not callable(tokenizer):
+        raise SqueezegenError(
+            f"tokenizer must be the model's tokenizer (model, tok = sg.load(name)), got {tokenizer!r}"
+        )
+    if stream is not None and not callable(stream):
+        raise SqueezegenError(f"stream must be a function of (row, text), got {type(stream).__name__}")
+    for name, flag in (("ignore_eos", ignore_eos), ("compile", compile)):
+        if flag is not None and not isinstance(flag, bool):
+            raise SqueezegenError(f"{name} must be True or False, got {flag!r}")
     if isinstance(prompts, str):
         prompts = [prompts]
     elif not isinstance(prompts, (list, tuple)):

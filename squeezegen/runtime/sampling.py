@@ -24,13 +24,15 @@ class Sampler:
     def __post_init__(self) -> None:
         number = isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
         if not (number and math.isfinite(self.temperature)) or self.temperature < 0:
-            raise SqueezegenError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise SqueezegenError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if isinstance(self.top_p, bool) or not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise SqueezegenError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SqueezegenError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise SqueezegenError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise SqueezegenError(f"seed must be a whole number or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
+        ):
+            raise SqueezegenError(f"seed must be a whole number in [-2**63, 2**63) or None, got {self.seed!r}")
         self._generator: torch.Generator | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:

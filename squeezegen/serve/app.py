@@ -69,6 +69,8 @@ class Server:
         model = body.get("model")
         if model is None:
             raise ApiError(400, f"model is required: this server serves {self.config.model_name!r}", param="model")
+        if not isinstance(model, str):
+            raise ApiError(400, f"model is a name: this server serves {self.config.model_name!r}", param="model")
         if model != self.config.model_name:
             raise ApiError(
                 404,
@@ -200,6 +202,8 @@ async def json_body(request: Request) -> dict:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -213,7 +217,8 @@ def create_app(server: Server) -> FastAPI:
         server.scheduler.stop()  # after uvicorn let in-flight responses finish (or cut them)
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.join, 30)
 
-    app = FastAPI(title="squeezegen", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # no redirect of /v1/completions/ to /v1/completions: a 307 a client follows with a GET is no answer
+    app = FastAPI(title="squeezegen", docs_url=None, redoc_url=None, lifespan=lifespan, redirect_slashes=False)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -242,10 +247,17 @@ def create_app(server: Server) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "running": server.scheduler.running(), "waiting": len(server.scheduler.waiting)}
 
+    def model_card() -> dict:
+        return {"id": server.config.model_name, "object": "model", "created": 0, "owned_by": "squeezegen"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        name = server.config.model_name
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "squeezegen"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        server.check_model({"model": model})
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

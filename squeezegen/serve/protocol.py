@@ -76,14 +76,17 @@ def decoding(body: dict, default_max_tokens: int) -> Decoding:
         raise ApiError(400, "top_p must be above 0", param="top_p")
     seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, int)
     stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else [None]
     if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+    options = body.get("stream_options")
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise ApiError(400, 'stream_options must be an object such as {"include_usage": true}', param="stream_options")
+    if set(options) - {"include_usage"}:
         raise ApiError(400, "stream_options takes only include_usage", param="stream_options")
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):

@@ -68,15 +68,41 @@ def model_argument(argv: list[str]) -> int | None:
     return None
 
 
+def check_model_folder(path: Path) -> None:
+    """What vLLM reads from a model folder is there: a model config, weights and a tokenizer."""
+    from squeezegen.files import read_json
+
+    if not (path / "config.json").is_file():
+        raise SqueezegenError(f"{path} holds no config.json: pass a Hugging Face model folder")
+    if "model_type" not in read_json(path / "config.json"):
+        raise SqueezegenError(
+            f"{path}/config.json is no model config (no model_type): pass a Hugging Face model folder"
+        )
+    if not any(next(path.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pt")):
+        raise SqueezegenError(f"{path} holds no weights (*.safetensors): pass a saved model's folder")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise SqueezegenError(f"{path} holds no tokenizer: save the tokenizer into it (tokenizer.save_pretrained)")
+
+
+def check_port(argv: list[str]) -> None:
+    """--port N or --port=N is a TCP port, refused here rather than by vLLM's bind() traceback."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--port" and i + 1 < len(argv) else arg.partition("=")[2]
+        if arg == "--port" or arg.startswith("--port="):
+            if not value.isdigit() or not 0 <= int(value) <= 65535:
+                raise SqueezegenError(f"--port {value} is no TCP port: use one in 1-65535, e.g. --port 8000")
+
+
 def local_model(name: str) -> str:
     """The folder vLLM is to load for `name`: a folder as it is, a bundled model's folder (made
     once from its GGUF file), a hub id ("org/name") left to vLLM; anything else is an error here,
     not a traceback from vLLM's download attempt."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SqueezegenError(f"{name} holds no config.json: pass a Hugging Face model folder")
+        check_model_folder(path)
         return name
+    if path.exists():
+        raise SqueezegenError(f"{name} is a file: pass a Hugging Face model folder (config.json, weights, tokenizer)")
     from squeezegen.models.bundled import BUNDLED, dequantized_folder
 
     if name in BUNDLED:
@@ -129,6 +155,7 @@ def vllm_argv(argv: list[str]) -> list[str]:
     if "--without-plugin" in rest:
         others = importlib.metadata.entry_points(group="vllm.general_plugins").names - {"squeezegen"}
         os.environ["VLLM_PLUGINS"] = ",".join(sorted(others)) or "none"
+    check_port(rest)
     at = model_argument(rest)
     if at is None:
         raise SqueezegenError(f"name the model: python -m {PLUGIN} serve MODEL_FOLDER [vLLM options]")
