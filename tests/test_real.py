@@ -161,3 +161,27 @@ def test_smollm2_padded_batch_rows_equal_each_row_alone(name):
     ]
     batch = sg.generate(model, tok, prompts, method=method, max_new_tokens=24, ignore_eos=True)
     assert batch.token_ids == alone
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-1.5b"])
+def test_qwen_greedy_identical_to_hf_generate_through_the_c_step(name):
+    model, tok = sg.load(name, dtype="float32")
+    prompt = prose(tok, 1200, seed=7) + "\n\nIn one sentence, the passage above is about"
+    ids = tok(prompt, return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    engine = sg.Engine(model, reserve=24)
+    res = sg.generate(model, tok, prompt, max_new_tokens=24)
+    assert res.token_ids[0] == ref[0, ids.input_ids.shape[1] :].tolist()
+    engine.prefill(ids.input_ids)
+    engine.decode(ref[:, ids.input_ids.shape[1]])
+    assert engine.fused is not None and engine.fused.native is not None  # the C step, not the torch fallback
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-1.5b"])
+def test_qwen_with_int4_weights_answers_as_the_float_model_does(name):
+    model, tok = sg.load(name, dtype="float32")
+    prompt = "Write a Python function that returns the sum of a list of numbers."
+    full = sg.generate(model, tok, prompt, max_new_tokens=12, chat=True).texts[0]
+    sg.quantize_(model, sg.Int4WeightOnlyConfig())
+    four = sg.generate(model, tok, prompt, max_new_tokens=12, chat=True).texts[0]
+    assert "def" in full and "def" in four

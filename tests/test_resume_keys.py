@@ -27,6 +27,8 @@ EVAL_OTHER_VALUES = {
     "--seed": ["1"],
     "--max-new-tokens": ["8"],
     "--no-chat": [],
+    "--benchmark": ["ruler"],
+    "--batch-size": ["4"],
 }
 # flags of `binarize` that a resumed run may change (distill.RESUMABLE: how far it goes, how often it
 # saves and measures), that only shape the report after training, or that say where files go; a run

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from squeezegen.evals.math_problems import math_table, run_math
     from squeezegen.evals.report import markdown_tables, report_files, summarize, write_report
-    from squeezegen.evals.runner import EvalFolder, run_eval
+    from squeezegen.evals.runner import MATH, EvalFolder, run_eval
 
     config, settings = eval_settings(args)
     if args.kvpress_layout:
@@ -27,9 +28,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with EvalFolder(out, settings, resume=args.resume, overwrite=args.overwrite) as folder:  # before any work
         model, tok = common.load_model(args)
         folder.start()
-        total = len(config.contexts) * len(config.tasks) * config.samples
+        total = config.samples * (1 if config.benchmark in MATH else len(config.contexts) * len(config.tasks))
         try:
-            records = run_eval(model, tok, config, done=dict(folder.done), save=folder.save)
+            if config.benchmark in MATH:
+                records = run_math(
+                    model,
+                    tok,
+                    config.benchmark,
+                    config.methods,
+                    config.samples,
+                    config.batch_size,
+                    config.max_new_tokens,
+                    config.seed,
+                    config.chat,
+                    done=dict(folder.done),
+                    save=folder.save,
+                )
+            else:
+                records = run_eval(model, tok, config, done=dict(folder.done), save=folder.save)
         except KeyboardInterrupt:
             again = " instead of --overwrite" if args.overwrite else ""
             print(
@@ -40,6 +56,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise
         meta = {"settings": settings, "command": " ".join(sys.argv), **common.command_meta(args)}
         write_report(records, outputs.paths, meta)
+        if config.benchmark in MATH:  # accuracy with what it cost: tokens, speed, memory
+            table = math_table(records)
+            outputs.paths["table"].write_text(f"**{config.benchmark}**, batch {config.batch_size}\n\n{table}\n")
+            outputs.show(table, args)
+            return
     write_kvpress(records, args)
     outputs.show(markdown_tables(summarize(records)), args)
 
@@ -49,8 +70,14 @@ def eval_settings(args: argparse.Namespace) -> tuple[EvalConfig, dict]:
     every flag of `eval` but where its files go."""
     from squeezegen.evals.runner import EvalConfig
 
-    config = common.settings_from(EvalConfig, args, methods=common.method_specs(args), chat=not args.no_chat)
-    return config, config.settings(args.model, common.resolve_dtype_arg(args), args.weights, args.device)
+    tasks = args.tasks or {"squeezegen": ["niah_number"], "ruler": ["all"]}.get(args.benchmark, [args.benchmark])
+    config = common.settings_from(
+        EvalConfig, args, methods=common.method_specs(args), chat=not args.no_chat, tasks=tasks
+    )
+    from squeezegen.models.loading import resolve_device
+
+    device = str(resolve_device(args.device)) if args.device in (None, "auto") else args.device  # as --dtype auto
+    return config, config.settings(args.model, common.resolve_dtype_arg(args), args.weights, device)
 
 
 def write_kvpress(records: list[dict], args: argparse.Namespace) -> None:
@@ -146,9 +173,21 @@ def add_kvpress_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="RULER-style accuracy of methods x KV budgets x context lengths")
+    p = sub.add_parser("eval", help="accuracy of methods x KV budgets x context lengths: RULER, needles, GSM8K, AIME")
     common.add_model_args(p, default="smollm2-135m")
-    p.add_argument("--tasks", nargs="+", default=["niah_number"], help="see squeezegen/evals/tasks.py")
+    p.add_argument(
+        "--benchmark",
+        default="squeezegen",
+        choices=["squeezegen", "ruler", "gsm8k", "aime2025"],
+        help="squeezegen: needles in CPython's docs (evals/tasks.py); ruler: NVIDIA's RULER (its 13 tasks, "
+        "generators and scoring; pip install 'squeezegen[benchmarks]'); gsm8k, aime2025: math reasoning",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="task names of the benchmark, or all (default: niah_number; ruler: all)",
+    )
     p.add_argument(
         "--contexts", nargs="+", type=common.positive_int, default=[2048, 4096], help="context lengths in tokens"
     )
@@ -168,7 +207,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="seen: question inside the compressed prompt; unseen: asked after compression",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=32)
+    p.add_argument(
+        "--max-new-tokens",
+        type=common.positive_int,
+        default=None,
+        help="answer length cap (default: 32; ruler: each task's own tokens_to_generate; gsm8k 512, aime2025 2048)",
+    )
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=8, help="gsm8k/aime2025: problems decoded together"
+    )
     p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
     common.add_output_args(p, "results/eval", "folder for records.jsonl (as it goes), records.json, table.md, the plot")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same flags)")
@@ -190,7 +237,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=common.positive_int, default=2048, help="tokens prefilled (and compressed) first")
     p.add_argument("--continuation", type=common.positive_int, default=256, help="tokens scored after the context")
     p.add_argument("--texts", type=common.positive_int, default=2, help="held-out passages")
-    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--out", type=common.output_path, default=None, help="JSON file for the results")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_perplexity)
 
@@ -220,5 +267,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tau", type=float, default=0.005, help="tau used to measure sensitivity")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for the profile (default: the user cache, used by default)")
+    p.add_argument(
+        "--out",
+        type=common.output_path,
+        default=None,
+        help="folder for the profile (default: the user cache, used by default)",
+    )
     p.set_defaults(func=cmd_profile_layers)

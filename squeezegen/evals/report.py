@@ -141,9 +141,9 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
 FINAL_FILES = ("records.json", "summary.json", "table.md", "accuracy_vs_budget.png")
 
 # the settings that decide what a record of a given key measured; a split sweep shares them
-MEASURED_ALIKE = ("model", "dtype", "weights", "device", "seed", "max_new_tokens", "chat")
+MEASURED_ALIKE = ("model", "dtype", "weights", "device", "seed", "max_new_tokens", "chat", "benchmark")
 # settings runs did not record before they were part of them, at the values they then had
-EARLIER_DEFAULTS = {"weights": "model", "device": "cpu"}
+EARLIER_DEFAULTS = {"weights": "model", "device": "cpu", "benchmark": "squeezegen", "batch_size": 8}
 
 
 def report_files(out_dir: str | Path) -> dict[str, Path]:
@@ -198,6 +198,8 @@ def claim(paths: dict[str, Path], overwrite: bool = False, flag: str = "--out", 
     """
     for p in paths.values():
         refuse_file_as_folder(p.parent, flag)
+        if p.is_dir():
+            raise SqueezegenError(f"{p} is a folder, where a file is to be written: choose another {flag}")
         refuse_unwritable(p, flag)
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not overwrite:

