@@ -89,6 +89,33 @@ def render_eval(doc: dict, path: str) -> str:
     return markdown_tables(doc["summary"]).strip()
 
 
+def render_ruler(doc: dict, path: str) -> str:
+    """RULER's mean over its tasks per method, mode and budget (the per-task tables: `eval`)."""
+    from squeezegen.evals.report import average_table
+
+    settings = doc["meta"]["settings"]
+    return f"{average_table(doc['summary'])}\n\n{settings['model']} in {settings['dtype']} on {_machine(doc)}"
+
+
+def _machine(doc: dict) -> str:
+    """The host a result file records: 'AMD EPYC (avx512-bf16, 2 cores)'."""
+    host = doc["meta"].get("host", {})
+    return f"{host.get('cpu', '?')} ({host.get('cpu_class', '?')}, {host.get('cores', '?')} cores)"
+
+
+def render_math(doc: dict, path: str) -> str:
+    """Accuracy, generated tokens, decode tokens/s and peak KV per method of a gsm8k/aime2025 run."""
+    from squeezegen.evals.math_problems import math_table
+
+    settings = doc["meta"]["settings"]
+    head = (
+        f"{settings['benchmark']}, {settings['samples']} problems, {settings['model']} in {settings['dtype']} "
+        f"({settings['weights']} weights), batch {settings['batch_size']}, at most {settings['max_new_tokens']} "
+        f"new tokens, on {_machine(doc)}"
+    )
+    return f"{head}\n\n{math_table(doc['records'])}"
+
+
 def render_bench(doc: dict, path: str) -> str:
     from squeezegen.bench.runner import markdown_table
 
@@ -530,6 +557,8 @@ def render_machines(doc: dict, path: str) -> str:
 
 RENDERERS: dict[str, Callable[[object, str], str]] = {
     "eval": render_eval,
+    "ruler": render_ruler,
+    "math": render_math,
     "bench": render_bench,
     "bench-long": render_bench_long,
     "tsa-layers": render_tsa_layers,

@@ -175,3 +175,25 @@ def test_eval_gsm8k_runs_every_method_on_each_batch_and_resumes(tmp_path, capsys
     assert all(r["kv_budget_tokens"] and r["generated_tokens"] <= 24 for r in h2o)
     assert "decode tok/s" in (tmp_path / "g" / "table.md").read_text()
     assert main([*argv, "--resume"]) == 0
+
+
+def test_the_ruler_average_weighs_each_task_alike_and_shows_the_share_of_full():
+    from squeezegen.evals.report import average_table
+
+    def row(task, method, budget, accuracy, n=2):
+        return {
+            "task": task,
+            "context": 4096,
+            "mode": "seen",
+            "method": method,
+            "budget": budget,
+            "accuracy": accuracy,
+            "n": n,
+        }
+
+    summary = [row("a", "full", None, 100.0), row("b", "full", None, 50.0)]
+    summary += [row("a", "kvzip", 0.25, 100.0), row("b", "kvzip", 0.25, 0.0), row("a", "snapkv", 0.25, 50.0)]
+    table = average_table(summary)
+    assert "| full | 75.0 |" in table and "| kvzip | 50.0 (67%) |" in table
+    assert "| snapkv | - |" in table  # a method missing a task has no average
+    assert "mean of 2 tasks, 2 samples each" in table

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from squeezegen.evals.math_problems import math_table, run_math
-    from squeezegen.evals.report import markdown_tables, report_files, summarize, write_report
+    from squeezegen.evals.report import average_table, markdown_tables, report_files, summarize, write_report
     from squeezegen.evals.runner import MATH, EvalFolder, run_eval
 
     config, settings = eval_settings(args)
@@ -62,7 +62,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             outputs.show(table, args)
             return
     write_kvpress(records, args)
-    outputs.show(markdown_tables(summarize(records)), args)
+    tables = markdown_tables(summarize(records))
+    if config.benchmark == "ruler":  # the leaderboard's number first: the mean over tasks
+        tables = f"{average_table(summarize(records))}\n\n{tables}"
+        outputs.paths["table"].write_text(tables + "\n")
+    outputs.show(tables, args)
 
 
 def eval_settings(args: argparse.Namespace) -> tuple[EvalConfig, dict]:

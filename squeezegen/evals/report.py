@@ -67,6 +67,42 @@ def markdown_tables(summary: list[dict]) -> str:
     return "\n".join(out)
 
 
+def average_table(summary: list[dict]) -> str:
+    """RULER's headline: the mean over tasks per method, question mode and budget (each task weighs
+    alike, as the leaderboard averages), with the share of the full cache's mean kept."""
+    out = []
+    for context in sorted({s["context"] for s in summary}):
+        rows = [s for s in summary if s["context"] == context]
+        tasks = sorted({s["task"] for s in rows})
+        modes = list(dict.fromkeys(s["mode"] for s in rows))
+        budgets = sorted({s["budget"] for s in rows if s["budget"] is not None}, key=lambda b: (isinstance(b, int), b))
+        mean: dict[tuple, float] = {}
+        for key in {(s["method"], s["mode"], s["budget"]) for s in rows}:
+            cells = [s["accuracy"] for s in rows if (s["method"], s["mode"], s["budget"]) == key]
+            if len(cells) == len(tasks):  # a method that misses a task has no average
+                mean[key] = sum(cells) / len(cells)
+        n = min(s["n"] for s in rows)
+        out.append(f"**{context} tokens**, mean of {len(tasks)} tasks, {n} samples each (% of full in brackets)\n")
+        header = ["method"] + [f"{m} {budget_label(b)}" for m in modes for b in budgets]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        for method in dict.fromkeys(s["method"] for s in rows):
+            cells = []
+            for mode in modes:
+                full = mean.get(("full", mode, None))
+                for budget in budgets:
+                    value = mean.get((method, mode, None if method == "full" else budget))
+                    if value is None:
+                        cells.append("-")
+                    elif method == "full" or not full:
+                        cells.append(f"{value:.1f}")
+                    else:
+                        cells.append(f"{value:.1f} ({100 * value / full:.0f}%)")
+            out.append("| " + " | ".join([method, *cells]) + " |")
+        out.append("")
+    return "\n".join(out).strip()
+
+
 def swept_parameter(labels: list[str]) -> tuple[str, str, dict[str, float]] | None:
     """(method, key, value per label) when budget-less labels are one method differing in one
     numeric parameter (a tau sweep of token_sparse), else None."""
