@@ -71,6 +71,7 @@ GENERATE = ["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-to
         (["eval", "--model", "tiny-llama", "--out", ""], "argument --out: is empty"),
         (["bench", "--model", "tiny-llama", "--out", " "], "argument --out: is empty"),
         (["eval", "--model", "tiny-llama", "--benchmark", "ruler", "--tasks", "niah_number"], "unknown ruler task"),
+        (["eval", "--model", "tiny-llama", "--benchmark", "gsm8k", "--samples", "2000"], "gsm8k has 1319 problems"),
         (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus"),
         ([], "the following arguments are required: command"),

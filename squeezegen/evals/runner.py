@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals import ruler
 from squeezegen.evals.fanout import answer_all
+from squeezegen.evals.math_problems import chosen
 from squeezegen.evals.report import EARLIER_DEFAULTS, FINAL_FILES, claim, refuse_file_as_folder, refuse_unwritable
 from squeezegen.evals.tasks import TASKS, Sample, make_sample
 from squeezegen.methods.spec import MethodSpec, expand
@@ -55,6 +56,10 @@ class EvalConfig:
         for task in self.tasks:
             if task not in names:
                 raise SqueezegenError(f"unknown {self.benchmark} task {task!r}; available: {', '.join(names)} (or all)")
+        if self.benchmark == "ruler":
+            ruler.package_folder()  # not installed: said before a model loads
+        elif self.benchmark in MATH:
+            chosen(self.benchmark, self.samples, self.seed)  # likewise, and no more samples than problems
         if self.max_new_tokens is None and self.benchmark != "ruler":
             self.max_new_tokens = {"squeezegen": 32, "gsm8k": 512, "aime2025": 2048}[self.benchmark]
         for mode in self.modes:
