@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-bf16 test-real lint bench vllm-env test-vllm
+.PHONY: install demo test test-bf16 test-real lint bench vllm-env test-vllm gpu-sw
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/squeezegen demo
 
-test: $(STAMP)
+# Mesa 25's software Vulkan driver (lavapipe) unpacked into .gpu-sw/, nothing system-wide, so the mobile
+# tests execute exports on LiteRT's GPU accelerator; where it cannot be had they skip and say why
+gpu-sw:
+	tools/software_vulkan.sh .gpu-sw
+
+test: $(STAMP) gpu-sw
 	$(BIN)/python -m pytest -q
 
 # the default of bf16 hosts and GPUs on any CPU: dtype "auto" forced to bfloat16 (the mobile export

@@ -333,7 +333,9 @@ def test_check_rejects_truncated_tflite(exported, tmp_path, capsys, keep):
     (line,) = [x for x in captured.err.splitlines() if x.startswith("squeezegen: error:")]
     assert str(cut) in line and "truncated" in line and "re-export" in line
     assert "ops," not in captured.out and "Traceback" not in captured.err
-    assert main(["mobile", "check", "--backend", "static", str(exported["int8-weight-only"][0] / "unet.tflite")]) == 0
+    with pytest.raises(SystemExit) as exc:  # whole, it loads; its FC weights' DEQUANTIZE keeps it off the GPU
+        main(["mobile", "check", "--backend", "static", str(exported["int8-weight-only"][0] / "unet.tflite")])
+    assert exc.value.code == 1 and "DEQUANTIZE of a FULLY_CONNECTED weight" in capsys.readouterr().out
 
 
 def test_generate_rejects_truncated_module_files(exported, tmp_path, capsys):
@@ -444,8 +446,10 @@ def test_digit_features_score_real_digits():
 
 def test_manifest_keeps_input_order_past_ten_inputs(tmp_path):
     """UNet parts take (sample, temb, context, *skips): more than 10 inputs, named args_0..args_N."""
+    from squeezegen.mobile import vulkan
+    from squeezegen.mobile.accelerator import CompiledRunner
     from squeezegen.mobile.export import convert_module
-    from squeezegen.mobile.pipeline import LiteRTModules
+    from squeezegen.mobile.pipeline import run_file
 
     class Weighted(nn.Module):
         def forward(self, *xs):
@@ -457,5 +461,111 @@ def test_manifest_keeps_input_order_past_ten_inputs(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_path=str(tmp_path / "w.tflite")).get_signature_runner()
-    out = LiteRTModules._run(runner, entry, *[x.numpy() for x in xs])[0]
-    assert np.allclose(out, Weighted()(*xs).numpy())
+    want = Weighted()(*xs).numpy()
+    assert np.allclose(run_file(runner, entry, *[x.numpy() for x in xs])[0], want)
+    # the CompiledModel path (CPU and GPU accelerators) pairs names with buffers in the same order
+    assert np.allclose(run_file(CompiledRunner(tmp_path / "w.tflite"), entry, *[x.numpy() for x in xs])[0], want)
+    if vulkan.find_driver() is not None:
+        gpu = CompiledRunner(tmp_path / "w.tflite", "gpu")
+        assert np.allclose(run_file(gpu, entry, *[x.numpy() for x in xs])[0], want, rtol=2e-3)
+
+
+# ---- LiteRT's GPU accelerator, executed (a software Vulkan driver where there is no GPU: make gpu-sw) ----
+
+
+def _gpu_path():
+    """Skip with the reason where no Vulkan driver exists; CI (SQUEEZEGEN_REQUIRE_VULKAN=1) fails instead."""
+    import os
+
+    from squeezegen.mobile import vulkan
+
+    if vulkan.find_driver() is None:
+        reason = f"no Vulkan driver for LiteRT's GPU accelerator: {vulkan.SETUP_HINT}"
+        if os.environ.get("SQUEEZEGEN_REQUIRE_VULKAN") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def test_gpu_check_runs_exports_in_fp16_close_to_cpu(exported, tmp_path, capsys):
+    _gpu_path()
+    folder = exported["fp32"][0]
+    report = tmp_path / "gpu.json"
+    files = [str(folder / f) for f in ("text_encoder.tflite", "unet.tflite", "vae_decoder.tflite")]
+    assert main(["mobile", "check", "--accelerator", "gpu", *files, "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(report.read_text())
+    for row in rows:
+        assert row["runs_on_gpu"] and row["finite"] and row["inputs"] == "pipeline", row
+        # fp16 rounds: not bit-equal to the CPU's fp32, but within the tolerance
+        assert 0 < row["rel_error"] < 0.02 and row["adapter"] in out, row
+    assert len(out.strip().splitlines()) == 3 and "INFO:" not in out
+
+
+def test_gpu_check_rejects_what_the_gpu_rejects(exported, capsys):
+    """int8 weight-only: DEQUANTIZE of FULLY_CONNECTED weights is refused by the GPU accelerator (and now
+    by the static table too); exit 1 with the accelerator's own reason."""
+    _gpu_path()
+    path = str(exported["int8-weight-only"][0] / "text_encoder.tflite")
+    with pytest.raises(SystemExit) as exc:
+        main(["mobile", "check", "--accelerator", "gpu", path])
+    assert exc.value.code == 1
+    line = capsys.readouterr().out.strip()
+    assert "does not run on the GPU alone" in line and "Shape mismatch" in line and "static table: 1 ops" not in line
+
+
+def test_gpu_check_finds_fp16_overflow(tmp_path, capsys):
+    """Activations past fp16's 65504 turn to inf on the GPU: non-finite, exit 1 (the CPU's fp32 is finite)."""
+    _gpu_path()
+    from squeezegen.mobile.export import convert_module
+
+    class Overflow(nn.Module):
+        def forward(self, x):
+            return torch.tanh((x * 300.0) ** 2 / 1e3) + x * 300.0 * 300.0
+
+    convert_module(Overflow(), (torch.zeros(1, 8, 4, 4),), tmp_path / "overflow.tflite", "fp32")
+    with pytest.raises(SystemExit) as exc:
+        main(["mobile", "check", "--accelerator", "gpu", str(tmp_path / "overflow.tflite")])
+    assert exc.value.code == 1
+    assert "non-finite" in capsys.readouterr().out
+
+
+def test_text_attention_rewrite_is_what_keeps_the_text_encoder_right_on_the_gpu(tiny_dir, tmp_path):
+    """Without MobileTextAttention, CLIP's ADDed causal mask computes wrong probabilities on the GPU
+    (fp32 too); with it, the same text encoder matches the CPU."""
+    _gpu_path()
+    from squeezegen.mobile.accelerator import check_on_gpu
+
+    errors = {}
+    for name, config in (("on", rw.RewriteConfig()), ("off", rw.RewriteConfig().disabled("attention"))):
+        export_pipeline(tiny_dir, tmp_path / name, modules=("text_encoder",), rewrites=config)
+        errors[name] = check_on_gpu(tmp_path / name / "text_encoder.tflite")
+    assert errors["on"].ok and errors["on"].rel_error < 0.01
+    assert not errors["off"].ok and errors["off"].rel_error > 0.05
+
+
+def test_generate_on_gpu_is_close_to_cpu(exported, tmp_path, capsys):
+    _gpu_path()
+    from PIL import Image
+
+    from squeezegen.mobile.accelerator import CompiledRunner
+
+    folder = exported["fp32"][0]
+    adapter = CompiledRunner(folder / "vae_decoder.tflite", "gpu").adapter
+    images = {}
+    for accelerator, where in (("cpu", "cpu"), ("gpu", adapter)):
+        path = tmp_path / f"{accelerator}.png"
+        argv = ["mobile", "generate", "--model", str(folder), "--prompt", "a red bird", "--steps", "3"]
+        assert main([*argv, "--accelerator", accelerator, "--out", str(path)]) == 0
+        assert capsys.readouterr().err.strip().endswith(f"on {where}")  # the timing line names the adapter
+        images[accelerator] = np.asarray(Image.open(path), dtype=np.float64)
+    diff = np.abs(images["gpu"] - images["cpu"]).mean()
+    assert diff < 2.0 and images["gpu"].std() > 5  # a few 0-255 levels of fp16 rounding, not a blank image
+
+
+def test_gpu_check_without_driver_says_how_to_get_one(exported, monkeypatch, capsys):
+    from squeezegen.mobile import vulkan
+
+    monkeypatch.setattr(vulkan, "find_driver", lambda: None)
+    assert main(["mobile", "check", "--accelerator", "gpu", str(exported["fp32"][0] / "unet.tflite")]) == 2
+    (line,) = _error_line(capsys)
+    assert "no Vulkan driver" in line and "make gpu-sw" in line

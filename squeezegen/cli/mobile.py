@@ -16,6 +16,7 @@ from squeezegen.errors import MissingDependencyError, SqueezegenError
 from squeezegen.evals.report import claim, refuse_unwritable
 
 RECIPE_NAMES = ("fp32", "fp16", "int8-weight-only", "int8-dynamic")
+PROBE_PROMPT = "a photograph of an astronaut riding a horse on the moon"  # the GPU check's denoising step
 
 
 def _require_mobile() -> None:
@@ -78,15 +79,27 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from squeezegen.mobile.check import check_model
-
     if args.json:
         claim({"json": Path(args.json)}, args.overwrite, flag="--json")
-    bad = 0
-    reports = []
     for path in args.files:
-        report = check_model(path, backend=args.backend)
-        reports.append(report)
+        if not Path(path).is_file():
+            raise SqueezegenError(f"{path} does not exist: pass .tflite files written by `squeezegen mobile export`")
+    if args.accelerator == "gpu":
+        rows = _check_on_gpu(args.files)
+    else:
+        rows = _check_static(args.files, args.backend)
+    if args.json:
+        _write_json(args.json, rows)
+    if not all(row["ok"] for row in rows):
+        raise SystemExit(1)
+
+
+def _check_static(files: list[str], backend: str) -> list[dict]:
+    from squeezegen.mobile.check import check_model
+
+    rows = []
+    for path in files:
+        report = check_model(path, backend=backend)
         total = sum(report.ops.values())
         off = sum(report.off_gpu.values())
         status = "GPU ok" if report.ok else f"{off} of {total} ops off the GPU"
@@ -95,15 +108,74 @@ def cmd_check(args: argparse.Namespace) -> None:
         print(f"{path}: {total} ops, {status} [{report.method}]")
         for reason, count in sorted(report.off_gpu.items()):
             print(f"  {count:5d} x {reason}")
-        bad += not report.ok
-    if args.json:
-        census = [
-            {"path": r.path, "method": r.method, "ops": dict(r.ops), "off_gpu": dict(r.off_gpu), "ok": r.ok}
-            for r in reports
-        ]
-        _write_json(args.json, census)
-    if bad:
-        raise SystemExit(1)
+        rows.append(
+            {
+                "path": report.path,
+                "method": report.method,
+                "ops": dict(report.ops),
+                "off_gpu": dict(report.off_gpu),
+                "ok": report.ok,
+            }
+        )
+    return rows
+
+
+def _check_on_gpu(files: list[str]) -> list[dict]:
+    """Each file executed on LiteRT's GPU accelerator alone (fp16) and on the CPU (fp32); files of an export
+    folder get the inputs the pipeline gives them, others seeded random ones."""
+    from dataclasses import asdict
+
+    from squeezegen.mobile.accelerator import check_on_gpu
+    from squeezegen.mobile.check import check_model
+
+    _require_mobile()
+    driver = _open_gpu_path()
+    recorded: dict[Path, dict] = {}
+    rows = []
+    for path in files:
+        static = check_model(path, backend="static")  # also refuses a truncated or foreign file first
+        inputs = _export_inputs(Path(path), recorded)
+        result = check_on_gpu(path, inputs=inputs)
+        row = asdict(result) | {"ok": result.ok, "verdict": result.verdict(), "driver": driver.kind}
+        row |= {"inputs": "pipeline" if inputs is not None else "seeded", "static_ok": static.ok}
+        rows.append(row)
+        detail = ""
+        if result.runs_on_gpu:
+            detail = (
+                f"on {result.adapter}: fp16 vs fp32 max abs {result.max_abs_error:.3g} "
+                f"({result.rel_error:.2%} of range), {'finite' if result.finite else 'NON-FINITE'}, "
+                f"{result.gpu_s * 1e3:.1f} ms GPU / {result.cpu_s * 1e3:.1f} ms CPU; "
+            )
+        table = "ok" if static.ok else f"{sum(static.off_gpu.values())} ops off the GPU"
+        print(f"{path}: {detail}{result.verdict()} [static table: {table}]")
+    return rows
+
+
+def _open_gpu_path():
+    """The Vulkan driver LiteRT's GPU accelerator will use (no driver: one line and exit 2 before any
+    work), with LiteRT's native log kept off the terminal."""
+    from squeezegen.mobile import vulkan
+    from squeezegen.mobile.accelerator import quiet_native_log
+
+    driver = vulkan.activate()
+    quiet_native_log()
+    return driver
+
+
+def _export_inputs(path: Path, recorded: dict[Path, dict]) -> dict | None:
+    """The pipeline's inputs for a file of an export folder (one CPU step per folder), else None."""
+    from squeezegen.mobile.export import MANIFEST
+    from squeezegen.mobile.pipeline import file_inputs
+
+    folder = path.resolve().parent
+    if not (folder / MANIFEST).is_file():
+        return None
+    if folder not in recorded:
+        try:
+            recorded[folder] = file_inputs(folder, PROBE_PROMPT)
+        except SqueezegenError:  # an incomplete export: its files are still checked, on seeded inputs
+            recorded[folder] = {}
+    return recorded[folder].get(path.name)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -116,10 +188,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _require_mobile()
     from squeezegen.mobile.pipeline import generate_from_folder, save_png
 
+    if args.accelerator == "gpu":
+        _open_gpu_path()
+
     res = generate_from_folder(
         args.model,
         [args.prompt],
         threads=args.threads,
+        accelerator=args.accelerator,
         scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
         **_sampling(args),
@@ -128,7 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     t = res.timings
     print(
         f"{path}: {res.images.shape[2]}x{res.images.shape[1]}, UNet {t['unet_s']:.2f} s for {t['unet_calls']} calls, "
-        f"text encoder {t['text_encoder_s']:.2f} s, VAE {t['vae_s']:.2f} s",
+        f"text encoder {t['text_encoder_s']:.2f} s, VAE {t['vae_s']:.2f} s on {t['adapter']}",
         file=sys.stderr,
     )
 
@@ -157,6 +233,9 @@ def cmd_eval_mini(args: argparse.Namespace) -> None:
     _require_mobile()
     from squeezegen.mobile.miniature import evaluate_mini
 
+    if args.accelerator == "gpu":
+        _open_gpu_path()
+
     res = evaluate_mini(
         args.model,
         args.work,
@@ -164,6 +243,7 @@ def cmd_eval_mini(args: argparse.Namespace) -> None:
         per_digit=args.per_digit,
         png_dir=args.png_dir,
         overwrite=args.overwrite,
+        accelerator=args.accelerator,
         **_sampling(args),
     )
     print("| backend | accuracy | size (MiB) | mean abs pixel diff vs PyTorch |")
@@ -210,15 +290,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--no-rewrite",
         nargs="*",
         default=[],
-        choices=["group_norm", "gelu", "attention", "split"],
+        choices=["group_norm", "gelu", "attention", "split", "timestep"],
         help="disable GPU-safe rewrites (to see what they fix)",
     )
     p.add_argument("--split-threshold", type=int, default=2**23, help="largest conv/linear weight kept whole")
     p.set_defaults(func=cmd_export)
 
-    p = msub.add_parser("check", help="list ops that would leave the mobile GPU delegate (exit 1 if any)")
+    p = msub.add_parser(
+        "check", help="will the files run on a mobile GPU: static op table, or executed on LiteRT's GPU accelerator"
+    )
     p.add_argument("files", nargs="+", help=".tflite files")
-    p.add_argument("--backend", default="auto", choices=["auto", "static", "gpu"])
+    p.add_argument(
+        "--accelerator",
+        choices=["gpu"],
+        default=None,
+        help="gpu: execute each file on LiteRT's GPU accelerator alone (fp16) and on the CPU (fp32); exit 1 if one "
+        "is rejected, gives inf/NaN or differs by more than the fp16 tolerance; needs a Vulkan driver (make gpu-sw)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "static", "gpu"],
+        help="without --accelerator: the static op table (static), the accelerator's compile-time verdict too "
+        "(gpu), or both where a driver exists (auto)",
+    )
     p.add_argument("--json", default=None, help="also write the op census here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_check)
@@ -233,6 +328,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "euler"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="LiteRT CPU threads")
+    p.add_argument(
+        "--accelerator",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="gpu: every file on LiteRT's GPU accelerator in fp16, no CPU fallback (needs Vulkan: make gpu-sw)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = msub.add_parser("train-mini", help="train the miniature digits text-to-image model")
@@ -252,6 +353,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png-dir", default=None)
+    p.add_argument(
+        "--accelerator",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="run the LiteRT recipes on the CPU interpreter or on LiteRT's GPU accelerator in fp16",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace earlier exports in --work and the --json file")
     p.set_defaults(func=cmd_eval_mini)

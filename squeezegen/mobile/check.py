@@ -9,13 +9,13 @@ is not used.
 
 from __future__ import annotations
 
-import glob
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from squeezegen.errors import SqueezegenError
+from squeezegen.mobile import vulkan
+from squeezegen.mobile.accelerator import captured_native_output
 
 GPU_OPS = frozenset(
     """ABS ADD ADD_N AVERAGE_POOL_2D BATCH_MATMUL CAST CONCATENATION CONV_2D COS CUMSUM DENSIFY
@@ -139,7 +139,11 @@ def static_reason(op: dict) -> str | None:
     if name == "CAST":
         return None
     if name == "DEQUANTIZE":
-        return None if ins[0]["type"] != "INT16" else "int16 DEQUANTIZE"
+        if ins[0]["type"] == "INT16":
+            return "int16 DEQUANTIZE"
+        if len(outs[0]["shape"]) == 2:  # seen on LiteRT's GPU accelerator: "Shape mismatch {O,1,1,I} vs {1,1,O,I}"
+            return "DEQUANTIZE of a FULLY_CONNECTED weight (the GPU lays it out as a conv filter)"
+        return None
     for t in runtime + outs:
         if t["type"] not in _FLOAT:
             return f"{t['type'].lower()} runtime tensor"
@@ -156,17 +160,6 @@ def static_reason(op: dict) -> str | None:
     return None
 
 
-def vulkan_driver() -> str | None:
-    """Path of an installed Vulkan ICD manifest (hardware or software), if any."""
-    if os.environ.get("VK_ICD_FILENAMES"):
-        return os.environ["VK_ICD_FILENAMES"]
-    for pattern in ("/usr/share/vulkan/icd.d/*.json", "/etc/vulkan/icd.d/*.json", "/usr/local/share/vulkan/icd.d/*"):
-        found = sorted(glob.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
 def gpu_fully_accelerated(path: str | Path) -> bool | None:
     """Compile with LiteRT's GPU accelerator (CPU fallback allowed); None when no GPU path can be opened."""
     try:
@@ -174,11 +167,12 @@ def gpu_fully_accelerated(path: str | Path) -> bool | None:
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
     except ImportError:
         return None
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-    try:
-        model = CompiledModel.from_file(str(path), hardware_accel=HardwareAccelerator.GPU | HardwareAccelerator.CPU)
-    except Exception:  # no usable GPU / driver: report through the static table instead
-        return None
+    vulkan.activate()
+    with captured_native_output():
+        try:
+            model = CompiledModel.from_file(str(path), hardware_accel=HardwareAccelerator.GPU | HardwareAccelerator.CPU)
+        except Exception:  # no usable GPU / driver: report through the static table instead
+            return None
     try:
         return model.is_fully_accelerated()
     finally:
@@ -196,11 +190,10 @@ def check_model(path: str | Path, backend: str = "auto") -> OpReport:
         if reason is not None:
             report.off_gpu[f"{op['op']}: {reason}"] += 1
     if backend in ("auto", "gpu"):
-        if vulkan_driver() is None:
+        if vulkan.find_driver() is None:
             if backend == "gpu":
                 raise SqueezegenError(
-                    "no Vulkan driver found for LiteRT's GPU accelerator: install one (e.g. Mesa >= 25 lavapipe) "
-                    "or use --backend static"
+                    f"no Vulkan driver for LiteRT's GPU accelerator: {vulkan.SETUP_HINT}, or use --backend static"
                 )
         else:
             accelerated = gpu_fully_accelerated(path)

@@ -216,7 +216,9 @@ def _convert_modules(
         if "unet" in modules:
             unet = apply_rewrites(sd.unet, rewrites)
             batch = manifest["guidance_batch"]
-            entries["unet"] = export_unet(unet, out, recipe, unet_parts, batch, lat["height"], lat["width"], sd)
+            entries["unet"] = export_unet(
+                unet, out, recipe, unet_parts, batch, lat["height"], lat["width"], sd, rewrites.timestep
+            )
         if "vae_decoder" in modules:
             vae = VaeDecoder(apply_rewrites(sd.vae, rewrites))
             args = (torch.zeros(1, sd.vae.config.latent_channels, lat["height"], lat["width"]),)
@@ -287,8 +289,11 @@ def unet_example_inputs(unet, batch: int, lh: int, lw: int, context_len: int) ->
     )
 
 
-def export_unet(unet, out: Path, recipe: str, parts: int, batch: int, lh: int, lw: int, sd: SDParts) -> dict:
-    """One file, or `parts` files that run in sequence and hand over (sample, temb, skip connections)."""
+def export_unet(
+    unet, out: Path, recipe: str, parts: int, batch: int, lh: int, lw: int, sd: SDParts, mobile_timesteps: bool = True
+) -> dict:
+    """One file, or `parts` files that run in sequence and hand over (sample, temb, skip connections);
+    `mobile_timesteps` False keeps diffusers' broadcasting timestep MUL (to see what the rewrite fixes)."""
     plan = plan_unet_parts(unet, parts)
     x, t, c = unet_example_inputs(unet, batch, lh, lw, sd.max_length)
     stages = [name for name, _ in unet_stages(unet)]
@@ -296,7 +301,7 @@ def export_unet(unet, out: Path, recipe: str, parts: int, batch: int, lh: int, l
     state: tuple = (x, t)
     skips: list = []
     for i, (start, stop) in enumerate(plan):
-        part = UNetPart(unet, start, stop, skip_count(unet, start))
+        part = UNetPart(unet, start, stop, skip_count(unet, start), mobile_timesteps)
         args = (*state, c, *skips)
         name = "unet.tflite" if len(plan) == 1 else f"unet_part{i}.tflite"
         entry = convert_module(part, args, out / name, recipe)

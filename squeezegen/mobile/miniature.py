@@ -206,8 +206,10 @@ def evaluate_mini(
     scheduler: str = "dpm++",
     png_dir: str | Path | None = None,
     overwrite: bool = False,
+    accelerator: str = "cpu",
 ) -> dict:
-    """Classifier accuracy of images from the PyTorch modules and from each exported recipe.
+    """Classifier accuracy of images from the PyTorch modules and from each exported recipe, run on
+    LiteRT's CPU interpreter or (accelerator "gpu") its GPU accelerator in fp16.
 
     Every backend gets the same prompts, seeds, scheduler and guidance; only the module runtime differs.
     """
@@ -233,7 +235,9 @@ def evaluate_mini(
     for recipe in recipes:
         manifest = export_pipeline(model_dir, work / recipe, recipe=recipe, overwrite=overwrite)
         size = sum(m["bytes"] for m in manifest["modules"].values()) + manifest["token_embedding"]["bytes"]
-        backends.append((f"litert-{recipe}", LiteRTModules(work / recipe), {"bytes": size}))
+        name = f"litert-{recipe}" + ("-gpu" if accelerator == "gpu" else "")
+        modules = LiteRTModules(work / recipe, accelerator=accelerator)
+        backends.append((name, modules, {"bytes": size, "adapter": modules.adapter}))
     for name, modules, extra in backends:
         sched_cfg = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from squeezegen.errors import SqueezegenError
+from squeezegen.mobile.accelerator import CompiledRunner
 from squeezegen.mobile.check import open_tflite
 from squeezegen.mobile.export import load_manifest
 from squeezegen.mobile.schedulers import make_scheduler
@@ -32,14 +33,33 @@ def _whole(path: Path, entry: dict) -> Path:
     return path
 
 
-def _interpreter(folder: Path, entry: dict, threads: int):
-    return open_tflite(_whole(folder / entry["file"], entry), threads).get_signature_runner()
+def _runner(folder: Path, entry: dict, threads: int, accelerator: str):
+    path = _whole(folder / entry["file"], entry)
+    if accelerator == "gpu":
+        return CompiledRunner(path, "gpu")
+    return open_tflite(path, threads).get_signature_runner()
+
+
+def named_inputs(entry: dict, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """`arrays` in the manifest's input order, keyed by the file's input names (args_0, args_1, ...)."""
+    return {
+        spec["name"]: np.ascontiguousarray(a, dtype=spec["dtype"])
+        for spec, a in zip(entry["inputs"], arrays, strict=True)
+    }
+
+
+def run_file(runner, entry: dict, *arrays: np.ndarray) -> list[np.ndarray]:
+    """One call of an exported file's runner (CPU interpreter or CompiledRunner), outputs in manifest order."""
+    out = runner(**named_inputs(entry, *arrays))
+    return [out[spec["name"]] for spec in entry["outputs"]]
 
 
 class LiteRTModules:
-    """The exported files of one folder; each interpreter is created once and reused across steps."""
+    """The exported files of one folder; each is compiled once, for LiteRT's CPU interpreter or its GPU
+    accelerator (fp16, no CPU fallback), and reused across steps. `inputs_seen` keeps the last inputs each
+    file was given (`file_inputs` reads them)."""
 
-    def __init__(self, folder: str | Path, threads: int = 1):
+    def __init__(self, folder: str | Path, threads: int = 1, accelerator: str = "cpu"):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         mods = self.manifest["modules"]
@@ -48,18 +68,15 @@ class LiteRTModules:
             raise SqueezegenError(f"{self.folder} has no {', '.join(missing)}: export all three modules")
         embedding = self.manifest["token_embedding"]
         self.table = np.load(_whole(self.folder / embedding["file"], embedding)).astype(np.float32)
-        self._te = _interpreter(self.folder, mods["text_encoder"], threads)
-        self._unet = [(_interpreter(self.folder, p, threads), p) for p in mods["unet"]["parts"]]
-        self._vae = _interpreter(self.folder, mods["vae_decoder"], threads)
+        self._te = _runner(self.folder, mods["text_encoder"], threads, accelerator)
+        self._unet = [(_runner(self.folder, p, threads, accelerator), p) for p in mods["unet"]["parts"]]
+        self._vae = _runner(self.folder, mods["vae_decoder"], threads, accelerator)
+        self.adapter = getattr(self._te, "adapter", "cpu")
+        self.inputs_seen: dict[str, dict[str, np.ndarray]] = {}
 
-    @staticmethod
-    def _run(runner, entry: dict, *arrays: np.ndarray) -> list[np.ndarray]:
-        kwargs = {
-            spec["name"]: np.ascontiguousarray(a, dtype=spec["dtype"])
-            for spec, a in zip(entry["inputs"], arrays, strict=True)
-        }
-        out = runner(**kwargs)
-        return [out[spec["name"]] for spec in entry["outputs"]]
+    def _run(self, runner, entry: dict, *arrays: np.ndarray) -> list[np.ndarray]:
+        self.inputs_seen[entry["file"]] = named_inputs(entry, *arrays)
+        return run_file(runner, entry, *arrays)
 
     def encode(self, ids: np.ndarray) -> np.ndarray:
         entry = self.manifest["modules"]["text_encoder"]
@@ -187,15 +204,22 @@ def generate(
     return GenerateResult(np.stack(images), timings)
 
 
-def generate_from_folder(folder: str | Path, prompts: list[str], threads: int = 1, **kwargs) -> GenerateResult:
-    """LiteRT-only text-to-image from a folder written by `squeezegen mobile export`."""
-    modules = LiteRTModules(folder, threads=threads)
+def folder_tokenizer(modules: LiteRTModules):
+    if "tokenizer" not in modules.manifest:
+        raise SqueezegenError(f"{modules.folder} was exported without a tokenizer: export from a folder that has one")
+    return load_tokenizer(modules.folder / "tokenizer")
+
+
+def generate_from_folder(
+    folder: str | Path, prompts: list[str], threads: int = 1, accelerator: str = "cpu", **kwargs
+) -> GenerateResult:
+    """LiteRT-only text-to-image from a folder written by `squeezegen mobile export`, on LiteRT's CPU
+    interpreter or its GPU accelerator; the result's timings name the adapter."""
+    modules = LiteRTModules(folder, threads=threads, accelerator=accelerator)
     m = modules.manifest
-    if "tokenizer" not in m:
-        raise SqueezegenError(f"{folder} was exported without a tokenizer: export from a folder that has one")
-    tokenizer = load_tokenizer(Path(folder) / "tokenizer")
+    tokenizer = folder_tokenizer(modules)
     lat = m["latent"]
-    return generate(
+    result = generate(
         modules,
         tokenizer,
         prompts,
@@ -205,6 +229,27 @@ def generate_from_folder(folder: str | Path, prompts: list[str], threads: int = 
         guidance_batch=m["guidance_batch"],
         **kwargs,
     )
+    result.timings["adapter"] = modules.adapter
+    return result
+
+
+def file_inputs(folder: str | Path, prompt: str, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """The inputs each file of an export receives in one denoising step of `prompt` on the CPU: real token
+    embeddings, text states and latents (UNet part k gets what parts 0..k-1 computed), so a GPU check sees
+    the activations fp16 must hold, not only random ones. Keyed by file name."""
+    modules = LiteRTModules(folder)
+    m = modules.manifest
+    tokenizer = folder_tokenizer(modules)
+    context = np.concatenate(
+        [modules.encode(tokenize(tokenizer, [text], m["max_length"])) for text in ("", prompt)][-m["guidance_batch"] :]
+    )
+    lat = m["latent"]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m["guidance_batch"], lat["channels"], lat["height"], lat["width"])).astype(np.float32)
+    t = np.full(m["guidance_batch"], m["scheduler"].get("num_train_timesteps", 1000) // 2, np.float32)
+    modules.unet(x, t, context)
+    modules.decode(x[:1])
+    return modules.inputs_seen
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

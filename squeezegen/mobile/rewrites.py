@@ -6,7 +6,8 @@ ops the LiteRT GPU delegate accepts and that stay finite in FP16:
   variance of a pre-scaled difference so the squares do not overflow FP16;
 - GELU: exact GELU through a bounded erf polynomial (no cubic term, no erf op), or the tanh form with
   its cubic computed on a clamped input;
-- attention: heads folded into the batch so every tensor is 3-D, explicit softmax(QK^T)V;
+- attention: heads folded into the batch so every tensor is 3-D, explicit softmax(QK^T)V; in the
+  text encoder the causal mask becomes a MINIMUM (an ADDed mask computes wrong values on LiteRT's GPU);
 - oversized convolutions / linears: split along the output channels into sequential pieces below a
   weight-size threshold (mobile GPUs cannot allocate one huge texture).
 """
@@ -29,6 +30,7 @@ class RewriteConfig:
     gelu: bool = True
     attention: bool = True
     split: bool = True
+    timestep: bool = True  # the UNet's timestep projection as a matmul (MobileTimesteps), not a broadcast MUL
     split_threshold: int = 2**23
 
     def disabled(self, *names: str) -> RewriteConfig:
@@ -156,6 +158,42 @@ class MobileAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class MobileTextAttention(nn.Module):
+    """CLIP's text self-attention with heads folded into the batch (3-D tensors, as MobileAttnProcessor)
+    and the additive causal mask applied as `minimum(scores, bound)`: on LiteRT's GPU accelerator a
+    constant ADDed to the scores before the softmax gave wrong probabilities (rows past the second
+    token, in fp16 and fp32 alike), where MINIMUM with the same constant computes them exactly."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+        self.heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scale
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, None]:
+        batch, length, width = hidden_states.shape
+
+        def fold(t: torch.Tensor) -> torch.Tensor:
+            return (
+                t.reshape(batch, length, self.heads, self.head_dim).transpose(1, 2).reshape(-1, length, self.head_dim)
+            )
+
+        q = fold(self.q_proj(hidden_states)) * self.scale
+        scores = torch.bmm(q, fold(self.k_proj(hidden_states)).transpose(1, 2))
+        if attention_mask is not None:  # additive (0 kept, very negative masked): the same as a bound
+            mask = attention_mask.reshape(-1, length, length)
+            scores = torch.minimum(scores, torch.where(mask < 0, mask, torch.full_like(mask, MASK_BOUND)))
+        out = torch.bmm(torch.softmax(scores, dim=-1), fold(self.v_proj(hidden_states)))
+        out = out.reshape(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, width)
+        return self.out_proj(out), None
+
+
+MASK_BOUND = 30000.0  # above any attention score, below fp16's largest value (65504)
+
+
 class SplitConv2d(nn.Module):
     """A Conv2d computed as sequential convolutions over slices of its output channels, concatenated."""
 
@@ -229,6 +267,8 @@ def apply_rewrites(module: nn.Module, config: RewriteConfig | None = None) -> nn
             if type(sub).__name__ == "Attention" and hasattr(sub, "set_processor"):
                 sub.set_processor(MobileAttnProcessor())
     for parent in list(module.modules()):
+        if config.attention and type(parent).__name__ == "CLIPEncoderLayer":
+            parent.self_attn = MobileTextAttention(parent.self_attn)
         # diffusers' GELU / GEGLU call self.gelu(...): shadow the method on the instance.
         if config.gelu and type(parent).__name__ in {"GELU", "GEGLU"} and hasattr(parent, "gelu"):
             approx = getattr(parent, "approximate", "none")
@@ -251,7 +291,7 @@ def apply_rewrites(module: nn.Module, config: RewriteConfig | None = None) -> nn
 
 def count_replacements(module: nn.Module) -> dict[str, int]:
     """How many modules of each rewritten kind a module holds (for the export manifest)."""
-    kinds = {"MobileGroupNorm": 0, "SafeGELU": 0, "SplitConv2d": 0, "SplitLinear": 0}
+    kinds = {"MobileGroupNorm": 0, "SafeGELU": 0, "MobileTextAttention": 0, "SplitConv2d": 0, "SplitLinear": 0}
     for sub in module.modules():
         if type(sub).__name__ in kinds:
             kinds[type(sub).__name__] += 1
