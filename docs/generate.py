@@ -500,6 +500,47 @@ def render_mobile_latency(doc: dict, path: str) -> str:
     return table(header, rows)
 
 
+GPU_PARTS = {"text_encoder.tflite": "text encoder", "unet.tflite": "UNet", "vae_decoder.tflite": "VAE decoder"}
+
+
+def _gpu_cell(row: dict) -> str:
+    """One file's verdict on LiteRT's GPU accelerator: the fp16 error, or why it failed."""
+    if not row["runs_on_gpu"]:
+        reason = row["error"].lstrip("└ ").split(";")[0].split(". ")[0]
+        return f"rejected ({reason[:70]}{'…' if len(reason) > 70 else ''})"
+    if not row["finite"]:
+        return "inf/NaN"
+    mark = "" if row["ok"] else " (over tolerance)"
+    return f"{row['rel_error']:.2%}{mark}"
+
+
+def render_mobile_gpu(doc: list[dict], path: str) -> str:
+    """Per model, recipe and rewrite turned off: each part on the GPU accelerator alone (fp16 error vs
+    the CPU's fp32 as a share of the output range, or why it failed), and the static table's verdict."""
+    groups: dict[tuple, dict] = {}
+    for row in doc:
+        groups.setdefault((row["model"], row["recipe"], row["rewrite_off"]), {})[row["file"]] = row
+    files = [f for f in GPU_PARTS if any(f in g for g in groups.values())]
+    files += sorted({f for g in groups.values() for f in g} - set(files))
+    header = ["model", "recipe", "rewrite off", *[GPU_PARTS.get(f, f.removesuffix(".tflite")) for f in files]]
+    header += ["static table agrees", "UNet call, software GPU / CPU"]
+    rows = []
+    for (model, recipe, off), parts in groups.items():
+        cells = [_gpu_cell(parts[f]) if f in parts else "–" for f in files]
+        agree = sum(r["static_ok"] == r["ok"] for r in parts.values())
+        unet = [r for f, r in parts.items() if f.startswith("unet")]
+        timed = unet and all(r["gpu_s"] is not None for r in unet)
+        speed = f"{sum(r['gpu_s'] for r in unet):.2f} s / {sum(r['cpu_s'] for r in unet):.3f} s" if timed else "–"
+        rows.append([model, RECIPE_NAMES.get(recipe, recipe), off, *cells, f"{agree} of {len(parts)}", speed])
+    first = doc[0]
+    host = first["host"]
+    note = (
+        f"adapter: {first['adapter'] or '?'} ({first['driver']}); host {host['cpu']} "
+        f"({host['cpu_class']}, {host['cores']} cores)"
+    )
+    return f"{table(header, rows)}\n\n{note}"
+
+
 def render_bench_binary(doc: dict, path: str) -> str:
     from squeezegen.bench.binary_decode import markdown_table
 
@@ -583,6 +624,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "mobile-mini": render_mobile_mini,
     "mobile-sizes": render_mobile_sizes,
     "mobile-latency": render_mobile_latency,
+    "mobile-gpu": render_mobile_gpu,
     "machines": render_machines,
 }
 

@@ -335,7 +335,7 @@ def test_check_rejects_truncated_tflite(exported, tmp_path, capsys, keep):
     assert "ops," not in captured.out and "Traceback" not in captured.err
     with pytest.raises(SystemExit) as exc:  # whole, it loads; its FC weights' DEQUANTIZE keeps it off the GPU
         main(["mobile", "check", "--backend", "static", str(exported["int8-weight-only"][0] / "unet.tflite")])
-    assert exc.value.code == 1 and "DEQUANTIZE of a FULLY_CONNECTED weight" in capsys.readouterr().out
+    assert exc.value.code == 1 and "int8 DEQUANTIZE of a FULLY_CONNECTED weight" in capsys.readouterr().out
 
 
 def test_generate_rejects_truncated_module_files(exported, tmp_path, capsys):

@@ -116,7 +116,7 @@ class CompiledRunner:
                 self.model = compiled_model.from_file(str(self.path), options=opts)
                 error = None
             except Exception as exc:  # LiteRT raises RuntimeError/ValueError with its status text
-                error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                error = str(exc).strip().splitlines()[-1].lstrip("└ ") if str(exc).strip() else type(exc).__name__
         text = log[0]
         if error is not None:
             reason = native_reason(text) or error
@@ -190,7 +190,10 @@ class GpuCheck:
         if not self.finite:
             return "non-finite values on the GPU (fp16 overflow)"
         if self.rel_error > FP16_TOLERANCE:
-            return f"fp16 error {self.rel_error:.2%} of the output range, over the {FP16_TOLERANCE:.0%} tolerance"
+            return (
+                f"the GPU's result differs from the CPU's fp32 by {self.rel_error:.2%} of the output range, "
+                f"over the {FP16_TOLERANCE:.0%} tolerance"
+            )
         return "GPU ok"
 
 

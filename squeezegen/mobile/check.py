@@ -141,8 +141,9 @@ def static_reason(op: dict) -> str | None:
     if name == "DEQUANTIZE":
         if ins[0]["type"] == "INT16":
             return "int16 DEQUANTIZE"
-        if len(outs[0]["shape"]) == 2:  # seen on LiteRT's GPU accelerator: "Shape mismatch {O,1,1,I} vs {1,1,O,I}"
-            return "DEQUANTIZE of a FULLY_CONNECTED weight (the GPU lays it out as a conv filter)"
+        # LiteRT's GPU accelerator: "Shape mismatch {O,1,1,I} vs {1,1,O,I}"
+        if ins[0]["type"] == "INT8" and len(outs[0]["shape"]) == 2:
+            return "int8 DEQUANTIZE of a FULLY_CONNECTED weight (the GPU lays it out as a conv filter)"
         return None
     for t in runtime + outs:
         if t["type"] not in _FLOAT:
