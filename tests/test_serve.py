@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -266,6 +267,29 @@ def test_concurrent_requests_batch_and_each_equals_generate(running):
             422,
             "squeezegen",
         ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": "5"}, 400, "top_k"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": "yes"}, 400, "ignore_eos"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 5},
+            400,
+            "min_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0},
+            400,
+            "repetition_penalty",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [-1]},
+            400,
+            "stop_token_ids",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [10**9]},
+            400,
+            "stop_token_ids",
+        ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400, "best_of"),
         (
             {
                 "model": MODEL,
@@ -469,3 +493,102 @@ def test_a_plain_request_whose_client_disconnects_frees_its_slot(running):
     while running.server.scheduler.running() and time.time() < deadline:
         time.sleep(0.05)
     assert running.server.scheduler.running() == 0
+
+
+# ---- vLLM's client conventions: sampling extensions and Prometheus metrics ----
+
+
+def _completion(running, text, **extra):
+    return running.client.completions.create(
+        model=MODEL, prompt=text, max_tokens=10, temperature=0, extra_body=extra or None
+    ).choices[0]
+
+
+def test_vllm_stop_token_ids_min_tokens_and_ignore_eos(running):
+    text = prompt(running.tok, seed=61)
+    ref = sg.generate(running.model, running.tok, text, max_new_tokens=10, ignore_eos=True).token_ids[0]
+    stop = ref[3]
+    first = ref.index(stop)
+    reply = running.client.completions.create(
+        model=MODEL, prompt=text, max_tokens=10, temperature=0, extra_body={"stop_token_ids": [stop]}
+    )
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == first + 1
+    assert reply.choices[0].text == running.tok.decode(ref[:first], skip_special_tokens=True)
+    # min_tokens: the stop token cannot be chosen before that many tokens, so the text goes on past it
+    held = _completion(running, text, stop_token_ids=[stop], min_tokens=first + 2)
+    assert held.text != reply.choices[0].text and len(held.text) > len(reply.choices[0].text)
+    # ignore_eos: the model's EOS (here made the greedy token) no longer ends the answer
+    eos, running.server.eos = running.server.eos, {stop}
+    try:
+        assert _completion(running, text).finish_reason == "stop"
+        ignored = _completion(running, text, ignore_eos=True)
+        assert ignored.finish_reason == "length" and ignored.text == running.tok.decode(ref, skip_special_tokens=True)
+    finally:
+        running.server.eos = eos
+
+
+def test_vllm_top_k_and_repetition_penalty_match_transformers(running):
+    text = prompt(running.tok, seed=62)
+    greedy = _completion(running, text).text
+    # top_k=1 leaves one candidate: sampling at temperature 1 must give the greedy answer
+    sampled = running.client.completions.create(
+        model=MODEL, prompt=text, max_tokens=10, temperature=1.0, seed=3, extra_body={"top_k": 1}
+    )
+    assert sampled.choices[0].text == greedy
+    # repetition_penalty as transformers' RepetitionPenaltyLogitsProcessor (prompt and output tokens; below 1
+    # it favours them, which changes this random model's answer)
+    (ids,) = running.server.prompt_chunks({"prompt": text}, chat=False, document=None)
+    hf = running.model.generate(
+        torch.tensor([ids]), max_new_tokens=10, do_sample=False, repetition_penalty=0.3, min_new_tokens=10
+    )[0, len(ids) :]
+    penalized = _completion(running, text, repetition_penalty=0.3, min_tokens=10).text
+    assert penalized == running.tok.decode(hf, skip_special_tokens=True) and penalized != greedy
+
+
+def test_metrics_speak_vllm_names(running):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for seed in (63, 64):
+        _completion(running, prompt(running.tok, seed=seed))
+    reply = httpx.get(running.url + "/metrics", timeout=30)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, s.labels.get("finished_reason")): s.value
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+        if s.labels.get("model_name") == MODEL
+    }
+    assert samples[("vllm:num_requests_running", None)] == 0 and ("vllm:num_requests_waiting", None) in samples
+    assert samples[("vllm:generation_tokens_total", None)] >= 20
+    assert samples[("vllm:time_to_first_token_seconds_count", None)] >= 2
+    assert samples[("vllm:inter_token_latency_seconds_count", None)] >= 18
+    assert samples[("vllm:request_success_total", "length")] >= 2
+    assert 0 <= samples[("vllm:kv_cache_usage_perc", None)]
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+BENCH = (
+    "import sys\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "parser = FlexibleArgumentParser()\nadd_cli_args(parser)\nmain(parser.parse_args(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.skipif(
+    not VLLM_PYTHON.exists() and not os.environ.get("SQUEEZEGEN_REQUIRE_VLLM"),
+    reason="vLLM's environment is not built here: `make vllm-env`",
+)
+@pytest.mark.parametrize("backend, endpoint", [("openai-chat", "/v1/chat/completions"), ("openai", "/v1/completions")])
+def test_vllm_bench_serve_runs_against_squeezegen_serve(running, tmp_path, backend, endpoint):
+    """vLLM's own load generator (its chat content parts, ignore_eos, stream usage) gets every answer."""
+    running.tok.save_pretrained(tmp_path / "tokenizer")
+    argv = [str(VLLM_PYTHON), "-c", BENCH, "--backend", backend, "--endpoint", endpoint, "--base-url", running.url]
+    argv += ["--model", MODEL, "--tokenizer", str(tmp_path / "tokenizer"), "--dataset-name", "random"]
+    argv += ["--random-input-len", "32", "--random-output-len", "8", "--num-prompts", "4", "--ignore-eos"]
+    argv += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 4 and result["failed"] == 0 and result["total_output_tokens"] == 32
+    assert 0 < result["mean_ttft_ms"]

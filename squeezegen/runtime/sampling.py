@@ -59,3 +59,35 @@ class Sampler:
         # synchronisation torch.multinomial needs on a GPU
         noise = torch.empty_like(logits).exponential_(1, generator=self._generator)
         return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+@dataclass
+class LogitRules:
+    """The logits rules vLLM's API adds to OpenAI's, applied before the sampler: `repetition_penalty`
+    (CTRL's, as vLLM applies it: every token already in the prompt or the output has a positive logit
+    divided by it, a negative one multiplied; 1 = off) and `min_tokens` (no token of `stop_ids`, EOS
+    included, while fewer than that many tokens are generated)."""
+
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+
+    def active(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.min_tokens > 0
+
+    def apply(
+        self, logits: torch.Tensor, seen: torch.Tensor | None, generated: int, stop_ids: set[int]
+    ) -> torch.Tensor:
+        """logits (1, V) -> a new (1, V); `seen` is a (V,) bool mask of the prompt's and output's tokens
+        (None: no penalty), `generated` the tokens generated so far."""
+        penalize = self.repetition_penalty != 1.0 and seen is not None
+        hold = generated < self.min_tokens and bool(stop_ids)
+        if not (penalize or hold):
+            return logits
+        logits = logits.clone()
+        row = logits[0]
+        if penalize:
+            old = row[seen]
+            row[seen] = torch.where(old > 0, old / self.repetition_penalty, old * self.repetition_penalty)
+        if hold:
+            row[[i for i in stop_ids if i < row.shape[0]]] = float("-inf")
+        return logits

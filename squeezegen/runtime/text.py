@@ -28,16 +28,19 @@ class Detokenizer:
 
 class RowText(Detokenizer):
     """One generated row as text: `add` returns the piece to stream and sets `finish` ("eos" at an
-    EOS token, "stop" when a stop string appears; the caller sets "length")."""
+    EOS or stop token, "stop" when a stop string appears; the caller sets "length"). Within the first
+    `min_tokens` tokens neither ends it (vLLM's min_tokens)."""
 
-    def __init__(self, tokenizer, eos: set[int], stops: list[str]) -> None:
+    def __init__(self, tokenizer, eos: set[int], stops: list[str], min_tokens: int = 0) -> None:
         super().__init__(tokenizer)
-        self.eos, self.stops = eos, stops
+        self.eos, self.stops, self.min_tokens = eos, stops, min_tokens
         self.longest_stop = max((len(s) for s in stops), default=0)
         self.finish: str | None = None
 
     def add(self, token: int) -> str:
         piece = super().add(token)
+        if len(self.ids) <= self.min_tokens:
+            return piece
         if token in self.eos:
             self.finish = "eos"
             return ""

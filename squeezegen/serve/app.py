@@ -22,11 +22,12 @@ from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.generate import _eos_ids
 from squeezegen.runtime.hooks import Method
 from squeezegen.serve import protocol
+from squeezegen.serve.metrics import CONTENT_TYPE, ServerMetrics
 from squeezegen.serve.protocol import ApiError
 from squeezegen.serve.scheduler import Document, DocumentStore, Job, QueueFull, Scheduler, Summary
 
 PLACEHOLDER = "\x00question\x00"
-ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/documents", "/health")
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/documents", "/health", "/metrics")
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (nobody receives it)
 
 
@@ -50,8 +51,16 @@ class Server:
         self.tokenizer, self.config = tokenizer, config
         self.limit = model.config.max_position_embeddings
         self.eos = _eos_ids(model, tokenizer)
+        self.vocab = model.get_input_embeddings().num_embeddings
         self.documents = DocumentStore(config.cache_bytes)
         self.scheduler = Scheduler(model, tokenizer, config.max_batch, config.max_queue, self.documents)
+        self.metrics = ServerMetrics(
+            config.model_name,
+            running=self.scheduler.running,
+            waiting=self.scheduler.queued,
+            kv_usage=lambda: (self.scheduler.kv_bytes() + self.documents.nbytes()) / config.cache_bytes,
+        )
+        self.scheduler.metrics = self.metrics
         template = getattr(tokenizer, "chat_template", None)
         self.chat_suffix = None
         if template:
@@ -117,12 +126,25 @@ class Server:
             max_tokens=decoding.max_tokens,
             sampler=decoding.sampler,
             stops=decoding.stops,
-            eos=self.eos,
+            eos=self.stop_ids(decoding),
             emit=emit,
+            rules=decoding.rules,
             document=document,
         )
         label = ext.label or (document.method if document else self.config.method_label)
         return job, decoding, queue, label
+
+    def stop_ids(self, decoding: protocol.Decoding) -> set[int]:
+        """The tokens that end a request: the model's EOS (unless vLLM's ignore_eos) and its stop_token_ids."""
+        for token in decoding.stop_token_ids:
+            if token >= self.vocab:
+                raise ApiError(
+                    400,
+                    f"stop_token_ids: {token} is not a token of this model's {self.vocab}",
+                    "invalid_request_error",
+                    "stop_token_ids",
+                )
+        return (set() if decoding.ignore_eos else set(self.eos)) | set(decoding.stop_token_ids)
 
     def prompt_chunks(self, body: dict, chat: bool, document: Document | None) -> list[list[int]]:
         """Token ids as `sg.generate` makes them: the chat template around the messages, or the prompt."""
@@ -247,6 +269,11 @@ def create_app(server: Server) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "running": server.scheduler.running(), "waiting": len(server.scheduler.waiting)}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text, under vLLM's metric names (serve/metrics.py)."""
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
     def model_card() -> dict:
         return {"id": server.config.model_name, "object": "model", "created": 0, "owned_by": "squeezegen"}
 
@@ -315,10 +342,12 @@ def create_app(server: Server) -> FastAPI:
             return "data: " + json.dumps({**meta, "object": f"{kind}.chunk", "choices": [choice]}) + "\n\n"
 
         try:
-            if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            while True:
+            opening = chat  # the role chunk goes out with the first token, as vLLM's does: a client that
+            while True:  # times the first chunk (vllm bench serve) then measures the time to first token
                 event, value = await queue.get()
+                if opening:
+                    opening = False
+                    yield chunk({"role": "assistant", "content": ""})
                 if event == "token":
                     yield chunk({"content": value} if chat else value)
                 elif event == "done":

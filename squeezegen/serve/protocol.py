@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.registry import method as build_method
 from squeezegen.runtime.hooks import Method
-from squeezegen.runtime.sampling import Sampler
+from squeezegen.runtime.sampling import LogitRules, Sampler
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "user"}
+# vLLM's sampling extensions that load generators and `vllm bench serve` send
+VLLM = {"top_k", "ignore_eos", "min_tokens", "repetition_penalty", "stop_token_ids"}
+COMMON |= VLLM
 CHAT = COMMON | {"messages", "max_completion_tokens", "squeezegen"}
 COMPLETION = COMMON | {"prompt", "squeezegen"}
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": None}  # accepted at these values only
@@ -42,6 +45,9 @@ class Decoding:
     stops: list[str]
     stream: bool
     include_usage: bool
+    rules: LogitRules
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 def check_keys(body: dict, allowed: set[str]) -> None:
@@ -91,8 +97,20 @@ def decoding(body: dict, default_max_tokens: int) -> Decoding:
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise ApiError(400, "stream_options.include_usage must be true or false", param="stream_options")
-    sampler = Sampler(temperature=float(temperature), top_p=float(top_p), seed=seed)
-    return Decoding(max_tokens, sampler, stops, stream, include_usage)
+    top_k = _number(body, "top_k", 0, -1, 1 << 31, int)  # vLLM: -1 (or 0) is off
+    sampler = Sampler(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0), seed=seed)
+    min_tokens = _number(body, "min_tokens", 0, 0, max_tokens, int)
+    penalty = _number(body, "repetition_penalty", 1.0, 0.0, 100.0)
+    if penalty == 0:
+        raise ApiError(400, "repetition_penalty must be above 0 (1 = off)", param="repetition_penalty")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in stop_ids):
+        raise ApiError(400, "stop_token_ids must be a list of token ids", param="stop_token_ids")
+    rules = LogitRules(repetition_penalty=float(penalty), min_tokens=min_tokens)
+    return Decoding(max_tokens, sampler, stops, stream, include_usage, rules, ignore_eos, tuple(stop_ids))
 
 
 @dataclass
@@ -130,15 +148,29 @@ def extension(body: dict) -> Extension:
 
 
 def chat_text(tokenizer, messages: object) -> list[dict]:
-    """The messages, checked: a list of {role, content} with string content."""
+    """The messages, checked, as {role, content} with string content: OpenAI's content parts (a list of
+    {"type": "text", "text": ...}, as `vllm bench serve` sends) are joined with newlines, as vLLM does."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    out = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, "each message needs a role: system, user or assistant", param="messages")
-        if not isinstance(m.get("content"), str):
-            raise ApiError(400, "message content must be a string", param="messages")
-    return messages
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise ApiError(
+                    400,
+                    'content parts must be {"type": "text", "text": ...}: this model reads text only',
+                    param="messages",
+                )
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, "message content must be a string or a list of text parts", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
 
 
 def completion_id(kind: str) -> str:

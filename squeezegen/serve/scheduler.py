@@ -24,7 +24,7 @@ from squeezegen.runtime.batching import batchable, stack, take
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import prefill_rows
 from squeezegen.runtime.hooks import Method
-from squeezegen.runtime.sampling import Sampler
+from squeezegen.runtime.sampling import LogitRules, Sampler
 from squeezegen.runtime.text import RowText
 
 Emit = Callable[[str, object], None]  # ("token", piece) | ("done", Summary | Document) | ("error", (status, text))
@@ -67,12 +67,15 @@ class Job:
     stops: list[str]
     eos: set[int]
     emit: Emit
+    rules: LogitRules = field(default_factory=LogitRules)  # vLLM's min_tokens and repetition_penalty
     document: Document | None = None  # a question on a stored document (chunks = [question])
     store: str | None = None  # the format of a document to store rather than answer
     label: str = ""  # the method's name as the request gave it (what a stored document reports)
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     text: RowText | None = None
+    seen: torch.Tensor | None = None  # (V,) the prompt's and output's tokens, for repetition_penalty
+    last_token_at: float | None = None  # perf_counter of the previous token (inter-token latency)
     token: int = 0
     prompt_tokens: int = 0
     kv_bytes: int = 0
@@ -117,7 +120,9 @@ class DocumentStore:
 class Scheduler(threading.Thread):
     """Admits, prefills and steps requests until stopped; `submit` is safe from any thread."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, documents: DocumentStore) -> None:
+    def __init__(
+        self, model, tokenizer, max_batch: int, max_queue: int, documents: DocumentStore, metrics=None
+    ) -> None:
         super().__init__(name="squeezegen-scheduler", daemon=True)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -130,6 +135,7 @@ class Scheduler(threading.Thread):
         self.wake = threading.Condition()
         self.stopping = False
         self.steps = 0
+        self.metrics = metrics  # a ServerMetrics (serve/metrics.py), told of every token and finished request
 
     # --- called from the web side -----------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -147,6 +153,15 @@ class Scheduler(threading.Thread):
 
     def running(self) -> int:
         return len(self.batch_jobs) + len(self.apart)
+
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def kv_bytes(self) -> int:
+        """KV bytes the running requests hold now (read from another thread: a snapshot of references)."""
+        batch, apart = self.batch, list(self.apart)
+        held = batch.cache.nbytes() if batch is not None else 0
+        return held + sum(engine.cache.nbytes() for engine, _ in apart)
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -201,7 +216,10 @@ class Scheduler(threading.Thread):
             engine = Engine(self.model, job.method, reserve=reserve, tokenizer=self.tokenizer)
             logits = prefill_rows(engine, [job.chunks], self.pad_id)
         job.prompt_tokens = int(engine.prompt_lengths[0])
-        job.text = RowText(self.tokenizer, job.eos, job.stops)
+        job.text = RowText(self.tokenizer, job.eos, job.stops, job.rules.min_tokens)
+        if job.rules.repetition_penalty != 1.0:  # a stored document's own tokens are not kept: its question's are
+            job.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            job.seen[[t for chunk in job.chunks for t in chunk]] = True
         self._take(job, logits)
         job.first_token_s = time.perf_counter() - job.started
         return engine
@@ -222,7 +240,12 @@ class Scheduler(threading.Thread):
 
     def _take(self, job: Job, logits: torch.Tensor) -> None:
         """Sample the job's next token from its logits (1, V) and stream it."""
+        logits = job.rules.apply(logits, job.seen, len(job.text.ids), job.eos)
         job.token = int(job.sampler(logits)[0])
+        if job.seen is not None:
+            job.seen[job.token] = True
+        if self.metrics is not None:
+            job.last_token_at = self.metrics.token(job.last_token_at)
         piece = job.text.add(job.token)
         if piece:
             job.emit("token", piece)
@@ -231,6 +254,8 @@ class Scheduler(threading.Thread):
 
     def _finish(self, job: Job) -> None:
         reason = "length" if job.text.finish == "length" else "stop"
+        if self.metrics is not None:
+            self.metrics.finished(reason, job.prompt_tokens, job.first_token_s, job.started)
         job.emit("done", Summary(job.prompt_tokens, len(job.text.ids), reason, job.kv_bytes, job.first_token_s))
 
     def _step(self) -> None:
