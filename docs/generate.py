@@ -399,6 +399,7 @@ MINI_BACKENDS = {
     "litert-fp16": "LiteRT fp16",
     "litert-int8-weight-only": "LiteRT int8 weight-only",
     "litert-int8-dynamic": "LiteRT int8 dynamic",
+    "litert-fp16-gpu": "LiteRT fp16, GPU accelerator (software Vulkan)",
 }
 
 
