@@ -569,3 +569,14 @@ def test_gpu_check_without_driver_says_how_to_get_one(exported, monkeypatch, cap
     assert main(["mobile", "check", "--accelerator", "gpu", str(exported["fp32"][0] / "unet.tflite")]) == 2
     (line,) = _error_line(capsys)
     assert "no Vulkan driver" in line and "make gpu-sw" in line
+
+
+def test_module_files_of_a_unet_in_parts():
+    """A UNet in parts lists `files` and no `file` (the CLI printed a KeyError after such an export)."""
+    from squeezegen.mobile.export import module_files
+
+    assert module_files({"files": ["unet_part0.tflite", "unet_part1.tflite"], "parts": []}) == [
+        "unet_part0.tflite",
+        "unet_part1.tflite",
+    ]
+    assert module_files({"file": "vae_decoder.tflite"}) == ["vae_decoder.tflite"]

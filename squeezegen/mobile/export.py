@@ -241,7 +241,7 @@ def _written_by(manifest: dict, modules: set[str]) -> set[str]:
 
 def module_files(entry: dict) -> list[str]:
     """The file names of one module's manifest entry (the UNet may be in parts)."""
-    return entry.get("files", [entry["file"]])
+    return entry["files"] if "files" in entry else [entry["file"]]
 
 
 def _carry_over(out: Path, staged: Path, replaced: set[str]) -> None:
