@@ -106,6 +106,8 @@ def test_rewrites_keep_unet_and_vae_outputs(parts):
     ref = parts.unet(x, t, encoder_hidden_states=c).sample
     configs = {
         "attention": rw.RewriteConfig(group_norm=False, gelu=False, split=False),
+        # scores in query blocks: 2 x 2 heads x 256 x 256 fp16 bytes over 64 KiB -> 8 blocks of 32 queries
+        "attention_blocks": rw.RewriteConfig(group_norm=False, gelu=False, split=False, attention_bytes=2**16),
         "group_norm": rw.RewriteConfig(attention=False, gelu=False, split=False),
         "split": rw.RewriteConfig(attention=False, gelu=False, group_norm=False, split_threshold=2048),
         "all": rw.RewriteConfig(split_threshold=2048),
@@ -580,3 +582,22 @@ def test_module_files_of_a_unet_in_parts():
         "unet_part1.tflite",
     ]
     assert module_files({"file": "vae_decoder.tflite"}) == ["vae_decoder.tflite"]
+
+
+def test_an_input_handed_on_as_an_output_comes_back(tmp_path):
+    """A UNet part returns temb and earlier skips unchanged; LiteRT's CompiledModel never writes such an
+    output (garbage on the CPU, zeros on the GPU), so the runner gives the input back."""
+    from squeezegen.mobile import vulkan
+    from squeezegen.mobile.accelerator import CompiledRunner
+    from squeezegen.mobile.export import convert_module
+
+    class HandOn(nn.Module):
+        def forward(self, x, skip):
+            return x * 2.0, skip
+
+    x, skip = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    convert_module(HandOn(), (x, skip), tmp_path / "h.tflite", "fp32")
+    for accelerator in ("cpu", "gpu") if vulkan.find_driver() is not None else ("cpu",):
+        out = CompiledRunner(tmp_path / "h.tflite", accelerator)(args_0=x.numpy(), args_1=skip.numpy())
+        assert np.array_equal(out["output_1"], skip.numpy()), accelerator
+        assert np.allclose(out["output_0"], 2 * x.numpy(), rtol=1e-3), accelerator

@@ -132,32 +132,52 @@ class CompiledRunner:
         self.inputs = self.model.get_input_tensor_details(self.key)
         self.outputs = self.model.get_output_tensor_details(self.key)
         self.fully_accelerated = bool(self.model.is_fully_accelerated())
-        self._in = self.model.create_input_buffers(0)
-        self._out = self.model.create_output_buffers(0)
+        # an output that is an input tensor (a UNet part hands on temb and earlier skips) is never
+        # written by CompiledModel (garbage on the CPU, zeros on the GPU): it is the input, given back
+        self.passthrough = passthrough_outputs(self.path)
+        self._in = {n: self.model.create_input_buffer_by_name(self.key, n) for n in self.input_names}
+        self._out = {n: self.model.create_output_buffer_by_name(self.key, n) for n in self.output_names}
 
     def close(self) -> None:
         """Release the model, its buffers and its LiteRT environment now, with their native log kept off
         the terminal (left to the interpreter's exit, each prints lines after the command's output)."""
         with captured_native_output():
-            self._in = self._out = []
+            self._in = self._out = {}
             if self.model is not None:
                 self.model.close()
             self.model = None
             gc.collect()
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
-        for name, buffer in zip(self.input_names, self._in, strict=True):
+        for name, buffer in self._in.items():
             spec = self.inputs[name]
             a = np.ascontiguousarray(arrays[name], dtype=spec["dtype"])
             if list(a.shape) != list(spec["shape"]):
                 raise SqueezegenError(f"{self.path}: input {name} has shape {list(a.shape)}, not {list(spec['shape'])}")
             buffer.write(a)
-        self.model.run_by_index(0, self._in, self._out)
-        result = {}
-        for name, buffer in zip(self.output_names, self._out, strict=True):
+        self.model.run_by_name(self.key, self._in, self._out)
+        result = {
+            out: np.array(arrays[given], dtype=self.outputs[out]["dtype"]) for out, given in self.passthrough.items()
+        }
+        for name, buffer in self._out.items():
             spec = self.outputs[name]
+            if name in self.passthrough:
+                continue
             result[name] = buffer.read(int(np.prod(spec["shape"])), spec["dtype"]).reshape(spec["shape"])
-        return result
+        return {name: result[name] for name in self.output_names}
+
+
+def passthrough_outputs(path: Path) -> dict[str, str]:
+    """Outputs of the file's first signature that are one of its inputs: {output name: input name}."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(path.read_bytes(), 0)
+    if not model.SignatureDefsLength():
+        return {}
+    sig = model.SignatureDefs(0)
+    inputs = {sig.Inputs(i).TensorIndex(): sig.Inputs(i).Name().decode() for i in range(sig.InputsLength())}
+    outputs = [(sig.Outputs(i).Name().decode(), sig.Outputs(i).TensorIndex()) for i in range(sig.OutputsLength())]
+    return {name: inputs[index] for name, index in outputs if index in inputs}
 
 
 _ADAPTER_SEEN: dict[str, str] = {}  # Dawn names the adapter once per process, when the first model compiles

@@ -32,6 +32,9 @@ class RewriteConfig:
     split: bool = True
     timestep: bool = True  # the UNet's timestep projection as a matmul (MobileTimesteps), not a broadcast MUL
     split_threshold: int = 2**23
+    # the largest attention-score tensor (fp16 bytes) computed at once; larger ones go in query blocks.
+    # SD 1.5's 64x64 self-attention holds 512 MiB of scores, past a GPU's largest buffer (lavapipe's: 128 MiB)
+    attention_bytes: int = 2**26
 
     def disabled(self, *names: str) -> RewriteConfig:
         out = copy.copy(self)
@@ -105,7 +108,11 @@ class SafeGELU(nn.Module):
 
 class MobileAttnProcessor:
     """diffusers attention with heads folded into the batch: every tensor is at most 3-D (4-D input only
-    at the VAE's spatial attention entry/exit), and softmax(QK^T * scale)V is spelled out."""
+    at the VAE's spatial attention entry/exit), and softmax(QK^T * scale)V is spelled out, in blocks of
+    queries where the scores would pass `max_bytes` in fp16 (a GPU allocates each op's output whole)."""
+
+    def __init__(self, max_bytes: int = 2**26):
+        self.max_bytes = max_bytes
 
     def __call__(
         self,
@@ -146,8 +153,11 @@ class MobileAttnProcessor:
         q = fold(query, q_len) * attn.scale
         k = fold(key, kv_len)
         v = fold(value, kv_len)
-        probs = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
-        out = torch.bmm(probs, v)
+        blocks = math.ceil(batch * heads * q_len * kv_len * 2 / self.max_bytes)
+        step = math.ceil(q_len / blocks)
+        kt = k.transpose(1, 2)
+        outs = [torch.bmm(torch.softmax(torch.bmm(q[:, i : i + step], kt), dim=-1), v) for i in range(0, q_len, step)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).reshape(batch, q_len, heads * head_dim)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -261,11 +271,11 @@ def apply_rewrites(module: nn.Module, config: RewriteConfig | None = None) -> nn
     config = config or RewriteConfig()
     module = copy.deepcopy(module).eval()
     if config.attention and hasattr(module, "set_attn_processor"):
-        module.set_attn_processor(MobileAttnProcessor())
+        module.set_attn_processor(MobileAttnProcessor(config.attention_bytes))
     elif config.attention:
         for sub in module.modules():
             if type(sub).__name__ == "Attention" and hasattr(sub, "set_processor"):
-                sub.set_processor(MobileAttnProcessor())
+                sub.set_processor(MobileAttnProcessor(config.attention_bytes))
     for parent in list(module.modules()):
         if config.attention and type(parent).__name__ == "CLIPEncoderLayer":
             parent.self_attn = MobileTextAttention(parent.self_attn)
