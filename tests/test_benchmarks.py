@@ -193,7 +193,9 @@ def test_the_ruler_average_weighs_each_task_alike_and_shows_the_share_of_full():
 
     summary = [row("a", "full", None, 100.0), row("b", "full", None, 50.0)]
     summary += [row("a", "kvzip", 0.25, 100.0), row("b", "kvzip", 0.25, 0.0), row("a", "snapkv", 0.25, 50.0)]
+    summary += [row("a", "token_sparse", None, 100.0), row("b", "token_sparse", None, 25.0)]  # no budget
     table = average_table(summary)
     assert "| full | 75.0 |" in table and "| kvzip | 50.0 (67%) |" in table
+    assert "| token_sparse | 62.5 (83%) |" in table  # a budget-less method stands in the budget's column
     assert "| snapkv | - |" in table  # a method missing a task has no average
     assert "mean of 2 tasks, 2 samples each" in table

@@ -601,3 +601,23 @@ def test_an_input_handed_on_as_an_output_comes_back(tmp_path):
         out = CompiledRunner(tmp_path / "h.tflite", accelerator)(args_0=x.numpy(), args_1=skip.numpy())
         assert np.array_equal(out["output_1"], skip.numpy()), accelerator
         assert np.allclose(out["output_0"], 2 * x.numpy(), rtol=1e-3), accelerator
+
+
+def test_attention_in_query_blocks_stays_in_blocks_after_conversion(tmp_path):
+    """Past `attention_bytes` no tensor of the exported attention holds the whole score matrix: the
+    converter folds cat(softmax(s_i) V) back into one softmax over all scores, so blocks normalise
+    after their product with V (SD 1.5's 64x64 attention needed a 512 MiB GPU buffer otherwise)."""
+    from diffusers.models.attention_processor import Attention
+
+    from squeezegen.mobile.check import op_census
+    from squeezegen.mobile.export import convert_module
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).eval()
+    x = torch.randn(1, 256, 32)
+    want = attn(x)
+    attn.set_processor(rw.MobileAttnProcessor(max_bytes=2**14))  # scores 2 x 256 x 256 x 2 B = 256 KiB
+    assert torch.allclose(attn(x), want, atol=1e-5)
+    convert_module(attn, (x,), tmp_path / "attn.tflite", "fp32")
+    largest = max(int(np.prod(t["shape"])) for op in op_census(tmp_path / "attn.tflite") for t in op["outputs"])
+    assert largest * 2 <= 2**14

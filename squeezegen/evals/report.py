@@ -91,7 +91,8 @@ def average_table(summary: list[dict]) -> str:
             for mode in modes:
                 full = mean.get(("full", mode, None))
                 for budget in budgets:
-                    value = mean.get((method, mode, None if method == "full" else budget))
+                    # a method without a budget (full; TSA keeps the whole cache) stands in every column
+                    value = mean.get((method, mode, budget), mean.get((method, mode, None)))
                     if value is None:
                         cells.append("-")
                     elif method == "full" or not full:

@@ -154,10 +154,18 @@ class MobileAttnProcessor:
         k = fold(key, kv_len)
         v = fold(value, kv_len)
         blocks = math.ceil(batch * heads * q_len * kv_len * 2 / self.max_bytes)
-        step = math.ceil(q_len / blocks)
         kt = k.transpose(1, 2)
-        outs = [torch.bmm(torch.softmax(torch.bmm(q[:, i : i + step], kt), dim=-1), v) for i in range(0, q_len, step)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if blocks == 1:
+            out = torch.bmm(torch.softmax(torch.bmm(q, kt), dim=-1), v)
+        else:  # each block normalised after its product with V: cat(softmax(s_i) V) is folded back by the
+            # converter into one softmax(s) V over the whole score tensor, cat(exp(s_i) V / sum) is not
+            step = math.ceil(q_len / blocks)
+            outs = []
+            for i in range(0, q_len, step):
+                scores = torch.bmm(q[:, i : i + step], kt)
+                weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+                outs.append(torch.bmm(weights, v) / weights.sum(dim=-1, keepdim=True))
+            out = torch.cat(outs, dim=1)
         out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).reshape(batch, q_len, heads * head_dim)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
