@@ -425,6 +425,13 @@ def test_cli_unknown_recipe(tmp_path, capsys):
     assert "unknown recipe 'int3'" in line and "int8-weight-only" in line
 
 
+def test_cli_export_refuses_a_tiny_attention_block(tmp_path, capsys):
+    argv = ["mobile", "export", "--model", "tiny-sd", "--out", str(tmp_path / "o"), "--attention-bytes", "0"]
+    assert main(argv) == 2
+    (line,) = _error_line(capsys)
+    assert "--attention-bytes 0" in line and "65536" in line and not (tmp_path / "o").exists()
+
+
 def test_cli_generate_and_check_errors(tmp_path, capsys):
     assert main(["mobile", "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in _error_line(capsys)[0]

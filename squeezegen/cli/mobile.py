@@ -59,7 +59,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from squeezegen.mobile.export import export_pipeline, module_files
     from squeezegen.mobile.rewrites import RewriteConfig
 
-    rewrites = RewriteConfig(split_threshold=args.split_threshold).disabled(*args.no_rewrite)
+    if args.attention_bytes < 2**16:
+        raise SqueezegenError(f"--attention-bytes {args.attention_bytes} is too small: give at least 65536 (64 KiB)")
+    rewrites = RewriteConfig(split_threshold=args.split_threshold, attention_bytes=args.attention_bytes)
+    rewrites = rewrites.disabled(*args.no_rewrite)
     manifest = export_pipeline(
         args.model,
         args.out,
@@ -294,6 +297,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="disable GPU-safe rewrites (to see what they fix)",
     )
     p.add_argument("--split-threshold", type=int, default=2**23, help="largest conv/linear weight kept whole")
+    p.add_argument(
+        "--attention-bytes",
+        type=int,
+        default=2**26,
+        help="largest attention-score tensor (fp16 bytes) computed at once; larger ones go in query blocks "
+        "(a GPU's largest buffer: 128 MiB on lavapipe)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = msub.add_parser(
