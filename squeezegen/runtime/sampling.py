@@ -71,9 +71,6 @@ class LogitRules:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
 
-    def active(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.min_tokens > 0
-
     def apply(
         self, logits: torch.Tensor, seen: torch.Tensor | None, generated: int, stop_ids: set[int]
     ) -> torch.Tensor:
