@@ -227,30 +227,19 @@ def test_a_folder_where_a_result_file_goes_is_refused_before_any_work(capsys, tm
     assert "perplexity" not in out  # nothing was measured
 
 
-def test_resuming_with_a_read_only_lock_file_is_refused_in_one_line(capsys, open_tmp):
+@pytest.mark.parametrize("name", ["eval.lock", "records.jsonl"])
+def test_resuming_with_a_read_only_run_file_is_refused_in_one_line_and_it_is_kept(capsys, open_tmp, name):
     out = open_tmp / "run"
     argv = ["eval", *TINY_BENCH, "--contexts", "256", "--samples", "1", "--methods", "snapkv", "--out", str(out)]
     assert run(capsys, *argv)[0] == 0
     out.chmod(0o777)
     for path in out.iterdir():
-        path.chmod(0o444 if path.name == "eval.lock" else 0o666)
+        path.chmod(0o444 if path.name == name else 0o666)
+    before = (out / name).read_bytes()
     with as_a_user():
         code, _, err = run(capsys, *argv, "--resume")
-    assert_one_line(code, err, "eval.lock")
-
-
-def test_resuming_into_an_unwritable_records_file_is_refused_and_it_is_kept(capsys, open_tmp):
-    out = open_tmp / "run"
-    argv = ["eval", *TINY_BENCH, "--contexts", "256", "--samples", "1", "--methods", "snapkv", "--out", str(out)]
-    assert run(capsys, *argv)[0] == 0
-    out.chmod(0o777)
-    for path in out.iterdir():
-        path.chmod(0o444 if path.name == "records.jsonl" else 0o666)
-    before = (out / "records.jsonl").read_bytes()
-    with as_a_user():
-        code, _, err = run(capsys, *argv, "--resume")
-    assert_one_line(code, err, "records.jsonl")
-    assert (out / "records.jsonl").read_bytes() == before
+    assert_one_line(code, err, name)
+    assert (out / name).read_bytes() == before
 
 
 def test_an_eval_whose_model_does_not_load_leaves_no_folder_behind(capsys, tmp_path):
