@@ -27,11 +27,13 @@ def test_dense_kernel_equals_the_product(weight_dtype, x_dtype, tokens, shape):
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_each_row_of_a_batch_gets_the_bits_it_gets_alone(weight_dtype):
-    weight = torch.randn(515, 520).to(weight_dtype)  # a partial block of four rows, a tail of columns
-    rows = torch.randn(6, 520)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])  # bf16 x by bf16 weights: the bf16 path
+@pytest.mark.parametrize("count", [6, 16])  # a partial tile of tokens; the most a call takes
+def test_each_row_of_a_batch_gets_the_bits_it_gets_alone(weight_dtype, x_dtype, count):
+    weight = torch.randn(515, 530).to(weight_dtype)  # a partial block of four rows, a tail of columns
+    rows = torch.randn(count, 530).to(x_dtype)
     together = native.dense_linear(rows, weight)
-    assert all(torch.equal(together[i], native.dense_linear(rows[i : i + 1], weight)[0]) for i in range(6))
+    assert all(torch.equal(together[i], native.dense_linear(rows[i : i + 1], weight)[0]) for i in range(count))
 
 
 def test_what_the_kernel_does_not_take_is_left_to_torch():

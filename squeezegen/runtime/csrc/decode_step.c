@@ -231,6 +231,10 @@ static int project(const Model *m, const Proj *p, const float *x, int tokens, fl
         }
     } else {
         int blocks = (p->out + 3) / 4;
+        const uint16_t *x_bf16 = NULL; /* a bf16 model's activations are bf16 values */
+        if (p->kind == PROJ_DENSE && m->bf16 && p->weight_kind == 1 &&
+            !(x_bf16 = sg_bf16_copy(x, (size_t)tokens * p->in)))
+            return 1;
 #pragma omp parallel num_threads(m->threads)
         {
             int part = omp_get_thread_num(), parts = omp_get_num_threads();
@@ -238,7 +242,7 @@ static int project(const Model *m, const Proj *p, const float *x, int tokens, fl
             if (end > p->out) end = p->out;
             if (begin < end) {
                 if (p->kind == PROJ_DENSE)
-                    sg_dense_rows(p->weight, p->weight_kind, p->in, begin, end, x, tokens, y, p->out);
+                    sg_dense_rows(p->weight, p->weight_kind, p->in, begin, end, x, x_bf16, tokens, y, p->out);
                 else
                     sg_int4_rows(p->weight, p->scales, p->mins, p->group, p->in, begin, end, x, tokens, y, p->out);
             }

@@ -135,44 +135,170 @@ static void eight_rows_dot(const void *w, int kind, int o, int n, const float *x
 }
 #endif
 
-/* out[r * tokens + t] = row (o + r) . x[t] for `rows` (<= 4) consecutive rows */
-static void rows_dot(const void *w, int kind, int o, int rows, int n, const float *x, int tokens, float *out) {
+/* sums[r * TOKENS + t] = row (o + r) . x[t] for ROWS consecutive rows and TOKENS tokens, each
+ * pair's sum in a register of its own (ROWS * TOKENS <= 16 of them), so that a weight vector,
+ * widened once, serves every token and a vector of x every row: a batch's rows cost arithmetic,
+ * not another read of the weights. Each pair is summed in the very order of four_rows_dot, so a
+ * row of a batch gets the bits it gets alone. Inlined with the counts as constants (the loops
+ * unroll and the sums stay in registers). */
+static inline __attribute__((always_inline)) void tile_dot(const void *w, int kind, int o, int n,
+                                                           const float *const *x, float *sums, const int ROWS,
+                                                           const int TOKENS) {
     int j = 0;
 #if defined(__AVX512F__)
-    __m512 acc[4][MAX_TOKENS];
-    for (int r = 0; r < rows; r++)
-        for (int t = 0; t < tokens; t++) acc[r][t] = _mm512_setzero_ps();
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm512_setzero_ps();
     for (; j + 16 <= n; j += 16) {
-        for (int r = 0; r < rows; r++) {
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) xv[t] = _mm512_loadu_ps(x[t] + j);
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
             __m512 wv = load16(w, kind, (size_t)(o + r) * n + j);
-            for (int t = 0; t < tokens; t++)
-                acc[r][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)t * n + j), acc[r][t]);
+#pragma GCC unroll 4
+            for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int t = 0; t < tokens; t++) out[r * tokens + t] = _mm512_reduce_add_ps(acc[r][t]);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = _mm512_reduce_add_ps(acc[r][t]);
 #elif defined(__AVX2__)
-    __m256 acc[4][MAX_TOKENS];
-    for (int r = 0; r < rows; r++)
-        for (int t = 0; t < tokens; t++) acc[r][t] = _mm256_setzero_ps();
+    __m256 acc[4][3];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm256_setzero_ps();
     for (; j + 8 <= n; j += 8) {
-        for (int r = 0; r < rows; r++) {
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
             __m256 wv = load8(w, kind, (size_t)(o + r) * n + j);
-            for (int t = 0; t < tokens; t++)
-                acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)t * n + j), acc[r][t]);
+#pragma GCC unroll 4
+            for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + j), acc[r][t]);
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int t = 0; t < tokens; t++) out[r * tokens + t] = hsum(acc[r][t]);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = hsum(acc[r][t]);
 #else
-    for (int r = 0; r < rows; r++)
-        for (int t = 0; t < tokens; t++) out[r * tokens + t] = 0.0f;
+    for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = 0.0f;
 #endif
     for (; j < n; j++)
-        for (int r = 0; r < rows; r++) {
+        for (int r = 0; r < ROWS; r++) {
             float wv = widen(w, kind, (size_t)(o + r) * n + j);
-            for (int t = 0; t < tokens; t++) out[r * tokens + t] += wv * x[(size_t)t * n + j];
+            for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] += wv * x[t][j];
         }
+}
+
+#ifdef __AVX512BF16__
+/* tile_dot for bfloat16 weights and bfloat16 x (a bf16 model's activations are bf16 values): one
+ * instruction multiplies 32 pairs, each product exact in float32, and adds them into 16 lanes in
+ * a fixed order (odd then even element), twice the multiply-adds an instruction of the float32
+ * path and no widening. Every count of rows and tokens sums a pair in the same order, so a row of
+ * a batch gets the bits it gets alone. The weights 2 * ROWS rows ahead are prefetched. */
+static inline __attribute__((always_inline)) void bf16_tile_dot(const uint16_t *w, int o, int n,
+                                                                const uint16_t *const *x, float *sums,
+                                                                const int ROWS, const int TOKENS) {
+    __m512 acc[8][4];
+    const uint16_t *row = w + (size_t)o * n;
+    const char *next = (const char *)(row + 2 * (size_t)ROWS * n);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512bh xv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + j);
+#pragma GCC unroll 8
+        for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch(next + ((size_t)r * n + j) * 2, _MM_HINT_T1);
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(row + (size_t)r * n + j);
+#pragma GCC unroll 4
+            for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = _mm512_reduce_add_ps(acc[r][t]);
+    for (; j < n; j++)
+        for (int r = 0; r < ROWS; r++) {
+            float wv = widen(w, 1, (size_t)(o + r) * n + j);
+            for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] += wv * widen(x[t], 1, j);
+        }
+}
+
+/* Rows [o_begin, o_end) of bf16 weights for every token of bf16 x: eight rows a pass for one
+ * token (its loads in flight), four rows by four tokens otherwise. */
+static void bf16_rows(const uint16_t *w, int in, int o_begin, int o_end, const uint16_t *x, int tokens, float *y,
+                      int y_stride) {
+    int o = o_begin;
+    float sums[32];
+    const uint16_t *xt[4];
+    if (tokens == 1) {
+        xt[0] = x;
+        for (; o + 8 <= o_end; o += 8) {
+            bf16_tile_dot(w, o, in, xt, sums, 8, 1);
+            for (int r = 0; r < 8; r++) y[o + r] = sums[r];
+        }
+    }
+    for (; o < o_end; o += 4) {
+        int rows = o_end - o < 4 ? o_end - o : 4;
+        for (int t0 = 0; t0 < tokens; t0 += 4) {
+            int step = tokens - t0 < 4 ? tokens - t0 : 4;
+            for (int t = 0; t < step; t++) xt[t] = x + (size_t)(t0 + t) * in;
+            if (rows == 4 && step == 4) bf16_tile_dot(w, o, in, xt, sums, 4, 4);
+            else if (rows == 4 && step == 3) bf16_tile_dot(w, o, in, xt, sums, 4, 3);
+            else if (rows == 4 && step == 2) bf16_tile_dot(w, o, in, xt, sums, 4, 2);
+            else if (rows == 4) bf16_tile_dot(w, o, in, xt, sums, 4, 1);
+            else
+                for (int r = 0; r < rows; r++)
+                    for (int t = 0; t < step; t++) bf16_tile_dot(w, o + r, in, xt + t, sums + r * step + t, 1, 1);
+            for (int r = 0; r < rows; r++)
+                for (int t = 0; t < step; t++) y[(size_t)(t0 + t) * y_stride + o + r] = sums[r * step + t];
+        }
+    }
+}
+#endif
+
+/* Tokens a tile serves at once: the registers hold ROWS * TILE_TOKENS sums (AVX2 has half the
+ * registers of AVX512) */
+#if defined(__AVX512F__)
+#define TILE_TOKENS 4
+#else
+#define TILE_TOKENS 3
+#endif
+
+/* Rows o .. o + rows - 1 (rows <= 4) for every token, TILE_TOKENS tokens a pass (the rows'
+ * weights stay in the L1 cache between passes) */
+static void rows_dot(const void *w, int kind, int o, int rows, int n, const float *x, int tokens, float *y,
+                     int y_stride) {
+    for (int t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
+        int step = tokens - t0 < TILE_TOKENS ? tokens - t0 : TILE_TOKENS;
+        const float *xt[4];
+        float sums[16];
+        for (int t = 0; t < step; t++) xt[t] = x + (size_t)(t0 + t) * n;
+#define TILE(R, T) tile_dot(w, kind, o, n, xt, sums, R, T)
+        switch (rows * 8 + step) {
+        case 4 * 8 + 4: TILE(4, 4); break;
+        case 4 * 8 + 3: TILE(4, 3); break;
+        case 4 * 8 + 2: TILE(4, 2); break;
+        case 4 * 8 + 1: TILE(4, 1); break;
+        default:
+            for (int r = 0; r < rows; r++)
+                for (int t = 0; t < step; t++) tile_dot(w, kind, o + r, n, xt + t, sums + r * step + t, 1, 1);
+        }
+#undef TILE
+        for (int r = 0; r < rows; r++)
+            for (int t = 0; t < step; t++) y[(size_t)(t0 + t) * y_stride + o + r] = sums[r * step + t];
+    }
 }
 
 /* A thread's scratch of at least `n` floats (kept between calls); 0 when memory runs out. */
@@ -196,8 +322,13 @@ static void store(void *y, int bf16, size_t i, float v) {
     ((uint16_t *)y)[i] = (uint16_t)(bits >> 16);
 }
 
-void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, int tokens, float *y,
-                   int y_stride) {
+void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, const uint16_t *x_bf16,
+                   int tokens, float *y, int y_stride) {
+#ifdef __AVX512BF16__
+    if (x_bf16 && kind == 1) return bf16_rows(w, in, o_begin, o_end, x_bf16, tokens, y, y_stride);
+#else
+    (void)x_bf16;
+#endif
     for (int o = o_begin; o < o_end; o += 4) {
         int rows = o_end - o < 4 ? o_end - o : 4;
         float sums[4 * MAX_TOKENS];
@@ -209,13 +340,26 @@ void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, cons
             continue;
         }
 #endif
-        if (tokens == 1 && rows == 4)
+        if (tokens == 1 && rows == 4) {
             four_rows_dot(w, kind, o, in, x, sums);
-        else
-            rows_dot(w, kind, o, rows, in, x, tokens, sums);
-        for (int r = 0; r < rows; r++)
-            for (int t = 0; t < tokens; t++) y[(size_t)t * y_stride + o + r] = sums[r * tokens + t];
+            for (int r = 0; r < 4; r++) y[o + r] = sums[r];
+        } else {
+            rows_dot(w, kind, o, rows, in, x, tokens, y, y_stride);
+        }
     }
+}
+
+const uint16_t *sg_bf16_copy(const float *x, size_t n) {
+    static __thread float *buffer = NULL;
+    static __thread size_t capacity = 0;
+    if (!grow(&buffer, &capacity, n / 2 + 1)) return NULL;
+    uint16_t *out = (uint16_t *)buffer;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, x + i, 4);
+        out[i] = (uint16_t)(bits >> 16);
+    }
+    return out;
 }
 
 /* Returns 0, or 1 when the input does not fit the kernel (too many tokens) or memory runs out. */
@@ -226,6 +370,7 @@ int sg_dense_linear(const void *x, void *y, int bf16, int tokens, int in_feature
     static __thread size_t x_capacity = 0, y_capacity = 0;
     size_t floats = (size_t)tokens * in_features, outs = (size_t)tokens * out_features;
     if (!grow(&xf, &x_capacity, floats) || !grow(&yf, &y_capacity, outs)) return 1;
+    /* float32 x for every path (bf16 x also goes as it is: bf16 weights multiply it directly) */
     for (size_t i = 0; i < floats; i++) {
         if (bf16) {
             uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
@@ -243,7 +388,8 @@ int sg_dense_linear(const void *x, void *y, int bf16, int tokens, int in_feature
         int part = omp_get_thread_num(), parts = omp_get_num_threads();
         int begin = 4 * (int)((long)blocks * part / parts), end = 4 * (int)((long)blocks * (part + 1) / parts);
         if (end > out_features) end = out_features;
-        if (begin < end) sg_dense_rows(w, kind, in_features, begin, end, xs, tokens, ys, out_features);
+        if (begin < end)
+            sg_dense_rows(w, kind, in_features, begin, end, xs, bf16 ? x : NULL, tokens, ys, out_features);
     }
     for (size_t i = 0; i < outs; i++) store(y, bf16, i, ys[i]);
     return 0;

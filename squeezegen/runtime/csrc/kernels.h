@@ -12,9 +12,16 @@
 
 #define SG_MAX_TOKENS 16 /* at most this many tokens per call */
 
-/* w (out, in) row-major: float32 (kind 0), bfloat16 (1) or float16 (2) */
-void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, int tokens, float *y,
-                   int y_stride);
+/* w (out, in) row-major: float32 (kind 0), bfloat16 (1) or float16 (2). x_bf16, where given, is x
+ * as bfloat16 (x's values must be bf16 values, as a bf16 model's are): bf16 weights then take the
+ * CPU's bf16 dot-product instruction where it has one (its own fixed order of sums, the same
+ * whatever the rows and tokens). */
+void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, const uint16_t *x_bf16,
+                   int tokens, float *y, int y_stride);
+
+/* x (n floats holding bf16 values) as bfloat16, in the calling thread's buffer (valid until its
+ * next call); NULL when memory runs out */
+const uint16_t *sg_bf16_copy(const float *x, size_t n);
 
 /* 4-bit weights in groups of `group` (a multiple of 32) along `in`, w[o, j] = q * scale + min with
  * q in 0..15, as GGUF's Q4_1 stores them: packed (out, in / 2) bytes, each group of 32 weights in
