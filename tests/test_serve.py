@@ -222,6 +222,42 @@ def test_concurrent_requests_batch_and_each_equals_generate(running):
     assert answers == refs
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_running_streams():
+    """While a stream decodes, a long prompt goes in chunks of --prefill-tokens, each followed by a
+    decode step, and still answers as `sg.generate` does; with nothing decoding it goes at once."""
+    server = Running(prefill_tokens=16)
+    scheduler, events = server.server.scheduler, []
+    chunk, step = scheduler._prefill_chunk, scheduler._step_batch
+    scheduler._prefill_chunk = lambda: (chunk(), events.append(("chunk", scheduler.prefilling)))
+    scheduler._step_batch = lambda: (step(), events.append(("step", len(scheduler.batch_jobs))))
+    try:
+        long_text = prompt(server.tok, 90, seed=91)
+        ref = sg.generate(server.model, server.tok, long_text, max_new_tokens=8, chat=True).texts[0]
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/completions",
+            json={"model": MODEL, "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True},
+            timeout=60,
+        ) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the stream decodes
+            events.clear()
+            reply = server.client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": long_text}], max_tokens=8, temperature=0
+            )
+        assert reply.choices[0].message.content == ref
+        chunks = [i for i, (kind, _) in enumerate(events) if kind == "chunk"]
+        assert len(chunks) >= reply.usage.prompt_tokens // 16  # 16 tokens a chunk
+        assert all(events[i + 1][0] == "step" and events[i + 1][1] >= 1 for i in chunks)  # the stream went on
+        events.clear()  # alone, the same prompt is one call
+        server.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": long_text}], max_tokens=2, temperature=0
+        )
+        assert [kind for kind, _ in events].count("chunk") == 1
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(
     "body, status, param",
     [

@@ -26,6 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         cache_bytes=args.cache_bytes,
         max_tokens=args.max_tokens,
+        prefill_tokens=args.prefill_tokens,
     )
     server = GracefulServer(Server(model, tok, config), sock, args.grace)
     print(f"{common.dtype_line(args)}; serving on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)")
@@ -61,6 +62,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=common.positive_int, default=64, help="requests waiting; more get 429")
     p.add_argument("--cache-bytes", type=common.positive_int, default=2**30, help="bytes of stored documents (LRU)")
     p.add_argument("--max-tokens", type=common.positive_int, default=256, help="for requests that give none")
+    p.add_argument(
+        "--prefill-tokens",
+        type=common.positive_int,
+        default=256,
+        help="the most prompt tokens prefilled between two decode steps while other requests decode (an "
+        "uncompressed prompt goes in chunks that take about as long as a decode step, so running streams keep flowing)",
+    )
     p.add_argument(
         "--grace",
         type=grace_arg,

@@ -42,6 +42,7 @@ class ServerConfig:
     max_queue: int = 64
     cache_bytes: int = 2**30
     max_tokens: int = 256  # when a request gives none
+    prefill_tokens: int = 256  # the most prompt tokens between two decode steps (scheduler.py)
 
 
 class Server:
@@ -53,7 +54,9 @@ class Server:
         self.eos = _eos_ids(model, tokenizer)
         self.vocab = model.get_input_embeddings().num_embeddings
         self.documents = DocumentStore(config.cache_bytes)
-        self.scheduler = Scheduler(model, tokenizer, config.max_batch, config.max_queue, self.documents)
+        self.scheduler = Scheduler(
+            model, tokenizer, config.max_batch, config.max_queue, self.documents, prefill_tokens=config.prefill_tokens
+        )
         self.metrics = ServerMetrics(
             config.model_name,
             running=self.scheduler.running,

@@ -6,6 +6,13 @@ TSA, KVzip, and questions on stored documents) decode together: rows of a batch 
 so a row joins at a step boundary and leaves as soon as it is done. Methods that rewrite the cache
 while decoding (H2O, TOVA, StreamingLLM, RPC) keep state per engine: each such request decodes on
 its own, stepped in the same loop.
+
+A prompt the method does not compress (the full cache, or a method that acts only while
+decoding) is prefilled in chunks between decode steps while other requests decode, so a long
+prompt arriving does not stop their streams for its whole prefill. A chunk is sized to take about
+as long as a decode step (from the measured rates, at most `prefill_tokens`), so the streams'
+inter-token latency about doubles while a prompt goes in, rather than growing with its length. A
+prompt that is compressed, or that arrives when nothing decodes, is prefilled in one call.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.batching import batchable, stack, take
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import prefill_rows
-from squeezegen.runtime.hooks import Method
+from squeezegen.runtime.hooks import PREFILL_HOOKS, Method
 from squeezegen.runtime.sampling import LogitRules, Sampler
 from squeezegen.runtime.text import RowText
 
@@ -78,6 +85,8 @@ class Job:
     last_token_at: float | None = None  # perf_counter of the previous token (inter-token latency)
     token: int = 0
     prompt_tokens: int = 0
+    engine: Engine | None = None  # while its prompt is prefilled in chunks
+    fed: int = 0  # prompt tokens prefilled so far (chunked)
     kv_bytes: int = 0
     first_token_s: float = 0.0
 
@@ -117,15 +126,31 @@ class DocumentStore:
             return sum(d.nbytes for d in self.items.values())
 
 
+def _average(old: float, new: float) -> float:
+    """A running average that follows the last few values (the first one taken as it is)."""
+    return new if not old else 0.8 * old + 0.2 * new
+
+
 class Scheduler(threading.Thread):
     """Admits, prefills and steps requests until stopped; `submit` is safe from any thread."""
 
     def __init__(
-        self, model, tokenizer, max_batch: int, max_queue: int, documents: DocumentStore, metrics=None
+        self,
+        model,
+        tokenizer,
+        max_batch: int,
+        max_queue: int,
+        documents: DocumentStore,
+        metrics=None,
+        prefill_tokens: int = 256,
     ) -> None:
         super().__init__(name="squeezegen-scheduler", daemon=True)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_tokens = prefill_tokens  # the most prompt tokens between two decode steps
+        self.prefilling: Job | None = None  # the request whose prompt goes in chunks
+        self.step_s = 0.0  # a decode step's time and prefill's tokens/s, running averages
+        self.prefill_rate = 0.0
         self.documents = documents
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: collections.deque[Job] = collections.deque()
@@ -152,6 +177,9 @@ class Scheduler(threading.Thread):
             self.wake.notify()
 
     def running(self) -> int:
+        return self.decoding() + (self.prefilling is not None)
+
+    def decoding(self) -> int:
         return len(self.batch_jobs) + len(self.apart)
 
     def queued(self) -> int:
@@ -172,28 +200,74 @@ class Scheduler(threading.Thread):
                         self.wake.wait()
                     if self.stopping:
                         break
-                    job = self.waiting.popleft() if self.waiting and self.running() < self.max_batch else None
+                    free = self.prefilling is None and self.running() < self.max_batch
+                    job = self.waiting.popleft() if self.waiting and free else None
                 if job is not None:
                     self._admit(job)
+                if self.prefilling is not None:
+                    self._prefill_chunk()
                 self._step()
-        for job in [*self.waiting, *self.batch_jobs, *(j for _, j in self.apart)]:
+        prefilling = [self.prefilling] if self.prefilling is not None else []
+        for job in [*self.waiting, *prefilling, *self.batch_jobs, *(j for _, j in self.apart)]:
             job.emit("error", (503, "the server is shutting down: retry on another server"))
 
+    @staticmethod
+    def _failed(job: Job, exc: Exception) -> None:
+        """One failing request fails alone: a bad input is 400, a bug 500, and the server goes on."""
+        if isinstance(exc, SqueezegenError):
+            job.emit("error", (400, str(exc)))
+        else:
+            job.emit("error", (500, f"internal error: {type(exc).__name__}: {exc}"))
+
     def _admit(self, job: Job) -> None:
-        """Prefill a new request and choose its first token; one failing request fails alone."""
+        """Prefill a new request and choose its first token, or start its chunked prefill."""
         if job.cancelled:
             return
         try:
             if job.store is not None:
                 self._store(job)
                 return
+            if job.document is None and not job.method.hooks() & PREFILL_HOOKS:
+                job.engine = Engine(self.model, job.method, reserve=job.max_tokens - 1, tokenizer=self.tokenizer)
+                self.prefilling = job
+                return
             engine = self._prefill(job)
-        except SqueezegenError as exc:
-            job.emit("error", (400, str(exc)))
-            return
         except Exception as exc:  # noqa: BLE001 - a bug in one request must not stop the server
-            job.emit("error", (500, f"internal error: {type(exc).__name__}: {exc}"))
+            self._failed(job, exc)
             return
+        self._start(job, engine)
+
+    def _chunk_size(self) -> int:
+        """Prompt tokens that take about as long as a decode step (16 to `prefill_tokens`)."""
+        if not self.prefill_rate:
+            return min(32, self.prefill_tokens)
+        return max(min(16, self.prefill_tokens), min(self.prefill_tokens, round(self.step_s * self.prefill_rate)))
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the chunked prompt while others decode, or all the rest when none does."""
+        job = self.prefilling
+        ids = [t for chunk in job.chunks for t in chunk]  # nothing is compressed: the chunks are one text
+        size = min(self._chunk_size() if self.decoding() else len(ids), len(ids) - job.fed)
+        try:
+            if job.cancelled:
+                self.prefilling = None
+                return
+            start = time.perf_counter()
+            logits = job.engine.prefill(torch.tensor([ids[job.fed : job.fed + size]]), compress=False)
+            self.prefill_rate = _average(self.prefill_rate, size / (time.perf_counter() - start))
+            job.fed += size
+            if job.fed < len(ids):
+                return
+            self.prefilling, engine, job.engine = None, job.engine, None
+            self._first_token(job, engine, logits)
+        except Exception as exc:  # noqa: BLE001
+            self.prefilling = None
+            self._failed(job, exc)
+            return
+        self._start(job, engine)
+
+    def _start(self, job: Job, engine: Engine) -> None:
+        """A prefilled request: finished already, or into the shared batch or a decode of its own."""
         if job.text.finish:
             job.kv_bytes = engine.cache.peak_bytes
             self._finish(job)
@@ -215,6 +289,11 @@ class Scheduler(threading.Thread):
         else:
             engine = Engine(self.model, job.method, reserve=reserve, tokenizer=self.tokenizer)
             logits = prefill_rows(engine, [job.chunks], self.pad_id)
+        self._first_token(job, engine, logits)
+        return engine
+
+    def _first_token(self, job: Job, engine: Engine, logits: torch.Tensor) -> None:
+        """The prompt's logits (1, V) given: the request's text, its first token and its TTFT."""
         job.prompt_tokens = int(engine.prompt_lengths[0])
         job.text = RowText(self.tokenizer, job.eos, job.stops, job.rules.min_tokens)
         if job.rules.repetition_penalty != 1.0:  # a stored document's own tokens are not kept: its question's are
@@ -222,7 +301,6 @@ class Scheduler(threading.Thread):
             job.seen[[t for chunk in job.chunks for t in chunk]] = True
         self._take(job, logits)
         job.first_token_s = time.perf_counter() - job.started
-        return engine
 
     def _store(self, job: Job) -> None:
         engine = Engine(self.model, job.method, tokenizer=self.tokenizer)
@@ -287,7 +365,9 @@ class Scheduler(threading.Thread):
     def _step_batch(self) -> None:
         if self.batch is None:
             return
+        start = time.perf_counter()
         logits = self.batch.decode(torch.tensor([j.token for j in self.batch_jobs]))
+        self.step_s = _average(self.step_s, time.perf_counter() - start)
         keep = []
         for row, job in enumerate(self.batch_jobs):
             if job.cancelled:  # the client went away: its slot frees now
