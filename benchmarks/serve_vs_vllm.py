@@ -12,7 +12,13 @@ real prose (`pydoc_data.topics`), cut to the load's token count. Loads:
   own and vLLM + plugin);
 - 64 clients: 64 at once, ~200-token prompts, 32 new tokens: every request answered or refused
   (429), none hung;
-- 4K prompts: 8 clients, ~4000-token prompts, 32 new tokens, full and 25% SnapKV.
+- 4K prompts: 8 clients, ~4000-token prompts, 32 new tokens, full and 25% SnapKV;
+- streams, and streams + arrivals: 8 clients, ~100-token prompts, 256 new tokens, alone and with
+  four ~2000-token prompts arriving 1 s in: how much a long prompt's prefill delays the running
+  streams' tokens (their inter-token p95; latencies in these rows are the 8 streams').
+
+squeezegen runs twice where its prefill chunk matters: with the default `--prefill-tokens 256` and
+with 32 (smoother streams, slower prefill).
 
     .venv/bin/python benchmarks/serve_vs_vllm.py --out docs/results/serve-vs-vllm [--loads decode-heavy ...]
 
@@ -25,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,6 +49,7 @@ from squeezegen.models.bundled import BUNDLED, dequantized_folder
 from squeezegen.runtime.device import host
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"  # the name every server serves it under
 SNAPKV = {"method": "snapkv", "args": {"budget": 0.25}}
 
 
@@ -51,6 +59,8 @@ class Load:
     prompt_tokens: int
     new_tokens: int
     compressed: bool = False  # also run at 25% SnapKV where the server compresses
+    arrivals: int = 0  # long prompts sent 1 s after the clients started (8 new tokens each)
+    arrival_tokens: int = 0
 
 
 LOADS = {
@@ -58,14 +68,18 @@ LOADS = {
     "prefill-heavy": Load(16, 950, 64, compressed=True),
     "64 clients": Load(64, 200, 32),
     "4K prompts": Load(8, 4000, 32, compressed=True),
+    "streams": Load(8, 100, 256),
+    "streams + arrivals": Load(8, 100, 256, arrivals=4, arrival_tokens=2000),
 }
-SERVERS = ("squeezegen", "vllm", "vllm+plugin")
+SMOOTH = "squeezegen, 32-token chunks"  # --prefill-tokens 32: smoother streams, slower prefill
+SERVERS = ("squeezegen", SMOOTH, "vllm", "vllm+plugin")
+SMOOTH_LOADS = ("prefill-heavy", "streams", "streams + arrivals")  # where the chunk size shows
 
 
 def extra_body(server: str, method: dict | None) -> dict:
     """vLLM's ignore_eos, and the method as each server takes it."""
     body: dict = {"ignore_eos": True}
-    if method and server == "squeezegen":
+    if method and server.startswith("squeezegen"):
         body["squeezegen"] = method
     elif method:
         body["vllm_xargs"] = {"squeezegen": json.dumps(method)}
@@ -118,28 +132,40 @@ def summarize(results: list[dict], wall: float) -> dict:
 
 
 async def run_load(port: int, server: str, load: Load, prompts: list[str], method: dict | None, limit_s: float) -> dict:
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=limit_s)
+    async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=limit_s) as c:
+        return await timed_load(c, server, load, prompts, method, limit_s)
+
+
+async def timed_load(client: AsyncOpenAI, server: str, load: Load, prompts: list[str], method, limit_s: float) -> dict:
+    """The clients' requests at once (and the long prompts 1 s later); latencies are of the clients' streams."""
     body = extra_body(server, method)
-    await one_chat(client, "smollm2", prompts[0][:200], 4, body)  # warm-up: first-call costs out of the figures
+    await one_chat(client, MODEL, prompts[0][:200], 4, body)  # warm-up: first-call costs out of the figures
     start = time.perf_counter()
-    tasks = [asyncio.ensure_future(one_chat(client, "smollm2", p, load.new_tokens, body)) for p in prompts]
+    tasks = [asyncio.ensure_future(one_chat(client, MODEL, p, load.new_tokens, body)) for p in prompts[: load.clients]]
+    if load.arrivals:
+        await asyncio.sleep(1.0)
+        tasks += [asyncio.ensure_future(one_chat(client, MODEL, p, 8, body)) for p in prompts[load.clients :]]
     done, pending = await asyncio.wait(tasks, timeout=limit_s)
     for task in pending:  # hung: counted as lost
         task.cancel()
     hung = {"outcome": "lost", "error": "no answer in time", "start": start}
     results = [t.result() if t in done else hung for t in tasks]
-    return summarize(results, time.perf_counter() - start)
+    row = summarize(results[: load.clients], time.perf_counter() - start)
+    if load.arrivals:
+        row["arrived"] = summarize(results[load.clients :], row["wall_s"])
+    return row
 
 
 def start_server(server: str, port: int, log: Path) -> subprocess.Popen:
-    if server == "squeezegen":
-        command = [str(ROOT / ".venv/bin/squeezegen"), "serve", "--model", "smollm2-135m", "--dtype", "bfloat16"]
+    if server.startswith("squeezegen"):
+        command = [str(ROOT / ".venv/bin/squeezegen"), "serve", "--model", MODEL, "--dtype", "bfloat16"]
         command += ["--port", str(port), "--max-batch", "16", "--max-queue", "64", "--max-tokens", "256"]
+        command += ["--prefill-tokens", "32"] if server == SMOOTH else []
         env = dict(os.environ)
     else:
-        folder = dequantized_folder(BUNDLED["smollm2-135m"])
+        folder = dequantized_folder(BUNDLED[MODEL])
         command = [str(ROOT / ".venv-vllm/bin/python"), "-m", "squeezegen.integrations.vllm", "serve", str(folder)]
-        command += ["--port", str(port), "--host", "127.0.0.1", "--served-model-name", "smollm2"]
+        command += ["--port", str(port), "--host", "127.0.0.1", "--served-model-name", MODEL]
         command += ["--dtype", "bfloat16", "--max-model-len", "8192"]
         command += ["--without-plugin"] if server == "vllm" else []
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -166,6 +192,8 @@ def cases(loads: list[str]) -> list[tuple[str, str, dict | None]]:
     out = []
     for server in SERVERS:
         for name in loads:
+            if server == SMOOTH and name not in SMOOTH_LOADS:
+                continue
             if server != "vllm+plugin":
                 out.append((server, name, None))
             if LOADS[name].compressed and server != "vllm":
@@ -203,6 +231,13 @@ def markdown(report: dict) -> str:
         for what, top, bottom, key in RATIOS:
             if top in pick and bottom in pick and pick[bottom][key]:
                 lines.append(f"| {what} | {load} | **{pick[top][key] / pick[bottom][key]:.2f}x** |")
+    for server in SERVERS:
+        pick = {r["load"]: r for r in rows if r["server"] == server and r["method"] == "full"}
+        if "streams" in pick and "streams + arrivals" in pick:
+            value = pick["streams + arrivals"]["itl_p95_s"] / pick["streams"]["itl_p95_s"]
+            lines.append(
+                f"| {server}: streams' inter-token p95, long prompts arriving / none | streams | **{value:.2f}x** |"
+            )
     meta = report["meta"]
     lines += [
         "",
@@ -233,10 +268,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "serve_vs_vllm.json"
     report = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    _, tok = sg.load("smollm2-135m")
+    _, tok = sg.load(MODEL)
     report["meta"] = {
         "host": host(),
-        "model": "smollm2-135m",
+        "model": MODEL,
         "dtype": "bfloat16",
         "vllm": vllm_version(),
         "loads": {name: asdict(load) for name, load in LOADS.items()},
@@ -247,16 +282,15 @@ def main() -> None:
     for server, load, method in todo:
         by_server.setdefault(server, []).append((load, method))
     for server, runs in by_server.items():
-        port, log = free_port(), args.out / f"{server}.log"
+        port, log = free_port(), args.out / (re.sub(r"\W+", "-", server) + ".log")
         proc = start_server(server, port, log)
         try:
             wait_ready(proc, port, log)
             for name, method in runs:
                 load = LOADS[name]
-                prompts = [
-                    f"Continue this text.\n\n{text}"
-                    for text in passages(tok, load.clients, load.prompt_tokens, offset=17 * load.prompt_tokens)
-                ]
+                texts = passages(tok, load.clients, load.prompt_tokens, offset=17 * load.prompt_tokens)
+                texts += passages(tok, load.arrivals, load.arrival_tokens, offset=5000) if load.arrivals else []
+                prompts = [f"Continue this text.\n\n{text}" for text in texts]
                 print(f"{server}: {name}, {label(method)} ...", file=sys.stderr, flush=True)
                 row = asyncio.run(run_load(port, server, load, prompts, method, args.limit_s))
                 report["rows"].append({"server": server, "load": name, "method": label(method), **row})

@@ -573,6 +573,10 @@ def render_serve_load(doc: dict, path: str) -> str:
     return _benchmark("serve_load", "markdown")(doc)
 
 
+def render_serve_vs_vllm(doc: dict, path: str) -> str:
+    return _benchmark("serve_vs_vllm", "markdown")(doc)
+
+
 def render_peers(doc: dict, path: str) -> str:
     return _benchmark("engine_vs_peers", "markdown_table")(doc["rows"])
 
@@ -630,6 +634,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "binary-runs": render_binary_runs,
     "bench-binary": render_bench_binary,
     "serve-load": render_serve_load,
+    "serve-vs-vllm": render_serve_vs_vllm,
     "peers": render_peers,
     "compile": render_compile,
     "vllm-plugin": render_vllm_plugin,

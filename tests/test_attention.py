@@ -110,3 +110,32 @@ def test_decode_attention_both_cpu_paths_equal_the_float32_reference(monkeypatch
     probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
     reference = (probs @ v32).reshape(2, 6, 1, 8)
     assert (out.float() - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("case", ["causal", "mask with padding and per-head entries", "chunk after a cache"])
+def test_bf16_prefill_attention_is_the_float32_result_rounded(monkeypatch, native, case):
+    """A bf16 prefill chunk on a CPU with native bf16 goes through blocked matmuls (blocks of 128
+    queries, GQA grouped, causal blocks reading only their keys), elsewhere through SDPA: both
+    within bf16 rounding of the float32 softmax by hand, over three blocks (one partial)."""
+    from squeezegen.runtime import attention
+
+    monkeypatch.setattr(attention, "native_bf16", lambda device: native)
+    torch.manual_seed(1)
+    n_q, n_k = 300, 300 if case != "chunk after a cache" else 420
+    q, k, v = torch.randn(2, 6, n_q, 16), torch.randn(2, 2, n_k, 16), torch.randn(2, 2, n_k, 16)
+    mask = None
+    if case == "mask with padding and per-head entries":
+        positions = torch.arange(n_q).expand(2, -1) - torch.tensor([[0], [40]])  # row 1: 40 pads on the left
+        key_pos = positions[:, None].repeat(1, 2, 1).masked_fill(torch.rand(2, 2, n_q) < 0.2, -1)
+        key_pos[1, :, :40] = -1
+        mask = visibility_mask(positions.masked_fill(positions < 0, -1), key_pos)
+    elif case == "chunk after a cache":  # the last 300 positions of 420, the first 120 cached
+        mask = visibility_mask(torch.arange(120, 420).expand(2, -1), torch.arange(420).expand(2, 2, -1))
+    q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
+    out = attention.dense_attention(q16, k16, v16, 0.3, mask, causal=mask is None)
+    causal = torch.ones(n_q, n_k, dtype=torch.bool).tril()[None, None]
+    visible = causal if mask is None else mask.repeat_interleave(3, 1)
+    reference = naive_attention(*(t.float() for t in (q16, k16, v16)), 0.3, visible)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 6, n_q, 16)
+    assert (out.float() - reference).abs().max() <= 2e-2 * reference.abs().max()

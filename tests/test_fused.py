@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import squeezegen as sg
 from squeezegen.models.tiny import tiny_config
+from squeezegen.runtime import native
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.fused import FusedDecoder
 
@@ -246,11 +247,23 @@ def test_a_model_cast_after_decoding_decodes_again():
 
 def test_more_rows_than_the_c_step_takes_decode_as_torch_operations():
     model, tok = tiny("tiny-llama")
-    prompts = [f"{PROMPT} {i}" for i in range(17)]  # the C step takes up to 16 rows
+    prompts = [f"{PROMPT} {i}" for i in range(native.STEP_ROWS + 1)]  # the C step takes up to 64 rows
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     before = c_steps(model)
     fused, reference = paired(model, enc.input_ids, steps=4, mask=enc.attention_mask)
     assert c_steps(model) == before and close(fused, reference, torch.float32)
+
+
+def test_forty_rows_decode_through_the_c_step_each_as_it_would_alone():
+    """Past the module kernel's 16 tokens the step's products run in tiles of rows: every row of a
+    40-row batch still gets the tokens it gets alone."""
+    model, tok = tiny("tiny-llama")
+    prompts = [f"{PROMPT} {i}" * (1 + i % 3) for i in range(40)]  # three lengths: left padding
+    before = c_steps(model)
+    together = sg.generate(model, tok, prompts, max_new_tokens=6, ignore_eos=True).token_ids
+    assert c_steps(model) > before
+    for i in (0, 1, 2, 17, 39):
+        assert together[i] == sg.generate(model, tok, prompts[i], max_new_tokens=6, ignore_eos=True).token_ids[0]
 
 
 def test_engines_on_other_threads_share_the_c_step_safely():

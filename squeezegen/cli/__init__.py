@@ -8,6 +8,7 @@ import sys
 from squeezegen.cli import bench, generate, kv, mobile, quant, serve
 from squeezegen.cli.common import Parser
 from squeezegen.errors import SqueezegenError
+from squeezegen.runtime.allocator import reuse_freed_memory
 from squeezegen.version import __version__
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
+    reuse_freed_memory()
     try:
         args.func(args)
     except SqueezegenError as exc:

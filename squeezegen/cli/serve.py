@@ -65,9 +65,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prefill-tokens",
         type=common.positive_int,
-        default=256,
-        help="the most prompt tokens prefilled between two decode steps while other requests decode (an "
-        "uncompressed prompt goes in chunks that take about as long as a decode step, so running streams keep flowing)",
+        default=1024,
+        help="prompt tokens prefilled between two decode steps while other requests decode: a longer "
+        "uncompressed prompt goes in chunks of this many, so running streams pause for a chunk, not a whole prompt",
     )
     p.add_argument(
         "--grace",

@@ -30,7 +30,8 @@ from squeezegen.paths import cache_dir
 from squeezegen.runtime.device import cpu_model_and_flags
 
 CSRC = Path(__file__).parent / "csrc"
-KERNEL_TOKENS = 16  # at most this many tokens per call; more are a matrix product's job
+KERNEL_TOKENS = 16  # a module's product takes the kernel up to this many tokens; more are a matrix product's job
+STEP_ROWS = 64  # the most rows a C decode step takes (csrc/kernels.h's SG_MAX_TOKENS)
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

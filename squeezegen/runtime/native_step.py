@@ -4,7 +4,7 @@ from the fused forward's layers, and the call that runs a step.
 Python's share of a step is then the embedding lookup, one call into C (one a layer when a
 method's `decode_attention` hook must see each layer's queries) and the head's logits; the C
 loop reads the same weight tensors the HF modules hold and writes the engine's own decode
-buffers. Where it does not apply (a GPU, float16, more than 16 rows, a layer cache split per head,
+buffers. Where it does not apply (a GPU, float16, more than 64 rows, a layer cache split per head,
 a projection no kernel takes, inside `torch.compile`) the step returns None and the fused forward
 runs as torch operations.
 
@@ -25,7 +25,7 @@ import torch
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.cache import LayerCache
-from squeezegen.runtime.native import KERNEL_TOKENS, runtime_library
+from squeezegen.runtime.native import STEP_ROWS, runtime_library
 
 PROJ_DENSE, PROJ_INT4, PROJ_BINARY = 0, 1, 2
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -236,7 +236,7 @@ class NativeStep:
     def __call__(self, engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """One decode step: tokens (B,) at positions (B,) -> logits (B, V) float32, or None where
         the C step does not apply (the caller runs the torch one)."""
-        if torch.compiler.is_compiling() or tokens.shape[0] > KERNEL_TOKENS:
+        if torch.compiler.is_compiling() or tokens.shape[0] > STEP_ROWS:
             return None
         with self._lock:  # one model, one set of structs: engines on other threads wait their turn
             if not self._bind(engine):

@@ -42,7 +42,7 @@ class ServerConfig:
     max_queue: int = 64
     cache_bytes: int = 2**30
     max_tokens: int = 256  # when a request gives none
-    prefill_tokens: int = 256  # the most prompt tokens between two decode steps (scheduler.py)
+    prefill_tokens: int = 1024  # an uncompressed prompt's chunk between decode steps (scheduler.py)
 
 
 class Server:

@@ -331,7 +331,7 @@ void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, cons
 #endif
     for (int o = o_begin; o < o_end; o += 4) {
         int rows = o_end - o < 4 ? o_end - o : 4;
-        float sums[4 * MAX_TOKENS];
+        float sums[8];
 #if defined(__AVX512F__)
         if (tokens == 1 && o_end - o >= 8) {
             eight_rows_dot(w, kind, o, in, x, sums);

@@ -10,7 +10,7 @@
 #define SG_KERNELS_H
 #include <stdint.h>
 
-#define SG_MAX_TOKENS 16 /* at most this many tokens per call */
+#define SG_MAX_TOKENS 64 /* at most this many tokens (a decode step's rows) per call */
 
 /* w (out, in) row-major: float32 (kind 0), bfloat16 (1) or float16 (2). x_bf16, where given, is x
  * as bfloat16 (x's values must be bf16 values, as a bf16 model's are): bf16 weights then take the
