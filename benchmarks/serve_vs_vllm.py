@@ -22,7 +22,8 @@ with 32 (smoother streams, slower prefill).
 
     .venv/bin/python benchmarks/serve_vs_vllm.py --out docs/results/serve-vs-vllm [--loads decode-heavy ...]
 
-Results are saved after every (server, load) pair and a rerun skips the pairs saved already.
+Each load runs three times (`--rounds`) and the round of median tokens/s is reported. Results are
+saved after every (server, load) pair and a rerun skips the pairs saved already.
 """
 
 from __future__ import annotations
@@ -131,9 +132,15 @@ def summarize(results: list[dict], wall: float) -> dict:
     }
 
 
-async def run_load(port: int, server: str, load: Load, prompts: list[str], method: dict | None, limit_s: float) -> dict:
+async def run_load(
+    port: int, server: str, load: Load, prompts: list[str], method: dict | None, limit_s: float, rounds: int
+) -> dict:
+    """The load `rounds` times; the round of median tokens/s stands for it (a shared VM's stalls move
+    single rounds by tens of percent), every round's tokens/s kept beside it."""
     async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=limit_s) as c:
-        return await timed_load(c, server, load, prompts, method, limit_s)
+        runs = [await timed_load(c, server, load, prompts, method, limit_s) for _ in range(rounds)]
+    median = sorted(runs, key=lambda r: r["tokens_per_s"])[(rounds - 1) // 2]
+    return {**median, "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs]}
 
 
 async def timed_load(client: AsyncOpenAI, server: str, load: Load, prompts: list[str], method, limit_s: float) -> dict:
@@ -215,14 +222,16 @@ RATIOS = (  # (what, (server, method), over (server, method), of)
 def markdown(report: dict) -> str:
     rows = report["rows"]
     lines = [
-        "| load | server | method | answered / refused / lost | tokens/s | TTFT p50 / p95 s "
+        "| load | server | method | answered / refused / lost | tokens/s (rounds' range) | TTFT p50 / p95 s "
         "| inter-token p50 / p95 ms |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        spread = r.get("rounds_tokens_per_s") or [r["tokens_per_s"]]
         lines.append(
             f"| {r['load']} | {r['server']} | {r['method']} | {r['answered']} / {r['refused']} / {r['lost']} "
-            f"| {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} "
+            f"| {r['tokens_per_s']:.1f} ({min(spread):.0f}-{max(spread):.0f}) "
+            f"| {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} "
             f"| {1e3 * r['itl_p50_s']:.0f} / {1e3 * r['itl_p95_s']:.0f} |"
         )
     lines += ["", "| ratio | load | value |", "|---|---|---|"]
@@ -242,7 +251,8 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"Host: {meta['host']['cpu']} ({meta['host']['cpu_class']}), {meta['host']['cores']} cores; "
-        f"{meta['model']} in {meta['dtype']} on every server; vLLM {meta['vllm']}.",
+        f"{meta['model']} in {meta['dtype']} on every server; vLLM {meta['vllm']}; the median of "
+        f"{meta.get('rounds', 1)} rounds of each load.",
     ]
     return "\n".join(lines)
 
@@ -261,6 +271,7 @@ def main() -> None:
     p.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS))
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--limit-s", type=float, default=900, help="time limit of each load; later answers are lost")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each load; the median round is reported")
     p.add_argument("--out", type=Path, required=True, help="folder for serve_vs_vllm.json and .md")
     args = p.parse_args()
     if any(s != "squeezegen" for s in args.servers) and not (ROOT / ".venv-vllm/bin/python").exists():
@@ -275,6 +286,7 @@ def main() -> None:
         "dtype": "bfloat16",
         "vllm": vllm_version(),
         "loads": {name: asdict(load) for name, load in LOADS.items()},
+        "rounds": args.rounds,
     }
     done = {(r["server"], r["load"], r["method"]) for r in report["rows"]}
     todo = [c for c in cases(args.loads) if c[0] in args.servers and (c[0], c[1], label(c[2])) not in done]
@@ -292,7 +304,7 @@ def main() -> None:
                 texts += passages(tok, load.arrivals, load.arrival_tokens, offset=5000) if load.arrivals else []
                 prompts = [f"Continue this text.\n\n{text}" for text in texts]
                 print(f"{server}: {name}, {label(method)} ...", file=sys.stderr, flush=True)
-                row = asyncio.run(run_load(port, server, load, prompts, method, args.limit_s))
+                row = asyncio.run(run_load(port, server, load, prompts, method, args.limit_s, args.rounds))
                 report["rows"].append({"server": server, "load": name, "method": label(method), **row})
                 path.write_text(json.dumps(report, indent=1))
         finally:
