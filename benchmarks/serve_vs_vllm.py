@@ -173,7 +173,7 @@ def start_server(server: str, port: int, log: Path) -> subprocess.Popen:
         folder = dequantized_folder(BUNDLED[MODEL])
         command = [str(ROOT / ".venv-vllm/bin/python"), "-m", "squeezegen.integrations.vllm", "serve", str(folder)]
         command += ["--port", str(port), "--host", "127.0.0.1", "--served-model-name", MODEL]
-        command += ["--dtype", "bfloat16", "--max-model-len", "8192"]
+        command += ["--dtype", "bfloat16", "--max-model-len", "8192", "--no-enable-prefix-caching"]  # rounds repeat
         command += ["--without-plugin"] if server == "vllm" else []
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     out = open(log, "w")  # noqa: SIM115 (the server writes it while it runs)
