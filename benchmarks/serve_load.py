@@ -71,8 +71,8 @@ async def one_stream(client: AsyncOpenAI, model: str, prompt: str, new_tokens: i
 
 def summarize(results: list[dict], wall: float) -> dict:
     ok = [r for r in results if r["ok"]]
-    ttft = [r["arrivals"][0] - r["start"] for r in ok if r["arrivals"]]
-    itl = [b - a for r in ok for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
+    ttft = [r["arrivals"][0] - r["start"] for r in ok if r["arrivals"]] or [float("nan")]  # nan: none answered
+    itl = [b - a for r in ok for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)] or [float("nan")]
     tokens = sum(r["tokens"] for r in ok)
     return {
         "requests": len(results),

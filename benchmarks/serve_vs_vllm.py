@@ -33,7 +33,6 @@ import asyncio
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +42,8 @@ from pathlib import Path
 
 import openai
 from openai import AsyncOpenAI
-from serve_load import free_port, passages, percentile
+from serve_load import free_port, passages
+from serve_load import summarize as load_summary
 
 import squeezegen as sg
 from squeezegen.models.bundled import BUNDLED, dequantized_folder
@@ -114,22 +114,11 @@ async def one_chat(client: AsyncOpenAI, model: str, prompt: str, new_tokens: int
 
 
 def summarize(results: list[dict], wall: float) -> dict:
-    ok = [r for r in results if r["outcome"] == "answered"]
-    ttft = [r["arrivals"][0] - r["start"] for r in ok if r["arrivals"]] or [float("nan")]
-    itl = [b - a for r in ok for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)] or [float("nan")]
-    tokens = sum(r["tokens"] for r in ok)
-    return {
-        "requests": len(results),
-        **{k: sum(r["outcome"] == k for r in results) for k in ("answered", "refused", "lost")},
-        "generated_tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
-        "ttft_p50_s": statistics.median(ttft),
-        "ttft_p95_s": percentile(ttft, 0.95),
-        "itl_p50_s": statistics.median(itl),
-        "itl_p95_s": percentile(itl, 0.95),
-        "errors": sorted({r["error"] for r in results if "error" in r})[:3],
-    }
+    """serve_load's summary of the answered requests, with the refused (429) and lost counted apart."""
+    row = load_summary([{**r, "ok": r["outcome"] == "answered"} for r in results], wall)
+    row.update({k: sum(r["outcome"] == k for r in results) for k in ("refused", "lost")})
+    row["errors"] = sorted({r["error"] for r in results if "error" in r})[:3]
+    return row
 
 
 async def run_load(
