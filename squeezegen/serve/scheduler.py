@@ -13,7 +13,7 @@ decode, so a long prompt arriving delays their next token by one chunk's prefill
 whole prefill. A prompt that is compressed, or that arrives when nothing decodes, is prefilled
 in one call. On a CPU a prefill is bound by arithmetic, so smaller chunks shorten the streams'
 pauses and cost prefill throughput: with 32-token chunks the prefill-heavy load of
-benchmarks/serve_vs_vllm.py lost 59% of its tokens/s, so the server's default is 1024.
+benchmarks/serve_vs_vllm.py lost more than half its tokens/s, so the server's default is 1024.
 """
 
 from __future__ import annotations
