@@ -2,8 +2,8 @@
 
 A method that only selects cache entries (no token propagation, no attention of its own) leaves the
 prefill computation exactly as the full cache computes it; only what each layer keeps differs. So
-one prefill can record every such method's selection, and each method then continues from its own
-fork of the engine — the same tokens as separate runs, at a fraction of the cost (tests check it).
+one prefill can record every such method's selection (or, for KVzip, hand its full cache to the
+method's scoring), and each method then continues from its own fork of the engine — the same tokens as separate runs, at a fraction of the cost (tests check it).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from squeezegen.runtime.generate import Decoding, GenerationResult, _left_pad, d
 from squeezegen.runtime.hooks import Method
 
 
-def select_only(method: Method) -> bool:
-    """Does the method leave the prefill's computation alone and choose what to keep while it runs?
-    (Methods acting after the prefill, like KVzip's reconstruction, run on their own.)"""
-    return not method.hooks() & {"propagate", "prefill_attention", "refill", "after_prefill"}
+def shares_the_prefill(method: Method) -> bool:
+    """Does the method leave the prefill's computation alone, choosing what to keep while it runs
+    or once it is done (KVzip's reconstruction runs on the fork, over the full prefill's cache)?"""
+    return not method.hooks() & {"propagate", "prefill_attention", "refill"}
 
 
 class _FanOut(Method):
@@ -56,7 +56,7 @@ def answer_all(
     reserve = decoding.max_new_tokens - 1
     results: dict[str, GenerationResult] = {}
 
-    shared = {label: m for label, m in methods.items() if select_only(m)}
+    shared = {label: m for label, m in methods.items() if shares_the_prefill(m)}
     if shared:
         fan = _FanOut(shared)
         engine = Engine(model, fan, reserve=reserve, tokenizer=tokenizer)

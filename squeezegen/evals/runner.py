@@ -167,7 +167,8 @@ def run_eval(
             )
     done = done or {}
     records = []
-    keys = [(context, task, i) for context in config.contexts for task in config.tasks for i in range(config.samples)]
+    # sample-major: a run stopped early has every task at the same number of samples
+    keys = [(context, task, i) for context in config.contexts for i in range(config.samples) for task in config.tasks]
     with tqdm(total=len(keys), desc="eval", unit="sample", disable=not progress) as bar:  # closed on Ctrl-C too
         bar.update(sum(key in done for key in keys))
         for key in keys:

@@ -441,8 +441,9 @@ class Engine:
     # --- evaluations share one prefill among methods ----------------------------------------------
     def fork(self, method: Method, keep: dict[int, torch.Tensor | None]) -> Engine:
         """A twin of this engine after its prefill, as if `method` had run that prefill itself:
-        each layer keeps the entries `keep[layer]` (None = all) and the method keeps the state
-        it built here. Valid for methods that only select (see evals/fanout.py)."""
+        each layer keeps the entries `keep[layer]` (None or absent = all), the method keeps the
+        state it built here, and its `after_prefill` hook then runs on the twin. Valid for methods
+        that only select during the prefill or only act after it (see evals/fanout.py)."""
         twin = Engine(
             self.model,
             method,
@@ -456,6 +457,7 @@ class Engine:
         twin.next_pos = self.next_pos.clone()
         twin.prompt_lengths = self.prompt_lengths.clone()
         twin._chunk_lengths = list(self._chunk_lengths)
+        twin.chunk_ids = self.chunk_ids
         for layer, (src, dst) in enumerate(zip(self.cache.layers, twin.cache.layers, strict=True)):
             dst.window = src.window
             if src.keys is None:
@@ -464,6 +466,9 @@ class Engine:
             if keep.get(layer) is not None:
                 dst.keep(keep[layer])  # gathers into new buffers
         twin._compress = True
+        if "after_prefill" in twin.hooks:
+            twin.cache.note_peak()  # the full cache, held while the method scores it
+            method.after_prefill(twin)
         twin._split_uneven_heads()
         twin.cache.note_peak()
         return twin
