@@ -203,23 +203,60 @@ def test_documents_beyond_the_cache_budget_are_evicted_oldest_first(running):
         server.close()
 
 
-def test_concurrent_requests_batch_and_each_equals_generate(running):
+MIXED = [  # a method per request, decode-time ones (their own budgets) among them
+    ("full", {}),
+    ("h2o", {"budget": 24}),
+    ("rpc", {"P": 8, "R": 4, "c": 2}),
+    ("tova", {"budget": 30}),
+    ("snapkv", {"budget": 0.5, "window": 8}),
+    ("streaming_llm", {"budget": 20}),
+]
+
+
+def test_concurrent_requests_of_every_method_share_the_batch_and_each_equals_generate(running):
     texts = [prompt(running.tok, n, seed=70 + n) for n in (20, 45, 70, 95, 120, 33)]
-    refs = [sg.generate(running.model, running.tok, t, max_new_tokens=16, chat=True).texts[0] for t in texts]
-    answers = [None] * len(texts)
+    refs = [
+        sg.generate(
+            running.model, running.tok, t, method=sg.method(m, **a), max_new_tokens=24, chat=True, ignore_eos=True
+        ).texts[0]
+        for t, (m, a) in zip(texts, MIXED, strict=True)
+    ]
+    answers, widest = [None] * len(texts), []
+    scheduler = running.server.scheduler
+    step, admit = scheduler._step_batch, scheduler._admit
+
+    def watched():  # the most requests one decode step ran
+        widest.append(len(scheduler.batch_jobs))
+        step()
+
+    def admit_when_all_wait(job):  # every request arrives before the first is admitted
+        deadline = time.time() + 20
+        while not scheduler.batch_jobs and len(scheduler.waiting) < len(texts) - 1 and time.time() < deadline:
+            time.sleep(0.01)
+        admit(job)
 
     def ask(i: int) -> None:
+        name, args = MIXED[i]
         reply = running.client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": texts[i]}], max_tokens=16, temperature=0
+            model=MODEL,
+            messages=[{"role": "user", "content": texts[i]}],
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True, "squeezegen": {"method": name, "args": args}},
         )
         answers[i] = reply.choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    scheduler._step_batch, scheduler._admit = watched, admit_when_all_wait
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        scheduler._step_batch, scheduler._admit = step, admit
     assert answers == refs
+    assert max(widest) == len(texts)  # decode-time methods were in the shared batch, not stepped apart
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_running_streams():

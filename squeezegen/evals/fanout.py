@@ -3,7 +3,8 @@
 A method that only selects cache entries (no token propagation, no attention of its own) leaves the
 prefill computation exactly as the full cache computes it; only what each layer keeps differs. So
 one prefill can record every such method's selection (or, for KVzip, hand its full cache to the
-method's scoring), and each method then continues from its own fork of the engine — the same tokens as separate runs, at a fraction of the cost (tests check it).
+method's scoring), and each method then continues from its own fork of the engine: the same tokens
+as separate runs, at a fraction of the cost (tests check it).
 """
 
 from __future__ import annotations

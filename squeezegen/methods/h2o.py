@@ -54,6 +54,9 @@ class H2O(EvictingSelection):
         if held is None:  # sliding-window layer, or a prefill without compression
             return
         cache = view.cache
+        width = cache.pos.shape[-1]
+        if held.shape[-1] < width:  # rows in a shared batch: its buffers are as wide as its widest row
+            held = view.state.held[view.index] = torch.nn.functional.pad(held, (0, width - held.shape[-1]))
         held += reduce_gqa(decode_probs(view, query), cache.keys.shape[1], self.gqa)  # empty slots add 0
         slot = protected(held, cache.pos, view.positions, view.state.recent[view.index]).argmin(dim=-1)
         evict = cache.live() > view.state.caps[view.index]

@@ -31,7 +31,7 @@ class ServerMetrics:
         def gauge(name: str, doc: str, read: Callable[[], float]) -> None:
             Gauge(name, doc, names, registry=self.registry).labels(**labels).set_function(read)
 
-        gauge("vllm:num_requests_running", "Requests in the decode batch or decoding apart.", running)
+        gauge("vllm:num_requests_running", "Requests in the decode batch.", running)
         gauge("vllm:num_requests_waiting", "Requests admitted but not yet prefilled.", waiting)
         gauge("vllm:kv_cache_usage_perc", "KV bytes of running requests and documents / --cache-bytes.", kv_usage)
 

@@ -1,11 +1,11 @@
 """The server's one owner of the model: a thread that admits requests, prefills them one by one,
-and decodes every running request a step at a time, in one shared batch where the engine allows.
+and decodes every running request a step at a time, in one shared batch.
 
-Requests whose method only shapes the prompt's cache (full, SnapKV, PyramidKV, FastKV, GemFilter,
-TSA, KVzip, and questions on stored documents) decode together: rows of a batch are independent,
-so a row joins at a step boundary and leaves as soon as it is done. Methods that rewrite the cache
-while decoding (H2O, TOVA, StreamingLLM, RPC) keep state per engine: each such request decodes on
-its own, stepped in the same loop.
+Rows of a batch are independent, so a row joins at a step boundary and leaves as soon as it is
+done, whatever its method: one that only shapes the prompt's cache (full, SnapKV, PyramidKV,
+FastKV, GemFilter, TSA, KVzip, questions on stored documents) or one that rewrites the cache while
+decoding (H2O, TOVA, StreamingLLM, RPC), whose state and step count stay the request's own
+(runtime/batching.py), each request at its own budget.
 
 A prompt the method does not compress (the full cache, or a method that acts only while
 decoding) is prefilled in chunks of `prefill_tokens` between decode steps while other requests
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.runtime.batching import batchable, stack, take
+from squeezegen.runtime.batching import stack, take
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import prefill_rows
 from squeezegen.runtime.hooks import PREFILL_HOOKS, Method
@@ -150,7 +150,6 @@ class Scheduler(threading.Thread):
         self.waiting: collections.deque[Job] = collections.deque()
         self.batch: Engine | None = None  # the shared decode batch
         self.batch_jobs: list[Job] = []
-        self.apart: list[tuple[Engine, Job]] = []  # decode-time methods, one engine each
         self.wake = threading.Condition()
         self.stopping = False
         self.steps = 0
@@ -174,16 +173,15 @@ class Scheduler(threading.Thread):
         return self.decoding() + (self.prefilling is not None)
 
     def decoding(self) -> int:
-        return len(self.batch_jobs) + len(self.apart)
+        return len(self.batch_jobs)
 
     def queued(self) -> int:
         return len(self.waiting)
 
     def kv_bytes(self) -> int:
         """KV bytes the running requests hold now (read from another thread: a snapshot of references)."""
-        batch, apart = self.batch, list(self.apart)
-        held = batch.cache.nbytes() if batch is not None else 0
-        return held + sum(engine.cache.nbytes() for engine, _ in apart)
+        batch = self.batch
+        return batch.cache.nbytes() if batch is not None else 0
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -202,7 +200,7 @@ class Scheduler(threading.Thread):
                     self._prefill_chunk()
                 self._step()
         prefilling = [self.prefilling] if self.prefilling is not None else []
-        for job in [*self.waiting, *prefilling, *self.batch_jobs, *(j for _, j in self.apart)]:
+        for job in [*self.waiting, *prefilling, *self.batch_jobs]:
             job.emit("error", (503, "the server is shutting down: retry on another server"))
 
     @staticmethod
@@ -253,18 +251,15 @@ class Scheduler(threading.Thread):
         self._start(job, engine)
 
     def _start(self, job: Job, engine: Engine) -> None:
-        """A prefilled request: finished already, or into the shared batch or a decode of its own."""
+        """A prefilled request: finished already, or into the shared batch."""
         if job.text.finish:
             job.kv_bytes = engine.cache.peak_bytes
             self._finish(job)
             return
         engine.start_decoding()
         job.kv_bytes = engine.cache.peak_bytes  # what the request holds alone (prefill, then its buffers)
-        if batchable(engine):
-            self.batch = engine if self.batch is None else stack([self.batch, engine])
-            self.batch_jobs.append(job)
-        else:
-            self.apart.append((engine, job))
+        self.batch = engine if self.batch is None else stack([self.batch, engine])
+        self.batch_jobs.append(job)
 
     def _prefill(self, job: Job) -> Engine:
         reserve = job.max_tokens - 1
@@ -323,8 +318,8 @@ class Scheduler(threading.Thread):
         job.emit("done", Summary(job.prompt_tokens, len(job.text.ids), reason, job.kv_bytes, job.first_token_s))
 
     def _step(self) -> None:
-        """One decode step of the shared batch and of every request decoding apart; a step that
-        fails ends the requests it was running (with an error) and the server goes on."""
+        """One decode step of the shared batch; a step that fails ends the requests it was running
+        (with an error) and the server goes on."""
         self.steps += 1
         try:
             self._step_batch()
@@ -332,21 +327,6 @@ class Scheduler(threading.Thread):
             for job in self.batch_jobs:
                 job.emit("error", (500, f"internal error while decoding: {type(exc).__name__}: {exc}"))
             self.batch, self.batch_jobs = None, []
-        still = []
-        for engine, job in self.apart:
-            if job.cancelled:
-                continue
-            try:
-                self._take(job, engine.decode(torch.tensor([job.token])))
-            except Exception as exc:  # noqa: BLE001
-                job.emit("error", (500, f"internal error while decoding: {type(exc).__name__}: {exc}"))
-                continue
-            if job.text.finish:
-                job.kv_bytes = max(job.kv_bytes, engine.cache.peak_bytes)
-                self._finish(job)
-            else:
-                still.append((engine, job))
-        self.apart = still
 
     def _step_batch(self) -> None:
         if self.batch is None:
