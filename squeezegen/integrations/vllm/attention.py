@@ -4,17 +4,22 @@ Rows without a method run vLLM's kernel untouched. A compressed request's prompt
 (after RoPE) are also kept aside as its prompt chunks run, because the kernel's paged layout
 depends on the CPU's ISA. The step that finishes the prompt runs the kernel as usual (the prompt
 attends to itself in full), then each layer scores the prompt with the squeezegen method
-(`compression.select`) and writes the entries each KV head keeps, in position order, into the
-prompt's last slots [prompt - kept, prompt) through vLLM's own cache op. Every head keeps the
-same count, so one slot range serves all heads even when they keep different tokens. Keys keep
-their true positions (RoPE is in them) and new tokens go where vLLM puts them (slot = position),
-so from then on the request's attention is vLLM's kernel with a sliding window that starts at the
-first kept slot; the scheduler frees the blocks below the lowest such slot of any layer
-(`scheduler.py`).
+(`compression.select`) and writes the K entries each KV head keeps, in position order, through
+vLLM's own cache op at the start of the block holding slot `prompt - K` (`Layout`). Every head
+keeps the same count, so one slot range serves all heads even when they keep different tokens.
+
+From then on the request's rows stay in vLLM's one batched kernel call: for each layer, its row of
+the metadata is rewritten so that the kernel reads its block table from that first kept block and
+its sequence as K + the tokens generated, and each new token is written right after the kept
+entries (r slots before vLLM's own slot for it, 0 <= r < block size). Keys keep their true
+positions (RoPE is in them), so attention needs no positions of its own. Layers with the same
+budgets share one rewritten metadata per step. The scheduler frees the blocks below the lowest
+first kept block of any layer (`scheduler.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 
@@ -22,6 +27,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -29,7 +35,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from squeezegen.integrations.vllm.compression import select
+from squeezegen.integrations.vllm.compression import layer_budgets, select
 from squeezegen.integrations.vllm.worker import batch_requests, live_requests
 from squeezegen.methods.selection import ScoredSelection
 
@@ -44,15 +50,57 @@ class SqueezeRow:
     prompt: int
     start: int  # position of the row's first token in this step
     end: int  # seq_len after this step
+    budgets: list[int]  # entries each layer keeps of the prompt
 
     @property
     def compresses_now(self) -> bool:
         return self.start < self.prompt <= self.end
 
+    @property
+    def compressed(self) -> bool:
+        """Its prompt was compressed in an earlier step: every token of this step reads the kept entries."""
+        return self.start >= self.prompt
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one layer of a compressed prompt sits in its request's blocks: its `kept` entries from
+    the start of block `blocks`, and a token at position p >= prompt at slot p - `shift`, right
+    after them (slots count from the request's first block, `size` to a block)."""
+
+    blocks: int
+    shift: int
+    kept: int
+    size: int
+
+    @classmethod
+    def of(cls, prompt: int, kept: int, size: int) -> Layout:
+        blocks, shift = divmod(prompt - kept, size)
+        return cls(blocks, shift, kept, size)
+
+    @property
+    def first(self) -> int:
+        """The slot of the first kept entry."""
+        return self.blocks * self.size
+
+    def seq_len(self, end: int) -> int:
+        """What the kernel reads, from the first kept block, once the sequence holds `end` tokens."""
+        return end - self.first - self.shift
+
+    def table(self, own: torch.Tensor) -> torch.Tensor:
+        """The request's block table as the kernel reads it: from the first kept block."""
+        return torch.cat([own[self.blocks :], own[: self.blocks]])  # the wrapped tail is never read
+
+    def slots(self, own: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Cache slots of the request's logical slots."""
+        return own[logical // self.size].long() * self.size + logical % self.size
+
 
 @dataclass
 class SqueezeMetadata(CPUAttentionMetadata):
     squeeze: list[SqueezeRow] = field(default_factory=list)
+    block_size: int = 0
+    rewritten: dict[tuple, CPUAttentionMetadata] = field(default_factory=dict)  # per layer budgets, this step
 
 
 class SqueezeMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -63,12 +111,22 @@ class SqueezeMetadataBuilder(CPUAttentionMetadataBuilder):
             return meta
         starts = common_attn_metadata.query_start_loc_cpu.tolist()
         seq_lens = common_attn_metadata.seq_lens.tolist()
+        layers = self.vllm_config.model_config.get_num_layers(self.vllm_config.parallel_config)
         rows = [
-            SqueezeRow(i, req_id, method, prompt, seq_lens[i] - (starts[i + 1] - starts[i]), seq_lens[i])
+            SqueezeRow(
+                i,
+                req_id,
+                method,
+                prompt,
+                seq_lens[i] - (starts[i + 1] - starts[i]),
+                seq_lens[i],
+                layer_budgets(method, prompt, layers),
+            )
             for i, (req_id, prompt, method) in enumerate(requests)
             if method is not None
         ]
-        return SqueezeMetadata(**{f.name: getattr(meta, f.name) for f in fields(meta)}, squeeze=rows)
+        fields_now = {f.name: getattr(meta, f.name) for f in fields(meta)}
+        return SqueezeMetadata(**fields_now, squeeze=rows, block_size=self.block_size)
 
 
 class SqueezeAttentionImpl(CPUAttentionBackendImpl):
@@ -77,58 +135,109 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
         config = get_current_vllm_config()
         self.num_layers = config.model_config.get_num_layers(config.parallel_config)
         self.dtype = config.model_config.dtype
-        self.kept_from: dict[str, int] = {}  # request id -> first slot the request still reads in this layer
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prompt chunks not yet scored
         if self.is_fp8_kv_cache:
             raise ValueError("the squeezegen plugin packs the KV cache as stored: serve with --kv-cache-dtype auto")
 
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        meta = get_forward_context().attn_metadata
+        meta = meta.get(layer.layer_name) if isinstance(meta, dict) else meta
+        if isinstance(meta, SqueezeMetadata) and self.sliding_window == -1:
+            slot_mapping = self._rewritten(meta, layer).slot_mapping
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         rows = getattr(attn_metadata, "squeeze", None)
         if not rows or self.sliding_window != -1:  # sliding-window layers already hold a bounded window
-            return output
-        num_blocks, heads, block_size, _ = kv_cache.shape
-        caches = kv_cache.view(num_blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        index = layer_index(layer)
+        meta = self._rewritten(attn_metadata, layer)
+        output = super().forward(layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
+        num_blocks, heads, size, _ = kv_cache.shape
+        caches = kv_cache.view(num_blocks, heads, 2 * size, -1).chunk(2, dim=2)
         starts = attn_metadata.query_start_loc.tolist()
-        index = int(re.findall(r"\d+", layer.layer_name)[-1])
         for row in rows:
-            first = starts[row.row]
+            if row.compressed:
+                continue
+            first, last = starts[row.row], starts[row.row + 1]
+            in_prompt = min(row.end, row.prompt) - row.start
+            prompt_part = slice(first, first + in_prompt)
+            self.pending.setdefault(row.req_id, []).append((key[prompt_part].clone(), value[prompt_part].clone()))
+            if not row.compresses_now:
+                continue
             table = attn_metadata.block_table[row.row]
-            if row.start < row.prompt:
-                in_prompt = min(row.end, row.prompt) - row.start
-                prompt_part = slice(first, first + in_prompt)
-                self.pending.setdefault(row.req_id, []).append((key[prompt_part].clone(), value[prompt_part].clone()))
-                if row.compresses_now:
-                    self._compress(layer, row, index, query[prompt_part], caches, table, block_size)
-                    first += in_prompt  # tokens past the prompt in this step (a preempted request's recompute)
-                else:
-                    continue
-            if row.req_id in self.kept_from:
-                for token in range(first, starts[row.row + 1]):  # one query at a time: each its own window
-                    seq_len = row.end - (starts[row.row + 1] - 1 - token)
-                    one = slice(token, token + 1)
-                    self._attend(layer, row, query[one], seq_len, caches, table, output[one])
-        if len(self.kept_from) + len(self.pending) > 4 * len(rows) + 256:  # forget finished requests
+            place = Layout.of(row.prompt, row.budgets[index], attn_metadata.block_size)
+            self._compress(layer, row, index, query[prompt_part], caches, table, place)
+            after = slice(first + in_prompt, last)  # past the prompt in this step: a preempted request's recompute
+            if after.start < after.stop:
+                self._recompute(layer, row, query[after], key[after], value[after], caches, table, place, output[after])
+        if len(self.pending) > 2 * len(rows) + 64:  # forget finished requests
             live = live_requests()
-            self.kept_from = {r: s for r, s in self.kept_from.items() if r in live}
             self.pending = {r: p for r, p in self.pending.items() if r in live}
         return output
 
-    def _compress(self, layer, row, index, query, caches, table, block_size) -> None:
+    def _rewritten(self, meta: SqueezeMetadata, layer) -> CPUAttentionMetadata:
+        """This step's metadata for `layer`: the rows of compressed requests read from their first
+        kept block and write after their kept entries (shared by layers of equal budgets)."""
+        moved = [row for row in meta.squeeze if row.compressed]
+        if not moved:
+            return meta
+        index = layer_index(layer)
+        key = tuple(row.budgets[index] for row in moved)
+        if key in meta.rewritten:
+            return meta.rewritten[key]
+        seq_lens, table, slots = meta.seq_lens.clone(), meta.block_table.clone(), meta.slot_mapping.clone()
+        starts = meta.query_start_loc.tolist()
+        for row in moved:
+            place = Layout.of(row.prompt, row.budgets[index], meta.block_size)
+            own, first, last = meta.block_table[row.row], starts[row.row], starts[row.row + 1]
+            slots[first:last] = place.slots(own, torch.arange(row.end - (last - first), row.end) - place.shift)
+            table[row.row] = place.table(own)
+            seq_lens[row.row] = place.seq_len(row.end)
+        schedule = self._schedule(layer, seq_lens, meta.query_start_loc, meta.causal, meta.dynamic_causal)
+        rewritten = dataclasses.replace(
+            meta, seq_lens=seq_lens, block_table=table, slot_mapping=slots, scheduler_metadata=schedule, rewritten={}
+        )
+        meta.rewritten[key] = rewritten
+        return rewritten
+
+    def _schedule(self, layer, seq_lens, query_start, causal=True, dynamic_causal=None) -> torch.Tensor:
+        """vLLM's work split of its kernel for these sequence lengths."""
+        return ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.shape[0],
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_size,
+            seq_lens=seq_lens,
+            dtype=self.dtype,
+            query_start_loc=query_start,
+            causal=causal,
+            sliding_window_size=-1,
+            isa=layer.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=dynamic_causal,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+
+    def _compress(self, layer, row, index, query, caches, table, place: Layout) -> None:
         """Score the prompt with the request's method; write each head's kept entries, in position
-        order, into the prompt's last slots."""
+        order, where the layout puts them."""
         chunks = self.pending.pop(row.req_id)
         keys = torch.cat([k for k, _ in chunks]).transpose(0, 1)  # (Hkv, L, D)
         values = torch.cat([v for _, v in chunks]).transpose(0, 1)
         window = query[-max(row.method.window, 1) :].transpose(0, 1)  # (Hq, w, D)
         keep = select(row.method, index, self.num_layers, self.scale, window, keys, values)  # (Hkv, K)
-        kept = keep.shape[1]
+        if keep.shape[1] != place.kept:
+            raise RuntimeError(f"layer {index} kept {keep.shape[1]} entries where its budget is {place.kept}")
         gather = keep[..., None].expand(-1, -1, keys.shape[-1])
-        dest = torch.arange(row.prompt - kept, row.prompt)
-        slots = table[dest // block_size].long() * block_size + dest % block_size
+        kept_keys, kept_values = keys.gather(1, gather).transpose(0, 1), values.gather(1, gather).transpose(0, 1)
+        self._store(layer, kept_keys, kept_values, caches, place.slots(table, place.first + torch.arange(place.kept)))
+
+    def _store(self, layer, keys, values, caches, slots) -> None:
+        """vLLM's cache op: entries (n, Hkv, D) into `slots`."""
         ops.cpu_attn_reshape_and_cache(
-            keys.gather(1, gather).transpose(0, 1).contiguous(),
-            values.gather(1, gather).transpose(0, 1).contiguous(),
+            keys.contiguous(),
+            values.contiguous(),
             *caches,
             slots,
             layer.isa,
@@ -136,27 +245,14 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
             v_scale=layer._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-        self.kept_from[row.req_id] = row.prompt - kept
 
-    def _attend(self, layer, row, query, seq_len, caches, table, out) -> None:
-        """vLLM's kernel for one query of the row, its window reaching back to the first kept slot."""
-        window = seq_len - self.kept_from[row.req_id]
-        query_start = torch.tensor([0, 1], dtype=torch.int32)
-        seq_lens = torch.tensor([seq_len], dtype=torch.int32)
-        metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=1,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_size,
-            seq_lens=seq_lens,
-            dtype=self.dtype,
-            query_start_loc=query_start,
-            causal=True,
-            sliding_window_size=window,
-            isa=layer.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+    def _recompute(self, layer, row, query, key, value, caches, table, place: Layout, out) -> None:
+        """Tokens past the prompt in the step that compressed it (a preempted request computed
+        again): stored after the kept entries and attending to them, as later steps will."""
+        n = query.shape[0]
+        self._store(layer, key, value, caches, place.slots(table, place.first + place.kept + torch.arange(n)))
+        query_start = torch.tensor([0, n], dtype=torch.int32)
+        seq_lens = torch.tensor([place.seq_len(row.end)], dtype=torch.int32)
         ops.cpu_attention_with_kv_cache(
             query=query,
             key_cache=caches[0],
@@ -167,15 +263,20 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
             scale=self.scale,
             causal=True,
             alibi_slopes=self.alibi_slopes,
-            sliding_window=window,
-            block_table=table[None],
+            sliding_window=-1,
+            block_table=place.table(table)[None],
             softcap=self.logits_soft_cap,
-            scheduler_metadata=metadata,
+            scheduler_metadata=self._schedule(layer, seq_lens, query_start),
             s_aux=self.sinks,
             k_scale=layer._k_scale_float,
             v_scale=layer._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype,
         )
+
+
+def layer_index(layer) -> int:
+    """The decoder layer an attention layer belongs to (vLLM names it model.layers.N.self_attn.attn)."""
+    return int(re.findall(r"\d+", layer.layer_name)[-1])
 
 
 class SqueezeAttentionBackend(CPUAttentionBackend):
