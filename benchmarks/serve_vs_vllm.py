@@ -17,7 +17,7 @@ real prose (`pydoc_data.topics`), cut to the load's token count. Loads:
   four ~2000-token prompts arriving 1 s in: how much a long prompt's prefill delays the running
   streams' tokens (their inter-token p95; latencies in these rows are the 8 streams').
 
-squeezegen runs twice where its prefill chunk matters: with the default `--prefill-tokens 256` and
+squeezegen runs twice where its prefill chunk matters: with the default `--prefill-tokens 1024` and
 with 32 (smoother streams, slower prefill).
 
     .venv/bin/python benchmarks/serve_vs_vllm.py --out docs/results/serve-vs-vllm [--loads decode-heavy ...]

@@ -577,6 +577,10 @@ def render_serve_vs_vllm(doc: dict, path: str) -> str:
     return _benchmark("serve_vs_vllm", "markdown")(doc)
 
 
+def render_shared_batch(doc: dict, path: str) -> str:
+    return _benchmark("shared_batch", "markdown")(doc)
+
+
 def render_peers(doc: dict, path: str) -> str:
     return _benchmark("engine_vs_peers", "markdown_table")(doc["rows"])
 
@@ -635,6 +639,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "bench-binary": render_bench_binary,
     "serve-load": render_serve_load,
     "serve-vs-vllm": render_serve_vs_vllm,
+    "shared-batch": render_shared_batch,
     "peers": render_peers,
     "compile": render_compile,
     "vllm-plugin": render_vllm_plugin,

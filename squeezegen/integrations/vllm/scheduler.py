@@ -1,9 +1,9 @@
 """The scheduler side: a compressed request's leading prompt blocks go back to vLLM's block pool.
 
-The attention backend packs each layer's kept entries into the last slots of the prompt, so the
-first `prompt - max kept over layers` slots are read by no layer. Once the prompt is processed,
-the blocks wholly inside that range are freed and replaced by vLLM's null block, as its sliding
-window and R-SWA managers free blocks out of view. The count follows from the method and the
+The attention backend packs each layer's K kept entries from the start of the block holding slot
+`prompt - K`, so no layer reads the blocks wholly inside the first `prompt - max kept over layers`
+slots. Once the prompt is processed, those blocks are freed and replaced by vLLM's null block, as
+its sliding window and R-SWA managers free blocks out of view. The count follows from the method and the
 prompt length alone, so the scheduler and the workers agree without talking.
 """
 
