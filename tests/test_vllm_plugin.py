@@ -345,6 +345,34 @@ def test_a_compressed_request_returns_its_blocks_to_vllm(servers):
 
 
 @needs_servers
+def test_a_rolling_window_keeps_its_blocks_bounded_over_a_long_generation(servers):
+    """StreamingLLM frees the blocks its window has left while it decodes: the blocks in use stay
+    at the first kept block plus the window's, where the full cache's keep growing."""
+    plugin, _, metrics_url = servers
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    info = next(line for line in text.splitlines() if line.startswith("vllm:cache_config_info"))
+    total = int(info.split('num_gpu_blocks="')[1].split('"')[0])
+    _, tok = sg.load("smollm2-135m", dtype="float32")
+    prompt = make_sample("niah_number", tok, 1000, seed=78).prompt
+
+    def in_use(extra: dict | None) -> list[int]:
+        stream = plugin.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=600,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True, **({"vllm_xargs": extra} if extra else {})},
+        )
+        return [round(_usage(metrics_url) * total) for i, _ in enumerate(stream) if i in (100, 300, 590)]
+
+    full = in_use(None)
+    rolling = in_use(spec("streaming_llm", budget=200))  # 200 entries: the first kept block and two more
+    assert full[-1] >= full[0] + 3  # the full cache grows a block every 128 tokens
+    assert max(rolling) <= math.ceil(200 / BLOCK) + 2 and rolling[-1] <= rolling[0] + 1
+
+
+@needs_servers
 @pytest.mark.parametrize(
     "extra",
     [spec("h2o"), spec("snapkv", budget=-1), spec("snapkv", heads="sideways"), {"squeezegen": "{"}],

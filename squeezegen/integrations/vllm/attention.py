@@ -35,7 +35,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from squeezegen.integrations.vllm.compression import layer_budgets, select
+from squeezegen.integrations.vllm.compression import layer_budgets, rolled_blocks, select
 from squeezegen.integrations.vllm.worker import batch_requests, live_requests
 from squeezegen.methods.selection import ScoredSelection
 
@@ -56,6 +56,11 @@ class SqueezeRow:
     def compresses_now(self) -> bool:
         return self.start < self.prompt <= self.end
 
+    def layout(self, layer: int, size: int) -> Layout:
+        """Where the request's entries of `layer` sit after its prompt's compression, at this step."""
+        kept = self.budgets[layer]
+        return Layout.of(self.prompt, kept, size, rolled_blocks(self.method, self.prompt, kept, size, self.end))
+
     @property
     def compressed(self) -> bool:
         """Its prompt was compressed in an earlier step: every token of this step reads the kept entries."""
@@ -72,11 +77,12 @@ class Layout:
     shift: int
     kept: int
     size: int
+    dropped: int = 0  # blocks after the first kept one that a rolling window no longer reads
 
     @classmethod
-    def of(cls, prompt: int, kept: int, size: int) -> Layout:
+    def of(cls, prompt: int, kept: int, size: int, dropped: int = 0) -> Layout:
         blocks, shift = divmod(prompt - kept, size)
-        return cls(blocks, shift, kept, size)
+        return cls(blocks, shift, kept, size, dropped)
 
     @property
     def first(self) -> int:
@@ -85,11 +91,13 @@ class Layout:
 
     def seq_len(self, end: int) -> int:
         """What the kernel reads, from the first kept block, once the sequence holds `end` tokens."""
-        return end - self.first - self.shift
+        return end - self.first - self.shift - self.dropped * self.size
 
     def table(self, own: torch.Tensor) -> torch.Tensor:
-        """The request's block table as the kernel reads it: from the first kept block."""
-        return torch.cat([own[self.blocks :], own[: self.blocks]])  # the wrapped tail is never read
+        """The request's block table as the kernel reads it: the first kept block, then the blocks
+        after the dropped ones."""
+        after = self.blocks + 1 + self.dropped
+        return torch.cat([own[self.blocks : self.blocks + 1], own[after:], own[: after - 1]])  # the tail is never read
 
     def slots(self, own: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Cache slots of the request's logical slots."""
@@ -166,7 +174,7 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
             if not row.compresses_now:
                 continue
             table = attn_metadata.block_table[row.row]
-            place = Layout.of(row.prompt, row.budgets[index], attn_metadata.block_size)
+            place = row.layout(index, attn_metadata.block_size)
             self._compress(layer, row, index, query[prompt_part], caches, table, place)
             after = slice(first + in_prompt, last)  # past the prompt in this step: a preempted request's recompute
             if after.start < after.stop:
@@ -183,13 +191,14 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
         if not moved:
             return meta
         index = layer_index(layer)
-        key = tuple(row.budgets[index] for row in moved)
+        size = meta.block_size
+        places = [row.layout(index, size) for row in moved]
+        key = tuple(places)
         if key in meta.rewritten:
             return meta.rewritten[key]
         seq_lens, table, slots = meta.seq_lens.clone(), meta.block_table.clone(), meta.slot_mapping.clone()
         starts = meta.query_start_loc.tolist()
-        for row in moved:
-            place = Layout.of(row.prompt, row.budgets[index], meta.block_size)
+        for row, place in zip(moved, places, strict=True):
             own, first, last = meta.block_table[row.row], starts[row.row], starts[row.row + 1]
             slots[first:last] = place.slots(own, torch.arange(row.end - (last - first), row.end) - place.shift)
             table[row.row] = place.table(own)

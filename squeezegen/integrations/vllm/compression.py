@@ -18,12 +18,14 @@ import torch
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.registry import method as build_method
 from squeezegen.methods.selection import ScoredSelection
+from squeezegen.methods.streaming_llm import StreamingLLM
 from squeezegen.runtime.cache import LayerCache
 from squeezegen.runtime.hooks import LayerView
 
 # prefill-time selections whose layers each keep the same count in every KV head: kept entries can
-# be packed into fewer paged blocks. Adaptive budgets (AdaKV), KVzip's probes and decode-time
-# eviction (H2O, TOVA, RPC) are not offered: see docs/serving.md.
+# be packed into fewer paged blocks (StreamingLLM also rolls while decoding, a block at a time).
+# Adaptive budgets (AdaKV), KVzip's probes and per-token decode-time eviction (H2O, TOVA, RPC) are
+# not offered: see docs/serving.md.
 SUPPORTED = ("snapkv", "pyramidkv", "streaming_llm")
 FIELD = "squeezegen"
 
@@ -64,6 +66,16 @@ def layer_budgets(method: ScoredSelection, prompt: int, num_layers: int) -> list
 def freeable_tokens(method: ScoredSelection, prompt: int, num_layers: int) -> int:
     """Leading prompt slots no layer needs once its kept entries sit at the end of the prompt."""
     return prompt - max(layer_budgets(method, prompt, num_layers))
+
+
+def rolled_blocks(method: ScoredSelection, prompt: int, kept: int, block_size: int, end: int) -> int:
+    """Whole blocks a rolling window (StreamingLLM) no longer reads once the sequence holds `end`
+    tokens: the kept entries start a block, the first block (the sinks with it) always stays, and of
+    the blocks after it at most ceil(kept / block_size) stay, the newest. 0 for other methods."""
+    if not isinstance(method, StreamingLLM):
+        return 0
+    held = kept + max(0, end - prompt)  # entries from the first kept slot on
+    return max(0, -(-held // block_size) - 1 - -(-kept // block_size))
 
 
 def select(

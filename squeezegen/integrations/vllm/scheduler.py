@@ -3,29 +3,51 @@
 The attention backend packs each layer's K kept entries from the start of the block holding slot
 `prompt - K`, so no layer reads the blocks wholly inside the first `prompt - max kept over layers`
 slots. Once the prompt is processed, those blocks are freed and replaced by vLLM's null block, as
-its sliding window and R-SWA managers free blocks out of view. The count follows from the method and the
-prompt length alone, so the scheduler and the workers agree without talking.
+its sliding window and R-SWA managers free blocks out of view; a rolling window (StreamingLLM) also
+frees, while decoding, the blocks after its first kept one that it has left
+(`compression.rolled_blocks`). Both follow from the method, the prompt length and the tokens
+processed alone, so the scheduler and the workers agree without talking.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.integrations.vllm.compression import freeable_tokens, parse_request
+from squeezegen.integrations.vllm.compression import freeable_tokens, layer_budgets, parse_request, rolled_blocks
+from squeezegen.methods.selection import ScoredSelection
+
+
+@dataclass(frozen=True)
+class Gap:
+    """What a compressed request's blocks no longer hold: its leading prompt blocks, and for a
+    rolling window (StreamingLLM) the blocks after its first kept one that the window has left."""
+
+    method: ScoredSelection
+    prompt: int
+    freeable: int  # leading prompt tokens no layer reads
+    kept: int  # entries every layer keeps (a rolling window's budget is the same in every layer)
 
 
 class PromptGapManager(FullAttentionManager):
-    """Full attention whose compressed requests free their leading prompt blocks."""
+    """Full attention whose compressed requests free their leading prompt blocks (and, rolling,
+    the blocks their window has left)."""
 
-    gaps: dict[str, tuple[int, int]]  # request id -> (prompt tokens, freeable leading tokens)
+    gaps: dict[str, Gap]
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
         gap = self.gaps.get(request_id)
-        if gap is not None and processed_computed_tokens >= gap[0]:
-            self._remove_blocks_in_range(request_id, 0, gap[1] // self.block_size)
+        if gap is None or processed_computed_tokens < gap.prompt:
+            return
+        self._remove_blocks_in_range(request_id, 0, gap.freeable // self.block_size)
+        rolled = rolled_blocks(gap.method, gap.prompt, gap.kept, self.block_size, processed_computed_tokens)
+        if rolled:
+            first = (gap.prompt - gap.kept) // self.block_size + 1  # the block after the first kept one
+            self._remove_blocks_in_range(request_id, first, first + rolled)
 
 
 class SqueezeScheduler(AsyncScheduler):
@@ -53,7 +75,9 @@ class SqueezeScheduler(AsyncScheduler):
             for req_id in [r for r in manager.gaps if r not in self.requests]:
                 del manager.gaps[req_id]
         if method is not None:
-            gap = (request.num_prompt_tokens, freeable_tokens(method, request.num_prompt_tokens, self.num_layers))
+            prompt = request.num_prompt_tokens
+            kept = max(layer_budgets(method, prompt, self.num_layers))
+            gap = Gap(method, prompt, freeable_tokens(method, prompt, self.num_layers), kept)
             for manager in self.gap_managers:
                 manager.gaps[request.request_id] = gap
         super().add_request(request)
