@@ -280,3 +280,14 @@ def test_smollm2_decoder_weights_come_back_bit_for_bit_and_decode_the_same():
     # the head (tied to a Q8_0 embedding) is lossy in 4 bits, but it decodes
     with_head = sg.quantize_(copy.deepcopy(base), sg.Int4WeightOnlyConfig())
     assert len(sg.generate(with_head, tok, prompt, max_new_tokens=8, ignore_eos=True).token_ids[0]) == 8
+
+
+def test_a_tall_weight_is_quantized_in_row_chunks_to_the_same_codes(monkeypatch):
+    import squeezegen.quant.int4 as int4
+
+    weight = torch.randn(300, 64)
+    whole = int4.quantize_int4(weight, 32)
+    monkeypatch.setattr(int4, "QUANTIZE_ROWS", 128)  # 128 + 128 + 44 rows
+    chunked = int4.quantize_int4(weight, 32)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    assert chunked[0].shape == (300, 32) and chunked[1].shape == (300, 2)

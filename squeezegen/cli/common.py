@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 from squeezegen.errors import SqueezegenError
 from squeezegen.evals.report import claim
 from squeezegen.methods.spec import BUDGET_GRAMMAR, MethodSpec, parse_budget, parse_params
+from squeezegen.runtime.allocator import release_freed_memory
 from squeezegen.runtime.hooks import Method
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, PreTrainedTokenizer
                 "not divide; run it with --weights model"
             )
         quantize_(model, config)
+    release_freed_memory()  # what loading (and quantizing) freed goes back: the heap keeps it otherwise
     return model, tok
 
 

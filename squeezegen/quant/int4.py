@@ -49,12 +49,20 @@ class Int4WeightOnlyConfig:
             raise SqueezegenError(f"include_head must be True or False, got {self.include_head!r}")
 
 
+QUANTIZE_ROWS = 8192
+
+
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed uint8 (out, in / 2), scales float16 (out, in / group), mins float16) of `weight` by
     llama.cpp's quantize_row_q4_1_ref: per group, min and scale = (max - min) / 15, and
     q = min(15, trunc((w - min) / scale + 0.5)) from the float32 scale and min, which are then
-    stored as float16. In float32 step by step as the C does, so the codes are llama.cpp's."""
+    stored as float16. In float32 step by step as the C does, so the codes are llama.cpp's. Rows
+    go QUANTIZE_ROWS at a time (each row's codes are its own), which bounds the float32
+    temporaries of a large LM head (151,936 rows in Qwen2.5) to a few hundred MB."""
+    if weight.shape[0] > QUANTIZE_ROWS:
+        parts = [quantize_int4(weight[i : i + QUANTIZE_ROWS], group) for i in range(0, weight.shape[0], QUANTIZE_ROWS)]
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
     out, width = weight.shape
     w = weight.detach().float().reshape(out, width // group, group)
     low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
