@@ -713,3 +713,18 @@ def test_each_row_of_a_kernel_batch_equals_the_row_alone(kind):
     rows = torch.randn(5, 44)
     together = native.dense_linear(rows, half)
     assert all(torch.equal(together[i], native.dense_linear(rows[i : i + 1], half)[0]) for i in range(5))
+
+
+def test_a_bf16_store_keeps_nan_and_inf():
+    """A NaN whose payload fills the mantissa (0x7FFFFFFF) used to round into -0 in the kernel's bf16
+    store; it stays NaN (numbers.h, shared by every kernel file), and an infinity stays infinite."""
+    layer = _packed_layer("sign", bias=False)
+    in_scales, out_scales, router, bias, layernorm = layer.kernel_args()
+    scales = out_scales.clone()
+    scales.view(torch.int32)[0, 0] = 0x7FFFFFFF
+    scales[0, 1] = float("inf")
+    x = torch.randn(1, 2, 44).to(torch.bfloat16)
+    with torch.no_grad():
+        y = kernels.binary_linear(x, layer.packed, layer.out_features, in_scales, scales, router, bias, layernorm)
+    assert y is not None and y.dtype == torch.bfloat16
+    assert y[..., 0].isnan().all() and not y[..., 1].isfinite().any() and y[..., 2:].isfinite().all()

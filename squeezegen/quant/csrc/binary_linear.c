@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "numbers.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -67,12 +69,7 @@ static void store_row(void *y, int bf16, size_t start, int n, const float *value
         return;
     }
     uint16_t *h = (uint16_t *)y + start;
-    for (int i = 0; i < n; i++) {
-        uint32_t bits;
-        memcpy(&bits, values + i, 4);
-        bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch does */
-        h[i] = (uint16_t)(bits >> 16);
-    }
+    for (int i = 0; i < n; i++) h[i] = sg_bf16_bits(values[i]);
 }
 
 static float dot(const float *a, const float *b, int n) {

@@ -21,6 +21,7 @@
 #endif
 
 #include "kernels.h"
+#include "numbers.h"
 
 enum { PROJ_DENSE = 0, PROJ_INT4 = 1, PROJ_BINARY = 2 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
@@ -75,10 +76,7 @@ typedef struct {
 /* ---- numbers ---------------------------------------------------------------------------------- */
 
 static inline float round_bf16(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    if ((bits & 0x7F800000) != 0x7F800000) bits += 0x7FFF + ((bits >> 16) & 1); /* nearest even, as torch */
-    bits &= 0xFFFF0000;
+    uint32_t bits = (uint32_t)sg_bf16_bits(v) << 16;
     memcpy(&v, &bits, 4);
     return v;
 }
@@ -116,10 +114,7 @@ static inline void put(void *p, int bf16, size_t i, float v) {
         ((float *)p)[i] = v;
         return;
     }
-    uint32_t bits;
-    v = round_bf16(v);
-    memcpy(&bits, &v, 4);
-    ((uint16_t *)p)[i] = (uint16_t)(bits >> 16);
+    ((uint16_t *)p)[i] = sg_bf16_bits(v);
 }
 
 #ifdef __AVX2__

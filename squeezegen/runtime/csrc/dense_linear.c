@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include "kernels.h"
+#include "numbers.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -316,10 +317,7 @@ static void store(void *y, int bf16, size_t i, float v) {
         ((float *)y)[i] = v;
         return;
     }
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch does */
-    ((uint16_t *)y)[i] = (uint16_t)(bits >> 16);
+    ((uint16_t *)y)[i] = sg_bf16_bits(v);
 }
 
 void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, const uint16_t *x_bf16,

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "numbers.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -294,14 +295,6 @@ static float *scratch(float **buffer, size_t *capacity, size_t floats) {
     return *buffer;
 }
 
-/* bf16 rounded to nearest even, as torch rounds */
-static uint16_t to_bf16(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
 /* The product for modules: x (tokens, in) float32 or bf16 in, y (tokens, out) in x's dtype, rows
  * split across OpenMP threads in contiguous ranges. Returns 0, or 1 when the input does not fit
  * the kernel (tokens, group) or memory runs out. */
@@ -336,7 +329,7 @@ int sg_int4_linear(const void *x, void *y, int bf16, int tokens, int in, int out
         if (bf16)
             for (int t = 0; t < tokens; t++)
                 for (int o = begin; o < end; o++)
-                    ((uint16_t *)y)[(size_t)t * out + o] = to_bf16(ys[(size_t)t * out + o]);
+                    ((uint16_t *)y)[(size_t)t * out + o] = sg_bf16_bits(ys[(size_t)t * out + o]);
     }
     return 0;
 }
