@@ -307,32 +307,36 @@ def _usage(metrics_url: str) -> float:
     return float(next(line for line in text.splitlines() if line.startswith("vllm:kv_cache_usage_perc")).split()[-1])
 
 
-def _blocks_in_use(client, metrics_url: str, prompt: str, extra: dict | None, total_blocks: int) -> int:
-    """KV blocks in use (vLLM's own gauge) while the request decodes."""
+def _total_blocks(metrics_url: str) -> int:
+    """vLLM's KV blocks in all (vllm:cache_config_info), after checking their size is BLOCK."""
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    info = next(line for line in text.splitlines() if line.startswith("vllm:cache_config_info"))
+    assert f'block_size="{BLOCK}"' in info
+    return int(info.split('num_gpu_blocks="')[1].split('"')[0])
+
+
+def _blocks_in_use(client, metrics_url: str, prompt: str, extra: dict | None, at: tuple, max_tokens: int) -> list[int]:
+    """KV blocks in use (vLLM's own gauge) while the request decodes, after the tokens `at`."""
+    total = _total_blocks(metrics_url)
     stream = client.chat.completions.create(
         model="smollm2",
         messages=[{"role": "user", "content": prompt}],
-        max_tokens=24,
+        max_tokens=max_tokens,
         temperature=0,
         stream=True,
-        extra_body={"vllm_xargs": extra} if extra else None,
+        extra_body={"ignore_eos": True, **({"vllm_xargs": extra} if extra else {})},
     )
-    seen = [round(_usage(metrics_url) * total_blocks) for i, _ in enumerate(stream) if i in (4, 12)]
-    return max(seen)
+    return [round(_usage(metrics_url) * total) for i, _ in enumerate(stream) if i in at]
 
 
 @needs_servers
 def test_a_compressed_request_returns_its_blocks_to_vllm(servers):
     plugin, _, metrics_url = servers
-    text = urllib.request.urlopen(metrics_url).read().decode()
-    info = next(line for line in text.splitlines() if line.startswith("vllm:cache_config_info"))
-    assert f'block_size="{BLOCK}"' in info
-    total = int(info.split('num_gpu_blocks="')[1].split('"')[0])
     _, tok = sg.load("smollm2-135m", dtype="float32")
     sample = make_sample("niah_number", tok, 3000, seed=77)
     messages = [{"role": "user", "content": sample.prompt}]
     prompt = plugin.chat.completions.create(model="smollm2", messages=messages, max_tokens=1).usage.prompt_tokens
-    full = _blocks_in_use(plugin, metrics_url, sample.prompt, None, total)
+    full = max(_blocks_in_use(plugin, metrics_url, sample.prompt, None, (4, 12), 24))
     assert full == math.ceil((prompt + 5) / BLOCK) or full == math.ceil((prompt + 13) / BLOCK)
     for name, args in [
         ("snapkv", {"budget": 0.25}),
@@ -340,7 +344,7 @@ def test_a_compressed_request_returns_its_blocks_to_vllm(servers):
         ("pyramidkv", {"budget": 0.25}),
     ]:
         freed = freeable_tokens(method(name, **args), prompt, 30) // BLOCK  # SmolLM2: 30 layers
-        assert _blocks_in_use(plugin, metrics_url, sample.prompt, spec(name, **args), total) <= full - freed
+        assert max(_blocks_in_use(plugin, metrics_url, sample.prompt, spec(name, **args), (4, 12), 24)) <= full - freed
         assert freed >= (5 if name != "pyramidkv" else 2)
 
 
@@ -349,22 +353,11 @@ def test_a_rolling_window_keeps_its_blocks_bounded_over_a_long_generation(server
     """StreamingLLM frees the blocks its window has left while it decodes: the blocks in use stay
     at the first kept block plus the window's, where the full cache's keep growing."""
     plugin, _, metrics_url = servers
-    text = urllib.request.urlopen(metrics_url).read().decode()
-    info = next(line for line in text.splitlines() if line.startswith("vllm:cache_config_info"))
-    total = int(info.split('num_gpu_blocks="')[1].split('"')[0])
     _, tok = sg.load("smollm2-135m", dtype="float32")
     prompt = make_sample("niah_number", tok, 1000, seed=78).prompt
 
     def in_use(extra: dict | None) -> list[int]:
-        stream = plugin.chat.completions.create(
-            model="smollm2",
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=600,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True, **({"vllm_xargs": extra} if extra else {})},
-        )
-        return [round(_usage(metrics_url) * total) for i, _ in enumerate(stream) if i in (100, 300, 590)]
+        return _blocks_in_use(plugin, metrics_url, prompt, extra, (100, 300, 590), 600)
 
     full = in_use(None)
     rolling = in_use(spec("streaming_llm", budget=200))  # 200 entries: the first kept block and two more
