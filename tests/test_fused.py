@@ -279,3 +279,21 @@ def test_engines_on_other_threads_share_the_c_step_safely():
             pool.map(lambda p: sg.generate(model, tok, p, max_new_tokens=12, ignore_eos=True).token_ids, prompts)
         )
     assert together == alone
+
+
+def test_a_model_the_fused_step_cannot_take_says_so_once():
+    """A family the fused forward does not know decodes through the HF layers, with a warning that
+    names the reason and the cost, once."""
+    import warnings
+
+    model, _ = tiny("tiny-llama")
+    other = copy.deepcopy(model)
+    other.config.hidden_act = "relu"  # no fused activation for it
+    parts = Engine(other).parts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):  # the engine asks at every generation, from one place
+            assert FusedDecoder.of(other, parts) is None
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "decodes through its Hugging Face layers, about 3x slower" in messages[0]
+    assert "relu" in messages[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -206,7 +207,11 @@ class NativeStep:
             return None
         try:
             return cls(fused, lib)
-        except _Unsupported:
+        except _Unsupported as exc:
+            warnings.warn(  # once per message and place (Python's default filter)
+                f"the C decode step does not take this model ({exc}): its decode steps run in torch, slower",
+                stacklevel=2,
+            )
             return None
 
     def _bind(self, engine) -> bool:
