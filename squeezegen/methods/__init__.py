@@ -1,4 +1,4 @@
-"""KV-cache and attention methods: one small file each, on the hook contract in `base`.
+"""KV-cache and attention methods: one small file each, on the hook contract of `runtime/hooks.py`.
 
 `method(name, **params)` builds a configured method; `methods()` lists names and parameters;
 `spec` parses them from text (one budget grammar everywhere).

@@ -18,8 +18,8 @@ from squeezegen.runtime.native import build, kernel_input
 from squeezegen.runtime.native_step import PROJ_BINARY
 
 SOURCE = Path(__file__).parent / "csrc" / "binary_linear.c"
-MAX_EXPERTS = 64  # the kernel's per-token gate buffer
-MAX_GROUP = 8  # layers per grouped call (csrc: MAX_GROUP)
+MAX_EXPERTS = 64  # the kernel's per-token gate buffer (csrc: MAX_EXPERTS)
+MAX_LAYERS = 8  # layers per grouped call (csrc: MAX_LAYERS)
 
 
 @functools.cache
@@ -95,8 +95,8 @@ class BinaryPlan:
     out_scales, router, bias, layernorm) as `binary_linear` takes them; the tensors are kept."""
 
     def __init__(self, in_features: int, layers: list[tuple]) -> None:
-        if not 1 <= len(layers) <= MAX_GROUP:
-            raise ValueError(f"a plan takes 1 to {MAX_GROUP} layers, got {len(layers)}")
+        if not 1 <= len(layers) <= MAX_LAYERS:
+            raise ValueError(f"a plan takes 1 to {MAX_LAYERS} layers, got {len(layers)}")
         experts = {0 if layer[2] is None else layer[2].shape[0] for layer in layers}
         if len(experts) != 1 or len({bool(layer[6]) for layer in layers}) != 1:
             raise ValueError("the layers of one plan need the same scaling (experts, layernorm)")

@@ -135,12 +135,13 @@ static void signed_sums(const uint8_t *rows, int count, const float *xs, int nby
     }
 }
 
-#define MAX_GROUP 8 /* layers per grouped call */
+#define MAX_LAYERS 8  /* layers per grouped call (kernels.py: MAX_LAYERS) */
+#define MAX_EXPERTS 64 /* scale rows mixed per token (kernels.py: MAX_EXPERTS) */
 
 /* `count` binary layers that read the same input x (q/k/v, gate/up), in one parallel pass.
  * experts: 0 = no input scale and a single out_scale row (sign); otherwise in_scales / out_scales
- * hold `experts` rows (at most 64), mixed by softmax(router . x) when a router is given (one row:
- * static). Per layer i: out_features[i], packed[i], in_scales[i], out_scales[i], routers[i] and
+ * hold `experts` rows (at most MAX_EXPERTS), mixed by softmax(router . x) when a router is given
+ * (one row: static). Per layer i: out_features[i], packed[i], in_scales[i], out_scales[i], routers[i] and
  * biases[i] (either may be NULL), ys[i]. Returns 0, or 1 when scratch memory ran out, 2 for
  * arguments out of range. */
 int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int tokens, int in_features,
@@ -148,11 +149,11 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
                       const float *const *out_scales, int experts, const float *const *routers,
                       const float *const *biases, int layernorm) {
     if (!signs_ready) init_signs();
-    if (experts > 64 || count < 1 || count > MAX_GROUP) return 2;
+    if (experts > MAX_EXPERTS || count < 1 || count > MAX_LAYERS) return 2;
     int nbytes = (in_features + 7) / 8, width = nbytes * 8, rows = experts > 0 ? experts : 1;
     /* per layer and token: the scaled input (padded to whole bytes), the output scales, the outputs */
-    float *xs[MAX_GROUP] = {0}, *s_out[MAX_GROUP] = {0}, *yt[MAX_GROUP] = {0};
-    int first[MAX_GROUP + 1] = {0}; /* the first block of four rows of each layer */
+    float *xs[MAX_LAYERS] = {0}, *s_out[MAX_LAYERS] = {0}, *yt[MAX_LAYERS] = {0};
+    int first[MAX_LAYERS + 1] = {0}; /* the first block of four rows of each layer */
     size_t work = 0, floats = round8((size_t)tokens * in_features);
     for (int i = 0; i < count; i++) floats += (size_t)tokens * width + 2 * round8((size_t)tokens * out_features[i]);
     float *xf = scratch(0, floats); /* carved into 32-byte aligned pieces */
@@ -169,7 +170,7 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
     for (int i = 0; i < count && !failed; i++) {
         int out = out_features[i], mixed = routers[i] && rows > 1 ? rows : 1;
         for (int t = 0; t < tokens; t++) {
-            float gate[64];
+            float gate[MAX_EXPERTS];
             const float *xt_in = xf + (size_t)t * in_features;
             float *xt = xs[i] + (size_t)t * width, *st = s_out[i] + (size_t)t * out;
             if (mixed > 1) { /* the token's mixture of scales: softmax(router . x) */

@@ -26,7 +26,7 @@
 enum { PROJ_DENSE = 0, PROJ_INT4 = 1, PROJ_BINARY = 2 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 #define SLOTS_PER_TASK 256 /* attention: slots one thread scores before the partial results merge */
-#define MAX_GROUP 16       /* query heads per KV head */
+#define MAX_QUERIES_PER_KV 16 /* query heads per KV head */
 #define MAX_HEAD_DIM 512
 
 /* quant/csrc/binary_linear.c's sg_binary_linears: packed 1-bit layers that read one input */
@@ -552,7 +552,7 @@ int sg_decode_layers(Model *m, int first, int last, float *hidden, int tokens, c
     for (int li = first; li < last; li++) {
         Layer *l = m->layer + li;
         int d = l->head_dim, group = l->heads / l->kv_heads;
-        if (group > MAX_GROUP || d > MAX_HEAD_DIM || l->qkv.out != (l->heads + 2 * l->kv_heads) * d) return 1;
+        if (group > MAX_QUERIES_PER_KV || d > MAX_HEAD_DIM || l->qkv.out != (l->heads + 2 * l->kv_heads) * d) return 1;
         size_t rows = (size_t)tokens * m->widest; /* the layout of sg_decode_scratch */
         float *normed = m->scratch, *proj = normed + rows, *attn = proj + 2 * rows, *work = attn + rows;
         for (int t = 0; t < tokens; t++) rms_norm(m, l->input_norm, hidden + (size_t)t * width, normed + (size_t)t * width, width);
