@@ -1,8 +1,10 @@
-"""The decode-time dense kernel (runtime/csrc/dense_linear.c) against float64 products by hand."""
+"""The decode-time dense kernel (runtime/csrc/dense_linear.c) against float64 products by hand, and the
+C step's structs against their ctypes mirrors."""
 
 import pytest
 import torch
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.runtime import native
 
 
@@ -44,3 +46,21 @@ def test_what_the_kernel_does_not_take_is_left_to_torch():
     assert native.dense_linear(torch.randn(1, 16), weight.T.contiguous().T) is None  # not row-major
     y = native.dense_linear(torch.randn(4, 32)[:, ::2], weight)  # a strided input is made contiguous
     assert y is not None and y.shape == (4, 8)
+
+
+def test_the_c_steps_structs_are_checked_against_their_ctypes_mirrors():
+    """The library's struct sizes and constants are compared with native_step.py's mirrors when it
+    loads: a mismatch is one error naming the field, not memory written out of place."""
+    from squeezegen.runtime import native_step
+
+    real = native_step._library()
+    assert real is not None  # loaded, so the check passed on the real library
+
+    class Mismatched:
+        @staticmethod
+        def sg_decode_layout(out):
+            real.sg_decode_layout(out)
+            out[1] += 8  # sizeof(Layer) as if the C struct had gained a field
+
+    with pytest.raises(SqueezegenError, match=r"sizeof\(Layer\) \d+ in C, \d+ here"):
+        native_step.check_layout(Mismatched())

@@ -91,10 +91,31 @@ class NativeProjection:
     keep: list = field(default_factory=list)
 
 
+def check_layout(lib: ctypes.CDLL) -> None:
+    """Refuse a library whose structs or constants differ from the mirrors here (sg_decode_layout)."""
+    ours = {
+        "sizeof(Proj)": ctypes.sizeof(Proj),
+        "sizeof(Layer)": ctypes.sizeof(LayerStruct),
+        "sizeof(Model)": ctypes.sizeof(ModelStruct),
+        "SG_MAX_TOKENS": STEP_ROWS,
+        "PROJ_DENSE": PROJ_DENSE,
+        "PROJ_INT4": PROJ_INT4,
+        "PROJ_BINARY": PROJ_BINARY,
+    }
+    lib.sg_decode_layout.restype = None
+    lib.sg_decode_layout.argtypes = [_P]
+    theirs = (ctypes.c_int64 * len(ours))()
+    lib.sg_decode_layout(theirs)
+    differ = [f"{name} {c} in C, {py} here" for (name, py), c in zip(ours.items(), theirs, strict=True) if c != py]
+    if differ:
+        raise SqueezegenError(f"the C decode step and native_step.py disagree ({', '.join(differ)}): change both")
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     lib = runtime_library()
     if lib is not None:
+        check_layout(lib)
         lib.sg_decode_scratch.restype = ctypes.c_size_t
         lib.sg_decode_scratch.argtypes = [_P, ctypes.c_int]
         lib.sg_decode_layers.restype = ctypes.c_int

@@ -523,6 +523,14 @@ static int attention_tasks(const Layer *l, int tokens) {
     return tokens * l->kv_heads * ((l->capacity + SLOTS_PER_TASK - 1) / SLOTS_PER_TASK);
 }
 
+/* What native_step.py's ctypes mirrors must agree with: the structs' sizes and the constants both
+ * sides name (it checks them when it loads the library, so a mismatch is an error, not memory
+ * written out of place). */
+void sg_decode_layout(int64_t *out) {
+    const int64_t layout[] = {sizeof(Proj), sizeof(Layer), sizeof(Model), SG_MAX_TOKENS, PROJ_DENSE, PROJ_INT4, PROJ_BINARY};
+    memcpy(out, layout, sizeof(layout));
+}
+
 /* Floats of scratch a step of `tokens` rows needs now (the widest activation, attention's tasks
  * over the buffers' capacities); call it before a step whenever the rows or the buffers changed. */
 size_t sg_decode_scratch(Model *m, int tokens) {
