@@ -14,7 +14,8 @@ its sequence as K + the tokens generated, and each new token is written right af
 entries (r slots before vLLM's own slot for it, 0 <= r < block size). Keys keep their true
 positions (RoPE is in them), so attention needs no positions of its own. Layers with the same
 budgets share one rewritten metadata per step. The scheduler frees the blocks below the lowest
-first kept block of any layer (`scheduler.py`).
+first kept block of any layer, and a rolling window's (StreamingLLM) blocks once it has left them,
+which the rewritten block table then skips (`scheduler.py`, `compression.rolled_blocks`).
 """
 
 from __future__ import annotations
