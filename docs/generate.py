@@ -377,6 +377,43 @@ def render_binary_runs(doc: dict, path: str) -> str:
     return table(header, rows)
 
 
+def render_binary_budget(doc: dict, path: str) -> str:
+    """Held-out perplexity per recipe and method at each time budget (`benchmarks/binary_budget.py`),
+    on both held-out sets, with the tokens each run trained on."""
+    points = doc["points"]
+    budgets = sorted({p["budget_s"] for p in points})
+    first = points[0]
+    float_row = ["float model", "—"] + [
+        f"{first['float_cpython-docs']:.2f} / {first['float_essays']:.2f}" for _ in budgets
+    ]
+    rows = [float_row]
+    for key in dict.fromkeys((p["recipe"], p["method"]) for p in points):
+        cells = []
+        for budget in budgets:
+            found = [p for p in points if (p["recipe"], p["method"], p["budget_s"]) == (*key, budget)]
+            cells.append(
+                f"{found[0]['perplexity_cpython-docs']:,.0f} / {found[0]['perplexity_essays']:,.0f}" if found else "—"
+            )
+        rows.append([key[1], key[0], *cells])
+    header = ["model", "recipe", *(f"{b / 60:g} min" for b in budgets)]
+    sizes = ", ".join(
+        f"{b / 60:g} min: "
+        + "; ".join(
+            f"{p['method']} {p['block_tokens'] / 1000:.0f}K a block + {p['end_to_end_tokens'] / 1000:.0f}K end to end, "
+            f"training {p['training_s'] / 60:.1f} of {p['wall_s'] / 60:.1f} min"
+            for p in points
+            if p["budget_s"] == b
+        )
+        for b in budgets
+    )
+    head = (
+        f"{doc['meta']['model']}, held-out perplexity on CPython docs ({first['tokens_cpython-docs']:,} tokens) / "
+        f"essays ({first['tokens_essays']:,} tokens), on {_machine(doc)}"
+    )
+    note = "Tokens each block and the end-to-end stage trained on, and training time within each command's wall time"
+    return f"{head}\n\n{table(header, rows)}\n\n{note}: {sizes}."
+
+
 def render_binary_paper(doc: dict, path: str) -> str:
     rows = [[r["model"], *(" / ".join(f"{x:.2f}" for x in r[c]) for c in doc["columns"])] for r in doc["rows"]]
     return table([f"paper, {doc['metric'].split(', ')[1]}", *doc["columns"]], rows)
@@ -636,6 +673,7 @@ RENDERERS: dict[str, Callable[[object, str], str]] = {
     "binary": render_binary,
     "binary-paper": render_binary_paper,
     "binary-runs": render_binary_runs,
+    "binary-budget": render_binary_budget,
     "bench-binary": render_bench_binary,
     "serve-load": render_serve_load,
     "serve-vs-vllm": render_serve_vs_vllm,

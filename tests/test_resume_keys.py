@@ -61,6 +61,16 @@ BINARIZE_OTHER_VALUES = {
     "--seed": ["1"],
     "--eval-blocks": ["4"],
 }
+# flags of the time-budget path (`--time-budget`), each against a blockwise run of 60 s
+BUDGET = ["--recipe", "blockwise", "--time-budget", "60"]
+BUDGET_OTHER_VALUES = {
+    "--recipe": ["end-to-end"],
+    "--time-budget": ["120"],
+    "--data": ["corpus", "essays"],
+    "--train-tokens": ["4096"],
+    "--block-share": ["0.5"],
+    "--block-lr": ["0.001"],
+}
 
 
 def options(command: str) -> set[str]:
@@ -75,7 +85,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 @pytest.mark.parametrize(
     "command, aside, changes",
-    [("eval", EVAL_ASIDE, EVAL_OTHER_VALUES), ("binarize", BINARIZE_ASIDE, BINARIZE_OTHER_VALUES)],
+    [
+        ("eval", EVAL_ASIDE, EVAL_OTHER_VALUES),
+        ("binarize", BINARIZE_ASIDE, BINARIZE_OTHER_VALUES | BUDGET_OTHER_VALUES),
+    ],
 )
 def test_every_flag_is_placed(command, aside, changes):
     assert options(command) == aside | set(changes), "place the new flag: in the resume key, or aside here"
@@ -101,6 +114,11 @@ def test_each_eval_flag_that_decides_records_is_in_the_resume_key(flag, value):
 @pytest.mark.parametrize("flag, value", BINARIZE_OTHER_VALUES.items())
 def test_each_binarize_flag_that_decides_training_is_in_the_resume_key(flag, value):
     assert binarize_key([flag, *value]) != binarize_key([])
+
+
+@pytest.mark.parametrize("flag, value", BUDGET_OTHER_VALUES.items())
+def test_each_time_budget_flag_is_in_the_resume_key(flag, value):
+    assert binarize_key([*BUDGET, flag, *value]) != binarize_key(BUDGET)
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "7"), ("--stop-after", "2"), ("--decode-tokens", "0")])

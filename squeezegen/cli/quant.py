@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -34,28 +35,30 @@ def binarize_settings(args: argparse.Namespace) -> tuple[BinaryConfig, DistillCo
     """(binarization, training settings, run) of `binarize`'s flags; `run` (the model, the
     binarization, the dtype, the held-out blocks) and the training settings are what a --resume
     must find again in the checkpoint (`distill.resume_key`)."""
+    from squeezegen.evals.training_text import SOURCES
     from squeezegen.quant.api import BinaryMoSConfig, OneBitConfig, SignConfig, config_to_dict
     from squeezegen.quant.distill import DistillConfig
 
     make = {"binarymos": lambda: BinaryMoSConfig(experts=args.experts), "onebit": OneBitConfig, "sign": SignConfig}
     binarization = make[args.method]()
     steps = args.steps
-    if args.method == "sign" and steps:
+    if args.method == "sign" and steps and args.time_budget is None:
         print("sign is the untrained floor: no distillation")
         steps = 0
     if steps < 0 or args.batch < 1 or args.block < 2:
         raise SqueezegenError("--steps must be >= 0, --batch >= 1 and --block >= 2")
     if args.max_grad_norm < 0 or args.eval_every < 0 or (args.stop_after is not None and args.stop_after < 1):
         raise SqueezegenError("--max-grad-norm and --eval-every must be >= 0, --stop-after >= 1")
+    blockwise = args.recipe == "blockwise"  # its end-to-end stage fine-tunes what the blocks learned
     train = DistillConfig(
         steps=steps,
         batch=args.batch,
         block=args.block,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (1e-4 if blockwise else 1e-3),
         hidden_weight=args.hidden_weight,
-        loss=args.loss,
+        loss=args.loss or ("kl" if blockwise else "reference"),
         max_grad_norm=args.max_grad_norm,
-        checkpointing=not args.no_checkpointing,
+        checkpointing=not args.no_checkpointing and not blockwise,
         bf16=args.bf16,
         save_every=args.save_every,
         eval_every=args.eval_every,
@@ -69,12 +72,26 @@ def binarize_settings(args: argparse.Namespace) -> tuple[BinaryConfig, DistillCo
         "dtype": common.resolve_dtype_arg(args),
         "eval_blocks": args.eval_blocks,
     }
+    if args.recipe == "blockwise" and args.time_budget is None:
+        raise SqueezegenError("--recipe blockwise trains in a time budget: give --time-budget SECONDS (e.g. 1200)")
+    if args.time_budget is not None:
+        if _world() > 1:
+            raise SqueezegenError("--time-budget trains in one process (on every core): run it without torchrun")
+        if args.time_budget <= 0 or (args.train_tokens is not None and args.train_tokens < args.block):
+            raise SqueezegenError("--time-budget must be > 0 seconds and --train-tokens at least one --block")
+        if not 0 < args.block_share <= 1 or args.block_lr <= 0:
+            raise SqueezegenError("--block-share must be in (0, 1] and --block-lr > 0")
+        data = tuple(args.data or (SOURCES if args.recipe == "blockwise" else ("corpus",)))
+        run.update(recipe=args.recipe, time_budget=args.time_budget, data=list(data), train_tokens=args.train_tokens)
+        if args.recipe == "blockwise":
+            run.update(block_share=args.block_share, block_lr=args.block_lr)
     return binarization, train, run
 
 
 def cmd_binarize(args: argparse.Namespace) -> None:
     from squeezegen.evals.report import claim, refuse_unwritable
 
+    started = time.perf_counter()  # a --time-budget counts from here: loading and data are in it
     binarization, train, run = binarize_settings(args)
     out = Path(args.out)
     if not out.is_dir() or any(out.iterdir()):  # an empty folder holds nothing to lose
@@ -92,6 +109,7 @@ def cmd_binarize(args: argparse.Namespace) -> None:
         eval_blocks=args.eval_blocks,
         device=args.device,
         dtype=args.dtype,
+        started=started,
     )
     if report is not None and report.get("stopped"):
         print(report["stopped"])
@@ -112,6 +130,7 @@ def binarize_model(
     eval_blocks: int | None = None,
     device: str = "cpu",
     dtype: str = "auto",
+    started: float | None = None,
 ) -> dict | None:
     """Binarize `model_name`, distill it (unless `train.steps` is 0), save the packed model to `out`
     and return the report (None on ranks other than 0 under torchrun). `run` is kept in the
@@ -125,12 +144,18 @@ def binarize_model(
     With `train.stop_after` before `train.steps`, training stops there with its checkpoint
     (OUT.ckpt) and nothing is packed or saved: the report holds `stopped` and the history, and a
     later call with `resume` goes on. Under FSDP the trained tensors are gathered on every rank,
-    then rank 0 rebuilds a plain student from a fresh copy of the model and loads them."""
+    then rank 0 rebuilds a plain student from a fresh copy of the model and loads them.
+
+    With a `time_budget` in `run` (seconds, counted from `started`), the student trains by
+    `run["recipe"]` ("blockwise": block-wise reconstruction, then end-to-end distillation;
+    "end-to-end": distillation alone) on `run["data"]`'s sources, and training ends in time for
+    the final measurements: `train.steps` is then ignored."""
     import torch
     import torch.distributed as dist
 
     from squeezegen.bench.binary_decode import compare_decode
     from squeezegen.evals.corpus import split_text, token_blocks
+    from squeezegen.evals.training_text import held_out_blocks
     from squeezegen.models.loading import load
     from squeezegen.quant.api import binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
     from squeezegen.quant.checkpoint import save
@@ -142,12 +167,18 @@ def binarize_model(
     teacher, tok = load(model_name, dtype=dtype, device=device)
     torch.manual_seed(train.seed)  # the routers' random init: the same in every process and every run
     student = binarize_(copy.deepcopy(teacher).float(), config)
-    held_out = token_blocks(tok, split_text("test"), train.block)[:eval_blocks]
+    held_sets = {name: b[:eval_blocks] for name, b in held_out_blocks(tok, train.block).items()}
+    held_out = held_sets["cpython-docs"]
     history: list[dict] = []
     gathered: dict | None = None
     checkpoint = out.with_name(out.name + ".ckpt")
-    started = time.perf_counter()
-    if train.steps > 0:
+    started = time.perf_counter() if started is None else started
+    budgeted = None
+    if run is not None and run.get("time_budget") is not None:
+        budgeted = train_in_time(teacher, tok, student, train, run, checkpoint, resume, held_sets, started)
+        history = budgeted["end_to_end"]
+        train = dataclasses.replace(train, steps=budgeted["steps"])
+    elif train.steps > 0:
         blocks = token_blocks(tok, split_text("train"), train.block)
         history = distill(student, teacher, blocks, train, checkpoint, resume=resume, held_out=held_out, run=run)
         if _world() > 1 and train.parallel == "fsdp":  # student and teacher are sharded in place
@@ -160,7 +191,7 @@ def binarize_model(
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     done = history[-1]["step"] if history else 0
-    if train.steps > 0 and done < train.steps:
+    if budgeted is None and train.steps > 0 and done < train.steps:
         (checkpoint / "history.json").write_text(json.dumps(history, indent=1))
         message = (
             f"stopped after step {done} of {train.steps} ({history[-1]['tokens']:,} tokens); the checkpoint is "
@@ -177,15 +208,21 @@ def binarize_model(
         student.eval()
     pack_(student.to(teacher.dtype))
     tokens = done * train.batch * train.block * _world()
+    held = {
+        name: {"tokens": b.numel(), "float": block_perplexity(teacher, b), "binary": block_perplexity(student, b)}
+        for name, b in held_sets.items()
+    }
     report = {
         "model": model_name,
         "dtype": str(teacher.dtype).removeprefix("torch."),
         "host": host(),
         "binarization": config_to_dict(config),
         "train": {**train.__dict__, "tokens": tokens, "world": _world(), "seconds": train_s},
+        "recipe": _recipe_report(budgeted, run, train),
         "eval_tokens": held_out.numel(),
-        "perplexity_float": block_perplexity(teacher, held_out),
-        "perplexity_binary": block_perplexity(student, held_out),
+        "perplexity_float": held["cpython-docs"]["float"],
+        "perplexity_binary": held["cpython-docs"]["binary"],
+        "held_out": held,
         "bits_per_weight": bits_per_weight(student),
         "bytes": stored_bytes(student),
         "float_model_bytes": resident_bytes(teacher),
@@ -203,6 +240,75 @@ def binarize_model(
     return report
 
 
+def default_train_tokens(seconds: float) -> int:
+    """Training tokens for a time budget: more text for more time (~60 a second, 16K to 512K), so
+    the block stage sees its text a few times and spends little on passing it from block to block."""
+    return int(min(max(seconds * 60, 16_384), 524_288))
+
+
+def measuring_seconds(teacher, held_sets: dict, batch: int = 4) -> float:
+    """About how long the measurements after training take, kept off a time budget: the held-out
+    sets through the float model and through the packed one (about 1.5x its time), timed on one
+    batch, plus packing."""
+    from squeezegen.quant.distill import block_perplexity
+
+    ids = next(iter(held_sets.values()))[:batch]
+    block_perplexity(teacher, ids, batch)  # the first call pays one-time setup: not timed
+    started = time.perf_counter()
+    block_perplexity(teacher, ids, batch)
+    per_block = (time.perf_counter() - started) / len(ids)
+    return per_block * sum(len(b) for b in held_sets.values()) * 2.5 + 5.0
+
+
+def train_in_time(
+    teacher, tok, student, train: DistillConfig, run: dict, folder: Path, resume: bool, held_sets: dict, started: float
+) -> dict:
+    """`binarize`'s time-budget path: the training text (kept in `folder` for a resumed run), then
+    `recipe.train_in_budget` in what is left of the budget."""
+    import torch
+
+    from squeezegen.evals.training_text import training_blocks
+    from squeezegen.quant.blockwise import BlockwiseConfig
+    from squeezegen.quant.recipe import BudgetRecipe, train_in_budget
+
+    budget = run["time_budget"]
+    saved = folder / "train_blocks.pt"
+    if resume and saved.is_file():
+        data = torch.load(saved, weights_only=True)
+        blocks, counts = data["blocks"], data["counts"]
+    else:
+        tokens = run["train_tokens"] or default_train_tokens(budget)
+        blocks, counts = training_blocks(
+            tok, tokens, train.block, teacher, train.seed, tuple(run["data"]), teacher_seconds=0.05 * budget
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"blocks": blocks, "counts": counts}, saved)
+    share = run.get("block_share", 0.0)
+    left = budget - measuring_seconds(teacher, held_sets) - (time.perf_counter() - started)
+    if left <= 0:
+        raise SqueezegenError(f"--time-budget {budget:g} s is spent before training starts: give more time")
+    blockwise = BlockwiseConfig(seconds=1.0, lr=run.get("block_lr", 1e-2), bf16=train.bf16, seed=train.seed)
+    recipe = BudgetRecipe(seconds=left, block_share=share, blocks=blockwise, end_to_end=train)
+    result = train_in_budget(student, teacher, blocks, recipe, folder, resume, held_sets["cpython-docs"], run)
+    return {**result, "data": counts, "seconds": left}
+
+
+def _recipe_report(budgeted: dict | None, run: dict | None, train: DistillConfig) -> dict | None:
+    """What the time-budget path did: its sources' tokens, each block's steps and losses, the
+    end-to-end steps."""
+    if budgeted is None:
+        return None
+    return {
+        "recipe": run["recipe"],
+        "time_budget": run["time_budget"],
+        "training_seconds": budgeted["seconds"],
+        "data_tokens": budgeted["data"],
+        "blocks": budgeted["blocks"],
+        "end_to_end_steps": budgeted["steps"],
+        "end_to_end_tokens": budgeted["steps"] * train.batch * train.block,
+    }
+
+
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers in memory, as it runs."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -217,12 +323,24 @@ def summary_lines(report: dict) -> list[str]:
     """The report of `binarize_model`, as the command prints it."""
     b, mib = report["bytes"], 2**20
     resident, float_bytes = report["binary_model_resident_bytes"] / mib, report["float_model_bytes"] / mib
+    recipe = report.get("recipe")
+    if recipe is None:
+        trained = f"distillation      {report['train']['steps']} steps, {report['train']['tokens']:,} tokens, "
+    else:
+        blocks = recipe["blocks"]
+        per_block = sum(r["tokens"] for r in blocks) // max(1, len(blocks))
+        trained = (
+            f"training          {recipe['recipe']} in {recipe['time_budget']:g} s: {len(blocks)} blocks x "
+            f"{per_block:,} tokens, then {recipe['end_to_end_steps']} end-to-end steps "
+            f"({recipe['end_to_end_tokens']:,} tokens), "
+        )
+    held = "  ".join(f"{name} {p['binary']:.2f} (float {p['float']:.2f})" for name, p in report["held_out"].items())
     lines = [
         f"method            {report['binarization']}",
-        f"distillation      {report['train']['steps']} steps, {report['train']['tokens']:,} tokens, "
-        f"{report['train']['seconds'] / 60:.1f} min",
+        trained + f"{report['train']['seconds'] / 60:.1f} min",
         f"perplexity        float {report['perplexity_float']:.2f}  binary {report['perplexity_binary']:.2f}  "
         f"(held-out, {report['eval_tokens']:,} tokens)",
+        f"held-out sets     {held}",
         f"bits per weight   {report['bits_per_weight']:.3f} (binarized linear layers, scales and router included)",
         f"linear layers     {b['binary_linear'] / 2**20:.1f} MiB packed vs {b['float32_linear'] / 2**20:.1f} MiB "
         f"float32 (1/{b['float32_linear'] / b['binary_linear']:.1f})",
@@ -256,16 +374,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lr",
         type=float,
-        default=1e-3,
-        help="peak AdamW learning rate (1e-3: best of the ablation at a CPU's budget; BinaryMoS's reference: 2e-5)",
+        default=None,
+        help="peak AdamW learning rate of end-to-end distillation (default 1e-3: best of the ablation at a CPU's "
+        "budget; 1e-4 after the blockwise recipe's block stage; BinaryMoS's reference: 2e-5)",
     )
     p.add_argument("--hidden-weight", type=float, default=10.0, help="weight of the hidden-state MSE")
     p.add_argument(
         "--loss",
-        default="reference",
+        default=None,
         choices=["reference", "normalized", "kl", "token-mean"],
-        help="reference: KL summed over tokens / batch + hidden-weight x the sum of per-layer hidden MSEs "
-        "(BinaryMoS); normalized: each layer's MSE divided by the teacher's mean square; kl: the KL alone; "
+        help="default reference (kl in the blockwise recipe's end-to-end stage); reference: KL summed over "
+        "tokens / batch + hidden-weight x the sum of per-layer hidden MSEs (BinaryMoS); normalized: each "
+        "layer's MSE divided by the teacher's mean square; kl: the KL alone; "
         "token-mean: KL averaged per token + the raw MSEs",
     )
     p.add_argument(
@@ -292,8 +412,42 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="stop after step N with a checkpoint and save nothing else; a later --resume goes on "
         "(--steps still sets the schedule's length)",
     )
+    p.add_argument(
+        "--recipe",
+        default="end-to-end",
+        choices=["end-to-end", "blockwise"],
+        help="end-to-end: distillation of the whole model (BinaryMoS's); blockwise: each decoder block "
+        "trained to reproduce the float model's activations, then a short end-to-end distillation, in "
+        "--time-budget (far lower perplexity per minute on a CPU)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="train for this long in all (loading and data included; the final measurements and save "
+        "come after): --steps is then set from the time, and --resume counts the time already spent",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        choices=["corpus", "essays", "squad", "hotpotqa", "teacher"],
+        help="training text with --time-budget (default: all for blockwise, corpus for end-to-end): the "
+        "bundled CPython docs, RULER's essays, SQuAD and HotpotQA paragraphs, text sampled from the float "
+        "model; held-out text never enters",
+    )
+    p.add_argument(
+        "--train-tokens", type=int, default=None, help="training tokens with --time-budget (default: from the budget)"
+    )
+    p.add_argument(
+        "--block-share", type=float, default=0.7, help="share of the budget to the block-wise stage (blockwise)"
+    )
+    p.add_argument("--block-lr", type=float, default=1e-2, help="AdamW learning rate of the block-wise stage")
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast")
-    p.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    p.add_argument(
+        "--no-checkpointing", action="store_true", help="keep activations (faster, more memory; always in blockwise)"
+    )
     p.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seeds the routers' random init and the order of the blocks")
     p.add_argument(

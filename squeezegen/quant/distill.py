@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _save_atomic(state: dict, path: Path) -> None:
+def save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -178,14 +179,17 @@ def distill(
     resume: bool = False,
     held_out: torch.Tensor | None = None,
     run: dict | None = None,
+    stop_at: float | None = None,
 ) -> list[dict]:
     """Train the binary layers of `student` to match `teacher` on `blocks` (N, block) token ids.
 
     Checkpoints go to `folder`; with `resume` training continues from the last one (a larger
     `steps` stretches the schedule to the new length), refused unless `resume_key(config, run)`
     is what the checkpoint was made with. With `eval_every` and `held_out` blocks,
-    the history records held-out perplexity. Under FSDP both models are sharded in place (gather
-    the result with `trainable_state`). Returns the history (rank 0's view)."""
+    the history records held-out perplexity. Past `stop_at` (a `time.perf_counter()` instant) no
+    step starts: the run saves its checkpoint and ends early (a time budget's guard; one process).
+    Under FSDP both models are sharded in place (gather the result with `trainable_state`).
+    Returns the history (rank 0's view)."""
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
         set_model_state_dict,
@@ -271,14 +275,17 @@ def distill(
             student.train()
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
-        if step + 1 == end or (step + 1) % config.save_every == 0:
+        out_of_time = stop_at is not None and time.perf_counter() >= stop_at
+        if step + 1 == end or (step + 1) % config.save_every == 0 or out_of_time:
             trainable = trainable_state(student, names)  # every rank: under FSDP a collective
             optim = get_optimizer_state_dict(student, optimizer, options=_full())
             if rank == 0:
                 folder.mkdir(parents=True, exist_ok=True)
                 state = {"step": step + 1, "trainable": trainable, "optimizer": optim}
                 state.update(scheduler=scheduler.state_dict(), history=history, config=asdict(config), run=run or {})
-                _save_atomic(state, checkpoint)
+                save_atomic(state, checkpoint)
+        if out_of_time:
+            break
     if config.checkpointing:
         student.activation_checkpointing_disable()
         student.disable_input_require_grads()  # the hook HF's enable left on the embedding
