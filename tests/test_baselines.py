@@ -29,7 +29,7 @@ def setup(a_per_kv_head, method_obj, n_queries=None):
     q = torch.zeros(1, H, n_queries or n, D)
     q[..., 0] = 1 / SCALE
     engine.positions = torch.arange(n)[None]
-    engine._row_tokens = engine._chunk_lengths = [n]
+    engine._row_tokens = engine.chunk_lengths = [n]
     engine.cache.layers[0].append(k, v, engine.positions)
     return engine, q, k, v
 

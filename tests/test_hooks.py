@@ -18,8 +18,6 @@ PROMPT = "Mountains rise where the plates of the earth collide, folding rock ove
 class KeepAll(Method):
     """Selects and propagates every index explicitly: must change nothing."""
 
-    HOOKS = frozenset({"select_cache", "propagate"})
-
     def select_cache(self, view, query, key, value):
         return torch.arange(key.shape[2])[None, None].expand(key.shape[0], 1, -1)
 
@@ -30,8 +28,6 @@ class KeepAll(Method):
 @dataclass
 class KeepRecent(Method):
     keep: int = 5
-
-    HOOKS = frozenset({"select_cache"})
 
     def select_cache(self, view, query, key, value):
         n = key.shape[2]
@@ -45,8 +41,6 @@ class DropPrefix(Method):
     after_layer: int = 1
     keep: int = 6
 
-    HOOKS = frozenset({"propagate"})
-
     def propagate(self, view, hidden):
         if view.index != self.after_layer:
             return None
@@ -57,8 +51,6 @@ class DropPrefix(Method):
 @dataclass
 class Recorder(Method):
     calls: list = field(default_factory=list)
-
-    HOOKS = frozenset({"prefill_attention", "start_decode", "decode_attention", "after_decode_step"})
 
     def prefill_attention(self, view, query, key, value, mask, causal):
         self.calls.append(("prefill", view.index, tuple(query.shape)))
@@ -75,10 +67,21 @@ class Recorder(Method):
 
 
 @dataclass
+class Unlisted(Method):
+    """Overrides two hooks and lists none: the engine finds them."""
+
+    calls: list = field(default_factory=list)
+
+    def select_cache(self, view, query, key, value):
+        self.calls.append(("select", view.index))
+
+    def after_decode_step(self, engine, step):
+        self.calls.append(("step", step))
+
+
+@dataclass
 class SlidingEviction(Method):
     """Decode-time eviction between steps: keep the first 2 positions and the newest 4."""
-
-    HOOKS = frozenset({"after_decode_step"})
 
     def after_decode_step(self, engine, step):
         newest = engine.next_pos[:, None, None] - 1
@@ -153,3 +156,13 @@ def test_decode_time_eviction_bounds_the_cache():
     res = sg.generate(model, tok, PROMPT, method=SlidingEviction(), max_new_tokens=12, ignore_eos=True)
     assert len(res.token_ids[0]) == 12
     assert res.cache_lengths == [6] * model.config.num_hidden_layers
+
+
+def test_a_hook_overridden_is_called_without_being_listed():
+    model, tok = tiny("tiny-llama")
+    method = Unlisted()
+    assert method.hooks() == {"select_cache", "after_decode_step"}
+    assert Method().hooks() == frozenset() and KeepAll().hooks() == {"select_cache", "propagate"}
+    sg.generate(model, tok, PROMPT, method=method, max_new_tokens=3, ignore_eos=True)
+    layers = model.config.num_hidden_layers
+    assert method.calls == [("select", i) for i in range(layers)] + [("step", 0), ("step", 1)]

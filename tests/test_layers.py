@@ -189,3 +189,58 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_members(tree: ast.AST) -> set[str]:
+    """The private attributes a module's classes define: `self._x = ...` and private methods."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            names.update([node.attr] if _private(node.attr) and isinstance(node.ctx, ast.Store) else [])
+        if isinstance(node, ast.ClassDef):
+            names.update(f.name for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef))
+    return {n for n in names if _private(n)}
+
+
+def _folder_privates(sources: dict[str, ast.AST]) -> list[str]:
+    """Where one folder reaches a private name of another: `from x import _name`, or `obj._attr`
+    where `_attr` is a member only classes of other folders define (a third party's private
+    attribute, such as torch's `tensor._version`, is defined by none and not counted)."""
+    members: dict[str, set[str]] = {}
+    for name, tree in sources.items():
+        members.setdefault(_layer(name), set()).update(_private_members(tree))
+    found = []
+    for name, tree in sources.items():
+        here = _layer(name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{ROOT}."):
+                for alias in node.names:
+                    if _private(alias.name) and _layer(node.module) != here:
+                        found.append(f"{name} line {node.lineno}: from {node.module} import {alias.name}")
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    continue
+                owners = [folder for folder, names in members.items() if node.attr in names]
+                if owners and here not in owners:
+                    found.append(f"{name} line {node.lineno}: .{node.attr} of {', '.join(owners)}")
+    return found
+
+
+def test_no_folder_reaches_another_folders_private_names():
+    sources = {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.items()}
+    found = _folder_privates(sources)
+    assert not found, "make it a public, documented name of its folder:\n" + "\n".join(found)
+
+
+def test_the_private_name_check_finds_both_kinds():
+    engine = "class Engine:\n    def __init__(self):\n        self._lengths = []\n"
+    method = "from squeezegen.runtime.engine import _helper\n\ndef f(engine):\n    return engine._lengths, x._version\n"
+    sources = {"squeezegen.runtime.engine": ast.parse(engine), "squeezegen.methods.snapkv": ast.parse(method)}
+    assert _folder_privates(sources) == [
+        "squeezegen.methods.snapkv line 1: from squeezegen.runtime.engine import _helper",
+        "squeezegen.methods.snapkv line 4: ._lengths of runtime",
+    ]

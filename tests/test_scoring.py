@@ -124,3 +124,39 @@ def test_budget_resolution_and_errors():
     ]:
         with pytest.raises(SqueezegenError, match=message):
             resolve_budget(bad, 4000)
+
+
+def test_scores_are_shared_only_by_configurations_that_score_alike():
+    """Configurations of one prefill share a layer's scores when they differ only in how they
+    choose (the budget); any other field, a new one of a subclass included, keys its own scores."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from squeezegen.methods.snapkv import SnapKV
+
+    @dataclass
+    class Scaled(SnapKV):
+        factor: float = 1.0  # a scoring field nobody listed: it must split the sharing
+
+        def score(self, view, query, key):
+            return super().score(view, query, key) * self.factor
+
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
+    query_pos, key_pos = positions(8)
+    view = SimpleNamespace(memo={}, key_pos=key_pos, positions=query_pos, scaling=0.5)
+    calls = []
+
+    def scored(method):
+        before = len(view.memo)
+        out = method.kv_scores(view, query, key)
+        calls.append(len(view.memo) > before)
+        return out
+
+    scored(SnapKV(budget=4, window=2))
+    scored(SnapKV(budget=6, window=2, floor=0.5, heads="shared"))  # the choice only: shared
+    scored(SnapKV(budget=4, window=3))  # another observation window: its own scores
+    first = scored(Scaled(budget=4, window=2, factor=1.0))
+    second = scored(Scaled(budget=4, window=2, factor=2.0))
+    assert calls == [True, False, True, True, True]
+    assert not torch.equal(first, second)

@@ -28,8 +28,6 @@ PHASES = ("score_s", "gather_s", "attend_s", "scatter_s")
 class TimedDense(Method):
     """The full cache, timing the prefill attention of the given layers (its state: seconds per layer)."""
 
-    HOOKS = frozenset({"prefill_attention"})
-
     layers: frozenset = frozenset()
 
     def new_state(self) -> dict[int, float]:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from squeezegen.runtime.engine import Engine
-from squeezegen.runtime.generate import Decoding, GenerationResult, _left_pad, decode_loop, prefill_rows
+from squeezegen.runtime.generate import Decoding, GenerationResult, decode_loop, left_pad, prefill_rows
 from squeezegen.runtime.hooks import Method
 
 
@@ -26,8 +26,6 @@ def shares_the_prefill(method: Method) -> bool:
 
 class _FanOut(Method):
     """Calls every branch's `select_cache` on the shared prefill; keeps everything itself."""
-
-    HOOKS = frozenset({"select_cache"})
 
     def __init__(self, methods: dict[str, Method]) -> None:
         self.branches = {label: (m, {}) for label, m in methods.items()}  # method, kept per layer
@@ -62,13 +60,13 @@ def answer_all(
         fan = _FanOut(shared)
         engine = Engine(model, fan, reserve=reserve, tokenizer=tokenizer)
         start = time.perf_counter()
-        logits = engine.prefill(*_left_pad([row[0]], pad_id, engine.parts.embed.weight.device))
+        logits = engine.prefill(*left_pad([row[0]], pad_id, engine.parts.embed.weight.device))
         prefill_s = time.perf_counter() - start
         for label, (method, keep) in fan.branches.items():
             twin = engine.fork(method, keep)
             first = logits
             if not question_seen:
-                first = twin.prefill(*_left_pad([chunks[1]], pad_id, logits.device), compress=False)
+                first = twin.prefill(*left_pad([chunks[1]], pad_id, logits.device), compress=False)
             results[label] = decode_loop(twin, tokenizer, first, decoding, prefill_s)
 
     for label, method in methods.items():

@@ -11,7 +11,6 @@ it records its caps (and H2O its accumulated scores) for those entries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.methods.selection import EvictingSelection
@@ -26,8 +25,6 @@ class Compose(Method):
     prefill: Method | None = None
     decode: Method | None = None
     attention: Method | None = None
-
-    HOOKS: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         parts = (("prefill", self.prefill), ("decode", self.decode), ("attention", self.attention))

@@ -9,7 +9,6 @@ scored the same way, so the cache left for decoding does not depend on how much 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -41,8 +40,6 @@ class FastKV(SnapKV):
     an option of ours.
     """
 
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "propagate"})
-
     budget: int | float = 0.1
     window: int = 8
     kernel: int = 7
@@ -53,6 +50,9 @@ class FastKV(SnapKV):
     tsp_len: int | None = None
     retain_rate: float | None = None
     max_capacity: int | None = None
+
+    # what propagates and how much each layer keeps: the same scores choose either way
+    CHOICE_FIELDS = SnapKV.CHOICE_FIELDS | {"tsp_layer", "tsp_rate", "tsp_len", "retain_rate", "max_capacity"}
 
     def __post_init__(self) -> None:
         if self.retain_rate is not None and self.max_capacity is not None:

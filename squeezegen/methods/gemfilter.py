@@ -9,7 +9,6 @@ whole model from position 0; the cache holds only them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -34,8 +33,6 @@ class GemFilter(Method):
     budget: int | float = 0.1
     layer: int | None = None
     kernel: int = 5
-
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "refill"})
 
     def __post_init__(self) -> None:
         check_budget(self.budget)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -54,8 +53,6 @@ class KVzip(Method):
     heads: str = "per-head"
     remember: bool = False
 
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"after_prefill"})
-
     def __post_init__(self) -> None:
         check_budget(self.budget)
         if self.chunk_size < 16 or self.sinks < 0 or self.chunk < 0 or self.score_every < 1:
@@ -73,7 +70,7 @@ class KVzip(Method):
             )
         parts = engine.parts
         global_layers = [i for i in range(len(parts.layers)) if not parts.is_sliding(i)]
-        lengths = engine._chunk_lengths
+        lengths = engine.chunk_lengths
         limit = engine.model.config.max_position_embeddings
         kept: dict[int, list[torch.Tensor]] = {i: [] for i in global_layers}
         for row, n in enumerate(lengths):

@@ -13,6 +13,8 @@ class PyramidKV(SnapKV):
 
     beta: int = 20
 
+    CHOICE_FIELDS = SnapKV.CHOICE_FIELDS | {"beta"}
+
     def layer_budget(self, view, context, prompt):
         flat = resolve_budget(self.budget, context)
         window = min(self.window, flat)

@@ -10,7 +10,6 @@ dropped entries' slots empty in the fixed decode buffer; later tokens take them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
@@ -37,8 +36,6 @@ class RPC(Method):
     c: int = 4
     aggregation: str = "all"
     kernel: int = 7
-
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"start_decode", "decode_attention", "after_decode_step"})
 
     def __post_init__(self) -> None:
         if min(self.P, self.R, self.c) < 1:

@@ -9,7 +9,7 @@ row of a padded batch keeps what it would keep alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -54,8 +54,11 @@ class ScoredSelection(Method):
     block).
     """
 
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache"})
     SHARED_HEADS: ClassVar[bool] = True  # whether heads="shared" is offered
+    # fields that steer the choice made from the scores, never the scores themselves: every other
+    # field keys the scores shared by configurations of one prefill (`kv_scores`), so a new field is
+    # safe by default (it splits the sharing) until it is named here
+    CHOICE_FIELDS: ClassVar[frozenset[str]] = frozenset({"budget", "chunk", "adaptive", "floor", "heads"})
 
     budget: int | float = 0.25
     window: int = 32
@@ -111,7 +114,10 @@ class ScoredSelection(Method):
         Scores do not depend on the budget or chunking: configurations that differ only there
         (an evaluation sweeping budgets over one prefill) compute them once per layer.
         """
-        memo_key = (type(self), self.window, self.kernel, self.pooling, self.gqa, *self.score_params())
+        memo_key = (
+            type(self),
+            *((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in self.CHOICE_FIELDS),
+        )
         if memo_key not in view.memo:
             padding = view.key_pos < 0
             raw = self.score(view, query, key).float()
@@ -122,10 +128,6 @@ class ScoredSelection(Method):
                 scores = reduce_gqa(scores, key.shape[1], self.gqa)
             view.memo[memo_key] = scores
         return view.memo[memo_key]
-
-    def score_params(self) -> tuple:
-        """Parameters besides the shared ones that change `score` (none for most methods)."""
-        return ()
 
     def row_budgets(self, view: LayerView) -> list[int]:
         """Each row's budget in this layer, recorded in the state for decoding."""
@@ -181,7 +183,6 @@ class EvictingSelection(ScoredSelection):
     when decoding began if a question was appended uncompressed after the context. A token
     budget above a short prompt lets the cache grow to it while decoding."""
 
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"select_cache", "start_decode", "decode_attention"})
     SHARED_HEADS: ClassVar[bool] = False
 
     def new_state(self) -> EvictionState:

@@ -16,9 +16,6 @@ class StreamingLLM(EvictingSelection):
     window: int = 0
     kernel: int = 1
 
-    def score_params(self):
-        return (self.sinks,)
-
     def score(self, view, query, key):
         pos = view.key_pos.float()
         return torch.where(pos < self.sinks, float("inf"), pos)  # newest score highest

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -130,8 +129,6 @@ class TokenSparse(Method):
     timings: bool = False
     # the kernel on the compact tensors (Python API only): SDPA now, a block-sparse kernel later
     kernel_fn: CompactKernel = field(default=sdpa_causal, repr=False, metadata={"api_only": True})
-
-    HOOKS: ClassVar[frozenset[str]] = frozenset({"prefill_attention"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau < 1:

@@ -228,7 +228,7 @@ class SharedInput:
     def __init__(self, layers: list[BinaryLinear]) -> None:
         self.layers = tuple(layers)
         self._plan, self._plan_args = None, None
-        self._x, self._version, self._outputs = None, -2, {}
+        self._x, self._input_version, self._outputs = None, -2, {}
 
     def _current_plan(self) -> BinaryPlan:
         args = tuple(layer.kernel_args() for layer in self.layers)
@@ -239,11 +239,11 @@ class SharedInput:
 
     def output(self, layer: BinaryLinear, x: torch.Tensor) -> torch.Tensor | None:
         version = _version(x)
-        if x is not self._x or version != self._version or layer not in self._outputs:
+        if x is not self._x or version != self._input_version or layer not in self._outputs:
             ys = self._current_plan()(x)
             if ys is None:
                 return None
-            self._x, self._version, self._outputs = x, version, dict(zip(self.layers, ys, strict=True))
+            self._x, self._input_version, self._outputs = x, version, dict(zip(self.layers, ys, strict=True))
         y = self._outputs.pop(layer)
         if not self._outputs:
             self._x = None  # all taken: hold nothing between tokens

@@ -11,7 +11,6 @@ decode hooks reach each method with only its rows (`RowGroups`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -47,8 +46,6 @@ class RowGroup:
 class RowGroups(Method):
     """The method of a batch holding rows of decode-time methods: each hook goes to every group
     whose method has it, with that group's rows of the query and the group's own state."""
-
-    HOOKS: ClassVar[frozenset[str]] = STEP_HOOKS
 
     def __init__(self, groups: list[RowGroup]) -> None:
         self.groups = groups

@@ -92,7 +92,9 @@ class Engine:
         self._compress = False
         self._padded = False  # some token being run is padding
         self._row_tokens: list[int] = []  # real tokens per row in the layers being run
-        self._chunk_lengths: list[int] = []  # real tokens per row of the chunk being prefilled
+        # real tokens per row of the chunk being prefilled (after a prefill: its rows' lengths, what a
+        # method's after_prefill reads as each row's prompt)
+        self.chunk_lengths: list[int] = []
         self._refill: torch.Tensor | None = None
         self._probe: tuple[int, Callable] | None = None
         self._masks: dict = {}
@@ -121,7 +123,7 @@ class Engine:
             scaling=self.parts.scaling(layer),
             positions=self.positions,
             cache=self.cache.layers[layer],
-            prompt_lengths=self._chunk_lengths,
+            prompt_lengths=self.chunk_lengths,
             row_tokens=self._row_tokens,
             state=self.state_of(method),
             memo=self._memo[1],
@@ -155,8 +157,8 @@ class Engine:
         self.next_pos = start + valid.sum(-1)
         self.prompt_lengths = self.next_pos.clone()
         self.chunk_ids = input_ids  # the chunk being prefilled (after_prefill hooks read it)
-        self._chunk_lengths = valid.sum(-1).tolist()
-        self._row_tokens = list(self._chunk_lengths)
+        self.chunk_lengths = valid.sum(-1).tolist()
+        self._row_tokens = list(self.chunk_lengths)
         self._padded = not bool(valid.all())
         self._compress = compress and bool(self.hooks)
         logits = self._forward(self.parts.embed(input_ids), positions, progress, all_logits)
@@ -456,7 +458,7 @@ class Engine:
         twin.states[id(method)] = self.state_of(method)
         twin.next_pos = self.next_pos.clone()
         twin.prompt_lengths = self.prompt_lengths.clone()
-        twin._chunk_lengths = list(self._chunk_lengths)
+        twin.chunk_lengths = list(self.chunk_lengths)
         twin.chunk_ids = self.chunk_ids
         for layer, (src, dst) in enumerate(zip(self.cache.layers, twin.cache.layers, strict=True)):
             dst.window = src.window

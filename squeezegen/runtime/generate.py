@@ -91,7 +91,8 @@ def compile_by_default(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the model's generation config, else the tokenizer's."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -100,7 +101,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows of any lengths, padded on the left to one width."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -152,7 +154,7 @@ def prefill_rows(engine: Engine, rows: list[list[list[int]]], pad_id: int, progr
     device = next(engine.model.parameters()).device
     logits = None
     for chunk in range(len(rows[0])):
-        ids, mask = _left_pad([row[chunk] for row in rows], pad_id, device)
+        ids, mask = left_pad([row[chunk] for row in rows], pad_id, device)
         long = progress and ids.shape[1] >= LONG_PREFILL_TOKENS
         logits = engine.prefill(ids, mask, compress=chunk == 0, progress=long)
     return logits
@@ -177,8 +179,8 @@ def decode_loop(
     """
     device = logits.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = set() if decoding.ignore_eos else _eos_ids(engine.model, tokenizer)
-    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    eos = set() if decoding.ignore_eos else eos_ids(engine.model, tokenizer)
+    eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     batch = logits.shape[0]
     rows = [RowText(tokenizer, eos, list(decoding.stop)) for _ in range(batch)]
     every = decoding.look_every or (8 if device.type == "cuda" else 1)
@@ -192,7 +194,7 @@ def decode_loop(
             step_logits.append(logits.clone())
         token = decoding.sampler(logits)
         pending.append(token)
-        done = done | torch.isin(token, eos_ids)
+        done = done | torch.isin(token, eos_tensor)
         return token.masked_fill(done, pad_id)
 
     def look() -> bool:

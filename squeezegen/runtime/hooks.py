@@ -1,8 +1,9 @@
 """The contract between the engine and a KV-cache / attention method.
 
 A method is a small config dataclass. The engine calls its hooks at fixed points of the loop; the
-defaults below are the full cache, so a method overrides only what it changes and names the hooks
-it overrides in `HOOKS` (the engine skips the others, and `Compose` routes them):
+defaults below are the full cache, so a method overrides only what it changes. The hooks it
+overrides are found from its class (`Method.hooks`): the engine skips the others, and `Compose`
+routes them; nothing to list or keep in sync.
 
 - `prefill_attention`: the attention of one layer over a prefill chunk (TSA replaces it);
 - `select_cache`: after a layer's prefill attention, which cached entries each row keeps per KV
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 PREFILL_HOOKS = frozenset({"prefill_attention", "select_cache", "propagate", "refill", "after_prefill"})
 DECODE_HOOKS = frozenset({"start_decode", "decode_attention", "after_decode_step"})
+HOOKS = PREFILL_HOOKS | DECODE_HOOKS
 
 
 @dataclass(eq=False)
@@ -85,11 +87,10 @@ class LayerView:
 class Method:
     """The full KV cache: every hook keeps everything."""
 
-    HOOKS: ClassVar[frozenset[str]] = frozenset()
-
     def hooks(self) -> frozenset[str]:
-        """The hooks this method overrides; the engine calls only those."""
-        return self.HOOKS
+        """The hooks this method's class overrides (its own or a parent's, not `Method`'s defaults):
+        the engine calls only those. A method that routes hooks to others (`Compose`) says which."""
+        return frozenset(h for h in HOOKS if getattr(type(self), h) is not getattr(Method, h))
 
     def new_state(self) -> object:
         """Per-generation state (a small dataclass); None for a stateless method."""

@@ -19,12 +19,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.runtime.generate import _eos_ids
+from squeezegen.runtime.generate import eos_ids
 from squeezegen.runtime.hooks import Method
 from squeezegen.serve import protocol
 from squeezegen.serve.metrics import CONTENT_TYPE, ServerMetrics
 from squeezegen.serve.protocol import ApiError
-from squeezegen.serve.scheduler import Document, DocumentStore, Job, QueueFull, Scheduler, Summary
+from squeezegen.serve.scheduler import (
+    Document,
+    DocumentStore,
+    Done,
+    Event,
+    Failed,
+    Job,
+    QueueFull,
+    Scheduler,
+    Summary,
+    Token,
+)
 
 PLACEHOLDER = "\x00question\x00"
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/documents", "/health", "/metrics")
@@ -51,7 +62,7 @@ class Server:
     def __init__(self, model, tokenizer, config: ServerConfig) -> None:
         self.tokenizer, self.config = tokenizer, config
         self.limit = model.config.max_position_embeddings
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)
         self.vocab = model.get_input_embeddings().num_embeddings
         self.documents = DocumentStore(config.cache_bytes)
         self.scheduler = Scheduler(
@@ -120,8 +131,8 @@ class Server:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
-        def emit(kind: str, value: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        def emit(event: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
 
         job = Job(
             chunks=chunks,
@@ -211,7 +222,7 @@ class Server:
             sampler=None,
             stops=[],
             eos=set(),
-            emit=lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
+            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
             store=fmt,
             label=ext.label or self.config.document_label,
         )
@@ -311,14 +322,13 @@ def create_app(server: Server) -> FastAPI:
             async for got in answers:
                 if got is None:  # the client went away: nobody reads the answer
                     return Response(status_code=CLIENT_CLOSED)
-                event, value = got
-                if event == "token":
-                    text.append(value)
-                elif event == "done":
-                    summary = value
+                if isinstance(got, Token):
+                    text.append(got.piece)
+                elif isinstance(got, Done):
+                    summary = got.result
                     break
                 else:
-                    raise failure(value)
+                    raise failure(got)
         body = "".join(text)
         choice = {"index": 0, "finish_reason": protocol.FINISH[summary.finish_reason]}
         choice.update({"message": {"role": "assistant", "content": body}} if chat else {"text": body, "logprobs": None})
@@ -347,21 +357,21 @@ def create_app(server: Server) -> FastAPI:
         try:
             opening = chat  # the role chunk goes out with the first token, as vLLM's does: a client that
             while True:  # times the first chunk (vllm bench serve) then measures the time to first token
-                event, value = await queue.get()
+                event = await queue.get()
                 if opening:
                     opening = False
                     yield chunk({"role": "assistant", "content": ""})
-                if event == "token":
-                    yield chunk({"content": value} if chat else value)
-                elif event == "done":
-                    summary: Summary = value
+                if isinstance(event, Token):
+                    yield chunk({"content": event.piece} if chat else event.piece)
+                elif isinstance(event, Done):
+                    summary: Summary = event.result
                     yield chunk(None, protocol.FINISH[summary.finish_reason])
                     if include_usage:
                         record = {**meta, "object": f"{kind}.chunk", "choices": [], "usage": protocol.usage(summary)}
                         yield "data: " + json.dumps(record) + "\n\n"
                     break
                 else:
-                    yield "data: " + json.dumps(failure(value).body()) + "\n\n"
+                    yield "data: " + json.dumps(failure(event).body()) + "\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away mid-stream: its slot frees at the next step
@@ -375,10 +385,9 @@ def create_app(server: Server) -> FastAPI:
             got = await anext(answers)
         if got is None:
             return Response(status_code=CLIENT_CLOSED)
-        event, value = got
-        if event != "done":
-            raise failure(value)
-        return document_info(value)
+        if not isinstance(got, Done):
+            raise failure(got)
+        return document_info(got.result)
 
     @app.get("/v1/documents/{doc_id}")
     async def get_document(doc_id: str):
@@ -408,7 +417,7 @@ def document_info(doc: Document) -> dict:
     }
 
 
-async def events(queue: asyncio.Queue, request: Request, job: Job) -> AsyncIterator[tuple[str, object] | None]:
+async def events(queue: asyncio.Queue, request: Request, job: Job) -> AsyncIterator[Event | None]:
     """The job's events as they come, then None (and the job cancelled, so that its slot frees at
     the next step) if the client closes its connection: a plain response is written only at its
     end, so nothing else would notice that nobody waits for it."""
@@ -436,10 +445,10 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def failure(value: tuple[int, str]) -> ApiError:
+def failure(event: Failed) -> ApiError:
     """A request the scheduler could not finish: what it said, with its status."""
-    status, message = value
-    return ApiError(status, message, type="invalid_request_error" if status < 500 else "server_error")
+    kind = "invalid_request_error" if event.status < 500 else "server_error"
+    return ApiError(event.status, event.message, type=kind)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

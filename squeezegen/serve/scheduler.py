@@ -35,8 +35,6 @@ from squeezegen.runtime.hooks import PREFILL_HOOKS, Method
 from squeezegen.runtime.sampling import LogitRules, Sampler
 from squeezegen.runtime.text import RowText
 
-Emit = Callable[[str, object], None]  # ("token", piece) | ("done", Summary | Document) | ("error", (status, text))
-
 
 class QueueFull(SqueezegenError):
     """More requests are waiting than the server takes (answered 429)."""
@@ -62,6 +60,32 @@ class Summary:
     finish_reason: str  # "stop" or "length" (OpenAI's words: EOS and stop strings are both "stop")
     kv_bytes: int
     first_token_s: float
+
+
+@dataclass(frozen=True)
+class Token:
+    """A piece of the answer's text."""
+
+    piece: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job ended: the completion's summary, or the document it stored."""
+
+    result: Summary | Document
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job could not finish: the HTTP status to answer and what to tell the client."""
+
+    status: int
+    message: str
+
+
+Event = Token | Done | Failed
+Emit = Callable[[Event], None]
 
 
 @dataclass
@@ -201,15 +225,15 @@ class Scheduler(threading.Thread):
                 self._step()
         prefilling = [self.prefilling] if self.prefilling is not None else []
         for job in [*self.waiting, *prefilling, *self.batch_jobs]:
-            job.emit("error", (503, "the server is shutting down: retry on another server"))
+            job.emit(Failed(503, "the server is shutting down: retry on another server"))
 
     @staticmethod
     def _failed(job: Job, exc: Exception) -> None:
         """One failing request fails alone: a bad input is 400, a bug 500, and the server goes on."""
         if isinstance(exc, SqueezegenError):
-            job.emit("error", (400, str(exc)))
+            job.emit(Failed(400, str(exc)))
         else:
-            job.emit("error", (500, f"internal error: {type(exc).__name__}: {exc}"))
+            job.emit(Failed(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     def _admit(self, job: Job) -> None:
         """Prefill a new request and choose its first token, or start its chunked prefill."""
@@ -295,7 +319,7 @@ class Scheduler(threading.Thread):
             format=job.store,
         )
         self.documents.add(doc)
-        job.emit("done", doc)
+        job.emit(Done(doc))
 
     def _take(self, job: Job, logits: torch.Tensor) -> None:
         """Sample the job's next token from its logits (1, V) and stream it."""
@@ -307,7 +331,7 @@ class Scheduler(threading.Thread):
             job.last_token_at = self.metrics.token(job.last_token_at)
         piece = job.text.add(job.token)
         if piece:
-            job.emit("token", piece)
+            job.emit(Token(piece))
         if not job.text.finish and len(job.text.ids) >= job.max_tokens:
             job.text.finish = "length"
 
@@ -315,7 +339,7 @@ class Scheduler(threading.Thread):
         reason = "length" if job.text.finish == "length" else "stop"
         if self.metrics is not None:
             self.metrics.finished(reason, job.prompt_tokens, job.first_token_s, job.started)
-        job.emit("done", Summary(job.prompt_tokens, len(job.text.ids), reason, job.kv_bytes, job.first_token_s))
+        job.emit(Done(Summary(job.prompt_tokens, len(job.text.ids), reason, job.kv_bytes, job.first_token_s)))
 
     def _step(self) -> None:
         """One decode step of the shared batch; a step that fails ends the requests it was running
@@ -325,7 +349,7 @@ class Scheduler(threading.Thread):
             self._step_batch()
         except Exception as exc:  # noqa: BLE001
             for job in self.batch_jobs:
-                job.emit("error", (500, f"internal error while decoding: {type(exc).__name__}: {exc}"))
+                job.emit(Failed(500, f"internal error while decoding: {type(exc).__name__}: {exc}"))
             self.batch, self.batch_jobs = None, []
 
     def _step_batch(self) -> None:
