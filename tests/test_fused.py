@@ -297,3 +297,20 @@ def test_a_model_the_fused_step_cannot_take_says_so_once():
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "decodes through its Hugging Face layers, about 3x slower" in messages[0]
     assert "relu" in messages[0]
+
+
+def test_where_each_family_decodes_is_what_the_engine_page_says():
+    """`squeezegen models` and docs/engine.md list where each family decodes; a family that left
+    the C step (or a layer the fused step cannot take) shows here and there."""
+    from pathlib import Path
+
+    from squeezegen.models.tiny import TINY_CONFIGS
+    from squeezegen.runtime.fused import decode_path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "engine.md").read_text()
+    for name, config in TINY_CONFIGS.items():
+        model, _ = tiny(name)
+        assert f"| {config['model_type']} | {decode_path(model)} |" in page, name
+    other = copy.deepcopy(tiny("tiny-llama")[0])
+    other.config.hidden_act = "relu"
+    assert decode_path(other) == "Hugging Face layers"

@@ -291,3 +291,26 @@ def test_a_tall_weight_is_quantized_in_row_chunks_to_the_same_codes(monkeypatch)
     chunked = int4.quantize_int4(weight, 32)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
     assert chunked[0].shape == (300, 32) and chunked[1].shape == (300, 2)
+
+
+def test_a_bf16_store_keeps_nan_and_inf_in_the_4bit_and_dense_kernels():
+    """Output rows whose 16-bit scale, minimum or weight is NaN (payload 0x7FFF, which widens to a float whose
+    rounding once carried into the sign bit: -0) or infinite stay NaN and infinite when stored as
+    bf16, in the 4-bit kernel and the dense kernel alike (numbers.h's `sg_bf16_bits`)."""
+    from squeezegen.runtime import native
+
+    packed, scales, mins, _ = _layer(8, 64, 32)
+    scales, mins = scales.clone(), mins.clone()
+    scales.view(torch.int16)[0] = 0x7FFF  # every group of row 0
+    mins[1] = float("inf")  # w = scale * q + min: all of row 1 infinite (an infinite scale times q = 0 is NaN)
+    x = torch.rand(2, 64).add(0.5).to(torch.bfloat16)  # positive: the infinite row stays +inf
+    y = int4_linear(x, packed, scales, mins, 32)
+    assert y is not None and y.dtype == torch.bfloat16
+    assert y[:, 0].isnan().all() and y[:, 1].isinf().all() and y[:, 2:].isfinite().all()
+
+    weight = torch.rand(8, 64).half()
+    weight.view(torch.int16)[0, 3] = 0x7FFF
+    weight[1, 5] = float("inf")
+    y = native.dense_linear(x, weight)
+    assert y is not None and y.dtype == torch.bfloat16
+    assert y[:, 0].isnan().all() and y[:, 1].isinf().all() and y[:, 2:].isfinite().all()

@@ -25,11 +25,16 @@ DEMO_METHODS = (
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from squeezegen.models.loading import available_models
+    from squeezegen.models.loading import available_models, load
+    from squeezegen.models.tiny import TINY_CONFIGS
+    from squeezegen.runtime.fused import decode_path
 
     for name, description in available_models().items():
         print(f"{name:16s} {description}")
     print("or a path to a local Hugging Face model folder (config.json + safetensors)")
+    print("\nwhere each family decodes (its tiny model, in the dtype auto gives here):")
+    for name, config in TINY_CONFIGS.items():
+        print(f"  {config['model_type']:12s} {decode_path(load(name)[0])}")
 
 
 def cmd_methods(args: argparse.Namespace) -> None:

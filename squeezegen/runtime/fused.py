@@ -251,3 +251,17 @@ class FusedDecoder:
             (logits,) = self.head(self.norm(hidden[:, -1]))
         softcap = parts.logit_softcap
         return torch.tanh(logits.float() / softcap) * softcap if softcap else logits.float()
+
+
+def decode_path(model: nn.Module) -> str:
+    """Where the engine runs this model's decode steps: "C step" (every layer of a step in one C
+    call), "fused torch step" (squeezegen's fused layers in torch) or "Hugging Face layers" (the
+    model's own, about 3x slower); the warnings the engine gives once are not repeated here."""
+    from squeezegen.runtime.decoder import DecoderParts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = FusedDecoder.of(model, DecoderParts.of(model))
+    if fused is None:
+        return "Hugging Face layers"
+    return "C step" if fused.native is not None else "fused torch step"
