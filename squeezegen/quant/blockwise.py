@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.api import binary_layers, decoder_layers
-from squeezegen.quant.distill import save_atomic, use_bf16
+from squeezegen.quant.distill import bf16_autocast, save_atomic
 
 HISTORY = "blocks.json"
 
@@ -175,7 +175,7 @@ def reconstruct_blocks(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config.bf16, device))
+    autocast = bf16_autocast(config.bf16, device)
     ours, theirs = decoder_layers(student), decoder_layers(teacher)
     blocks = blocks[: len(blocks) // config.batch * config.batch]
     if len(blocks) == 0:

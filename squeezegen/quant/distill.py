@@ -76,6 +76,11 @@ def use_bf16(mode: str, device: torch.device) -> bool:
     return auto_dtype(device) == torch.bfloat16  # what dtype "auto" means there (SQUEEZEGEN_AUTO_DTYPE too)
 
 
+def bf16_autocast(mode: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast on `device` where `mode` ("auto", "on", "off") asks for it (`use_bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(mode, device))
+
+
 def distill_loss(student_out, teacher_out, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, KL per token, hidden term) for two forward passes with output_hidden_states=True."""
     batch, tokens, vocab = teacher_out.logits.shape
@@ -249,7 +254,7 @@ def distill(
     if world > 1 and not fsdp:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config.bf16, device))
+    autocast = bf16_autocast(config.bf16, device)
     end = min(config.steps, config.stop_after or config.steps)
     bar = tqdm(range(start, end), desc="distilling", unit="step", disable=rank != 0, initial=start, total=end)
     for step in bar:

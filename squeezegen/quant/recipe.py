@@ -20,7 +20,7 @@ import torch
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.blockwise import HISTORY, BlockwiseConfig, reconstruct_blocks
-from squeezegen.quant.distill import DistillConfig, distill, distill_loss, use_bf16
+from squeezegen.quant.distill import DistillConfig, bf16_autocast, distill, distill_loss
 
 STATE = "recipe.json"
 
@@ -43,7 +43,7 @@ def seconds_per_step(
     """Wall-clock seconds of one end-to-end distillation step on `ids`, timed on its second try
     (gradients are dropped: nothing is trained)."""
     device = next(student.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config.bf16, device))
+    autocast = bf16_autocast(config.bf16, device)
     was_training = student.training
     student.train()
     if config.checkpointing:  # as distill runs it
