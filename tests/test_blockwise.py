@@ -204,3 +204,15 @@ def test_the_budget_recipe_runs_both_stages_and_a_resume_redoes_nothing(tmp_path
         assert torch.equal(a, b)  # the blocks loaded, the end-to-end stage's last checkpoint loaded
     with pytest.raises(SqueezegenError, match="other settings"):
         train_in_budget(copy.deepcopy(before), teacher, blocks, recipe, tmp_path, resume=True, run={"model": "x"})
+
+
+def test_without_rulers_data_the_held_out_set_is_the_bundled_corpus(monkeypatch):
+    from squeezegen.errors import MissingDependencyError
+    from squeezegen.evals import training_text
+
+    def missing(part):
+        raise MissingDependencyError("the essays text ships with RULER's data")
+
+    monkeypatch.setattr(training_text, "essays", missing)
+    _, tok = sg.load("tiny-llama", dtype="float32")
+    assert list(training_text.held_out_blocks(tok, 64)) == ["cpython-docs"]
