@@ -85,6 +85,7 @@ def train_in_budget(
     if state and run is not None and state.get("run") != run:
         raise SqueezegenError(f"{folder} was made with other settings ({state.get('run')}): resume with the same flags")
     state.setdefault("run", run)
+    state_file.write_text(json.dumps(state, indent=1))  # before any block: a resume checks its settings
     block_config = replace(recipe.blocks or BlockwiseConfig(seconds=1.0), seconds=recipe.seconds * recipe.block_share)
     records: list[dict] = []
     earlier = 0.0  # seconds the blocks trained before this session took
