@@ -48,6 +48,7 @@ def point(recipe: str, method: str, budget: int, report: dict, wall_s: float) ->
         "end_to_end_tokens": trained["end_to_end_tokens"],
         "data_tokens": trained["data_tokens"],
         "bits_per_weight": report["bits_per_weight"],
+        "dtype": report["dtype"],
         **{f"perplexity_{name}": p["binary"] for name, p in held.items()},
         **{f"float_{name}": p["float"] for name, p in held.items()},
         **{f"tokens_{name}": p["tokens"] for name, p in held.items()},

@@ -407,8 +407,8 @@ def render_binary_budget(doc: dict, path: str) -> str:
         for b in budgets
     )
     head = (
-        f"{doc['meta']['model']}, held-out perplexity on CPython docs ({first['tokens_cpython-docs']:,} tokens) / "
-        f"essays ({first['tokens_essays']:,} tokens), on {_machine(doc)}"
+        f"{doc['meta']['model']} ({first['dtype']}), held-out perplexity on CPython docs "
+        f"({first['tokens_cpython-docs']:,} tokens) / essays ({first['tokens_essays']:,} tokens), on {_machine(doc)}"
     )
     note = "Tokens each block and the end-to-end stage trained on, and training time within each command's wall time"
     return f"{head}\n\n{table(header, rows)}\n\n{note}: {sizes}."

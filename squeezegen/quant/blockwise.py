@@ -51,11 +51,12 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the input it wanted is caught."""
 
 
-def layer_calls(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+def layer_calls(model: torch.nn.Module, ids: torch.Tensor, first_only: bool = False) -> tuple[torch.Tensor, list[dict]]:
     """(the first block's input, each block's keyword arguments) for one batch of token ids.
 
     The keyword arguments (rotary embeddings, mask, positions) are caught from a real forward pass,
-    so every family's own conventions (scaled embeddings, sliding-window layers) are kept."""
+    so every family's own conventions (scaled embeddings, sliding-window layers) are kept. With
+    `first_only` the pass ends at the first block (only its input is wanted)."""
     layers = decoder_layers(model)
     calls: list[dict] = [{} for _ in layers]
     first: list[torch.Tensor] = []
@@ -66,7 +67,7 @@ def layer_calls(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
             if index == 0:
                 first.append(hidden)
             calls[index] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "use_cache")}
-            if index == len(layers) - 1:
+            if index == len(layers) - 1 or first_only:
                 raise _Stop
 
         return hook
@@ -85,7 +86,7 @@ def layer_calls(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
 
 def first_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> torch.Tensor:
     """The first decoder block's input for every row of `blocks` (N, T): (N, T, hidden)."""
-    return torch.cat([layer_calls(model, blocks[i : i + batch])[0] for i in range(0, len(blocks), batch)])
+    return torch.cat([layer_calls(model, blocks[i : i + batch], True)[0] for i in range(0, len(blocks), batch)])
 
 
 @torch.no_grad()
