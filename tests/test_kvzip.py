@@ -2,7 +2,6 @@
 across layers and heads, the per-head floor, probes that leave no trace."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -87,31 +86,32 @@ def test_the_reconstruction_leaves_no_trace_in_the_cache():
     assert engine.next_pos.tolist() == [ids.shape[1]]
 
 
-def test_remembered_scores_equal_a_fresh_reconstruction(monkeypatch):
-    kvzip = sys.modules[KVzip.__module__]
-
+def test_forks_of_one_prefill_share_the_reconstruction(monkeypatch):
     model, tok = tiny("tiny-llama")
     ids = tok(prompt(tok), return_tensors="pt").input_ids
     calls = []
     reconstruct = KVzip._reconstruct
     monkeypatch.setattr(KVzip, "_reconstruct", lambda self, *a: calls.append(1) or reconstruct(self, *a))
 
-    def kept(budget, sinks=4, remember=True):
-        engine = Engine(model, KVzip(budget=budget, chunk_size=64, sinks=sinks, remember=remember), tokenizer=tok)
+    def alone(method):
+        engine = Engine(model, method, tokenizer=tok)
         engine.prefill(ids)
         return [c.held()[2].clone() for c in engine.cache.layers]
 
-    kvzip._LAST_SCORES.clear()
-    first = kept(0.1)
-    kept(0.3)  # another budget on the same context: remembered
-    assert len(calls) == 1
-    kvzip._LAST_SCORES.clear()
-    assert all(torch.equal(a, b) for a, b in zip(first, kept(0.1), strict=True)) and len(calls) == 2
-    kept(0.1, sinks=2)  # the sinks change the scoring: reconstructed again
-    other = tok(prompt(tok)[::-1], return_tensors="pt").input_ids
-    Engine(model, KVzip(budget=0.1, chunk_size=64, remember=True), tokenizer=tok).prefill(other)
+    def forked(parent, method):
+        return [c.held()[2].clone() for c in parent.fork(method, {}).cache.layers]
+
+    parent = Engine(model, None, tokenizer=tok)
+    parent.prefill(ids)
+    sweep = [forked(parent, KVzip(budget=b, chunk_size=64, heads=h)) for b, h in ((0.1, "per-head"), (0.3, "shared"))]
+    assert len(calls) == 1  # budgets and head layouts choose from one reconstruction
+    assert all(torch.equal(a, b) for a, b in zip(sweep[0], alone(KVzip(budget=0.1, chunk_size=64)), strict=True))
+    assert len(calls) == 2  # a prefill of its own reconstructs again: no state outlives a prefill
+    forked(parent, KVzip(budget=0.1, chunk_size=64, sinks=2))  # a scoring field: reconstructed again
+    forked(parent, KVzip(budget=0.1, chunk_size=32))
     assert len(calls) == 4
-    kept(0.1, remember=False)  # off (the default): every run reconstructs
+    parent.prefill(tok(" and more", add_special_tokens=False, return_tensors="pt").input_ids, compress=False)
+    forked(parent, KVzip(budget=0.1, chunk_size=64))  # a new prefill: a new memo
     assert len(calls) == 5
 
 

@@ -117,9 +117,6 @@ def eval_sample(model, tokenizer, config: EvalConfig, task: str, context: int, i
     own = getattr(sample, "max_new_tokens", None)  # RULER's tokens_to_generate, capped by --max-new-tokens
     max_new_tokens = min(n for n in (config.max_new_tokens, own) if n is not None)
     methods = expand(config.methods, config.budgets)
-    for m in methods.values():  # a budget sweep compresses one context many times: score it once
-        if hasattr(m, "remember"):
-            m.remember = True
     labelled = {f"{label}@{budget}": m for (label, budget), m in methods.items()}
     records = []
     for mode in config.modes:

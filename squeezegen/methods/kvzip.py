@@ -15,8 +15,8 @@ would stand; near the model's context limit the chunks shrink so that no query p
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
@@ -28,7 +28,6 @@ from squeezegen.runtime.hooks import Method
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 CARRY = 8  # tokens of the previous chunk that start the next chunk's prompt
-_LAST_SCORES: dict = {}  # the last context's reconstruction scores (see KVzip.row_scores)
 QUERY_BLOCK = 128  # reconstruction queries scored at once (bounds the logits' memory)
 
 
@@ -40,9 +39,13 @@ class KVzip(Method):
     chunk > 0 keeps whole chunks of that many tokens (scored by their sum); score_every: probe
     only every n-th context chunk, the others scored by their neighbours' mean per head (cheaper,
     an option of ours); heads: "per-head" (each KV head its own entries) or "shared" (one set of
-    positions per layer: what a paged cache can free); remember: reuse the last context's scores
-    when the same context comes again (a budget sweep; evaluations turn it on, benchmarks leave
-    it off so that every run pays for its reconstruction)."""
+    positions per layer: what a paged cache can free).
+
+    Configurations that differ only in how they choose from the scores (`CHOICE_FIELDS`) and
+    compress forks of one prefill (an evaluation's budget sweep, evals/fanout.py) reconstruct
+    once; separate prefills always pay for their own reconstruction."""
+
+    CHOICE_FIELDS: ClassVar[frozenset[str]] = frozenset({"budget", "floor", "chunk", "heads"})
 
     budget: int | float = 0.25
     chunk_size: int = 2048
@@ -51,7 +54,6 @@ class KVzip(Method):
     chunk: int = 0
     score_every: int = 1
     heads: str = "per-head"
-    remember: bool = False
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -88,31 +90,14 @@ class KVzip(Method):
             cache.keep(compact_index(full))
 
     def row_scores(self, engine, row: int, n: int, layers: list[int], limit: int) -> torch.Tensor:
-        """Reconstruction scores (G, Hkv, n) of one row's n context entries in each global layer.
-        With `remember`, the last context's scores are kept (one entry, keyed by the model, its
-        weights' version, the ids and the scoring options): the same document compressed again at
-        another budget skips the reconstruction."""
-        ids = engine.chunk_ids[row, engine.chunk_ids.shape[1] - n :]
-        weight = engine.parts.embed.weight
-        key = (
-            id(engine.model),
-            weight.dtype,
-            weight._version,
-            hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest(),
-            self.chunk_size,
-            self.score_every,
-            self.sinks,
-            tuple(layers),
-            int(engine.next_pos[row]),
-            limit,
-        )
-        if not self.remember:
-            out = self._reconstruct(engine, row, ids, layers, limit)
-        else:
-            if _LAST_SCORES.get("key") != key:
-                _LAST_SCORES.clear()
-                _LAST_SCORES.update(key=key, scores=self._reconstruct(engine, row, ids, layers, limit))
-            out = _LAST_SCORES["scores"].clone()
+        """Reconstruction scores (G, Hkv, n) of one row's n context entries in each global layer,
+        kept in the engine's `prefill_memo` under this configuration's scoring fields."""
+        scoring = tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in self.CHOICE_FIELDS)
+        key = (type(self), scoring, row, tuple(layers), limit)
+        if key not in engine.prefill_memo:
+            ids = engine.chunk_ids[row, engine.chunk_ids.shape[1] - n :]
+            engine.prefill_memo[key] = self._reconstruct(engine, row, ids, layers, limit)
+        out = engine.prefill_memo[key].clone()
         out[:, :, : self.sinks] = float("inf")
         return out
 

@@ -95,6 +95,10 @@ class Engine:
         # real tokens per row of the chunk being prefilled (after a prefill: its rows' lengths, what a
         # method's after_prefill reads as each row's prompt)
         self.chunk_lengths: list[int] = []
+        # scratch shared by this engine and its forks until the next prefill: what methods compute
+        # from the same prefilled context (KVzip's reconstruction scores in a budget sweep) is
+        # computed once; keys begin with the method's class
+        self.prefill_memo: dict = {}
         self._refill: torch.Tensor | None = None
         self._probe: tuple[int, Callable] | None = None
         self._masks: dict = {}
@@ -158,6 +162,7 @@ class Engine:
         self.prompt_lengths = self.next_pos.clone()
         self.chunk_ids = input_ids  # the chunk being prefilled (after_prefill hooks read it)
         self.chunk_lengths = valid.sum(-1).tolist()
+        self.prefill_memo = {}  # a new one: forks of the last prefill keep theirs
         self._row_tokens = list(self.chunk_lengths)
         self._padded = not bool(valid.all())
         self._compress = compress and bool(self.hooks)
@@ -460,6 +465,7 @@ class Engine:
         twin.prompt_lengths = self.prompt_lengths.clone()
         twin.chunk_lengths = list(self.chunk_lengths)
         twin.chunk_ids = self.chunk_ids
+        twin.prefill_memo = self.prefill_memo
         for layer, (src, dst) in enumerate(zip(self.cache.layers, twin.cache.layers, strict=True)):
             dst.window = src.window
             if src.keys is None:
