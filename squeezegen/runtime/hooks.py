@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.attention import dense_attention
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ class LayerView:
     prompt chunk being prefilled; row_tokens: real tokens of each row reaching this layer (fewer
     after a propagation); state: the method's own per-generation state; memo: scratch shared by
     every method scoring this layer in this forward (evaluations share one prefill); engine: for
-    hooks that need the whole generation (use sparingly).
+    hooks that need the whole generation (use sparingly), None for a layer outside an engine
+    (`outside_engine`).
     """
 
     index: int
@@ -67,10 +69,41 @@ class LayerView:
     row_tokens: list[int]
     state: object
     memo: dict
-    engine: Engine
+    engine: Engine | None
+
+    @classmethod
+    def outside_engine(
+        cls,
+        index: int,
+        num_layers: int,
+        cache: LayerCache,
+        queries: int = 0,
+        scaling: float = 1.0,
+        state: object = None,
+    ) -> LayerView:
+        """Layer `index` of `num_layers` full-attention layers holding one prompt in `cache`, run
+        by the prompt's last `queries` tokens (a method's observation window), for code that keeps
+        its own cache and asks a method to score and choose from it (the vLLM plugin). Hooks that
+        need the engine cannot run on it; scoring, budgets and choosing can."""
+        prompt = cache.used
+        return cls(
+            index=index,
+            num_layers=num_layers,
+            layer_types=["full_attention"] * num_layers,
+            scaling=scaling,
+            positions=torch.arange(prompt - queries, prompt)[None],
+            cache=cache,
+            prompt_lengths=[prompt],
+            row_tokens=[prompt],
+            state=state,
+            memo={},
+            engine=None,
+        )
 
     def for_method(self, method: Method) -> LayerView:
         """The same layer as seen by another method (its own state): what `Compose` hands its parts."""
+        if self.engine is None:
+            raise SqueezegenError("a layer outside an engine has no other method's state: compose in an Engine")
         return dataclasses.replace(self, state=self.engine.state_of(method))
 
     @property

@@ -21,7 +21,6 @@ which the rewritten block table then skips (`scheduler.py`, `compression.rolled_
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -29,6 +28,7 @@ from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -244,7 +244,9 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
         self._store(layer, kept_keys, kept_values, caches, place.slots(table, place.first + torch.arange(place.kept)))
 
     def _store(self, layer, keys, values, caches, slots) -> None:
-        """vLLM's cache op: entries (n, Hkv, D) into `slots`."""
+        """vLLM's cache op: entries (n, Hkv, D) into `slots`. The layer's `_k_scale_float` and
+        `_v_scale_float` are what vLLM's `AttentionLayer` protocol gives every backend (its own CPU
+        backend passes them the same way)."""
         ops.cpu_attn_reshape_and_cache(
             keys.contiguous(),
             values.contiguous(),
@@ -286,7 +288,7 @@ class SqueezeAttentionImpl(CPUAttentionBackendImpl):
 
 def layer_index(layer) -> int:
     """The decoder layer an attention layer belongs to (vLLM names it model.layers.N.self_attn.attn)."""
-    return int(re.findall(r"\d+", layer.layer_name)[-1])
+    return extract_layer_index(layer.layer_name)
 
 
 class SqueezeAttentionBackend(CPUAttentionBackend):

@@ -11,7 +11,6 @@ Python, the dict) `{"method": "snapkv", "args": {"budget": 0.25}}`, the body fie
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import torch
 
@@ -57,10 +56,8 @@ def parse_request(extra_args: dict | None) -> ScoredSelection | None:
 
 def layer_budgets(method: ScoredSelection, prompt: int, num_layers: int) -> list[int]:
     """Entries each layer keeps of a `prompt`-token prompt (every layer sees the whole prompt)."""
-    return [
-        min(prompt, method.layer_budget(SimpleNamespace(index=i, num_layers=num_layers), prompt, prompt))
-        for i in range(num_layers)
-    ]
+    views = (LayerView.outside_engine(i, num_layers, LayerCache()) for i in range(num_layers))
+    return [min(prompt, method.layer_budget(view, prompt, prompt)) for view in views]
 
 
 def freeable_tokens(method: ScoredSelection, prompt: int, num_layers: int) -> int:
@@ -95,20 +92,7 @@ def select(
     prompt = keys.shape[1]
     cache = LayerCache()
     cache.append(keys[None], values[None], torch.arange(prompt)[None])
-    positions = torch.arange(prompt - query.shape[1], prompt)[None]
-    view = LayerView(
-        index=layer,
-        num_layers=num_layers,
-        layer_types=["full_attention"] * num_layers,
-        scaling=scaling,
-        positions=positions,
-        cache=cache,
-        prompt_lengths=[prompt],
-        row_tokens=[prompt],
-        state=method.new_state(),
-        memo={},
-        engine=None,
-    )
+    view = LayerView.outside_engine(layer, num_layers, cache, query.shape[1], scaling, method.new_state())
     scores = method.kv_scores(view, query[None], keys[None])
     keep = method.choose(view, scores, method.row_budgets(view))[0]
     return keep.expand(keys.shape[0], -1)
