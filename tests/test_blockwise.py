@@ -180,6 +180,20 @@ def test_distill_starts_no_step_past_its_deadline_and_keeps_a_checkpoint(tmp_pat
     assert saved["step"] == 1
 
 
+def test_the_end_to_end_recipe_in_a_budget_trains_no_block(tmp_path):
+    from squeezegen.quant.distill import DistillConfig
+    from squeezegen.quant.recipe import BudgetRecipe, train_in_budget
+
+    teacher, student, _ = _pair()
+    before = copy.deepcopy(student)
+    e2e = DistillConfig(batch=2, block=24, bf16="off", checkpointing=False, loss="kl", lr=1e-3)
+    recipe = BudgetRecipe(seconds=10.0, block_share=0.0, end_to_end=e2e)
+    result = train_in_budget(student, teacher, _blocks(teacher.config.vocab_size), recipe, tmp_path)
+    assert result["blocks"] == [] and not (tmp_path / "blocks").exists()
+    assert result["steps"] > 0 and len(result["end_to_end"]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), before.parameters(), strict=True))
+
+
 def test_the_budget_recipe_runs_both_stages_and_a_resume_redoes_nothing(tmp_path):
     from squeezegen.quant.distill import DistillConfig
     from squeezegen.quant.recipe import BudgetRecipe, train_in_budget

@@ -86,10 +86,11 @@ def train_in_budget(
         raise SqueezegenError(f"{folder} was made with other settings ({state.get('run')}): resume with the same flags")
     state.setdefault("run", run)
     state_file.write_text(json.dumps(state, indent=1))  # before any block: a resume checks its settings
-    block_config = replace(recipe.blocks or BlockwiseConfig(seconds=1.0), seconds=recipe.seconds * recipe.block_share)
     records: list[dict] = []
     earlier = 0.0  # seconds the blocks trained before this session took
     if recipe.block_share > 0:
+        block_seconds = recipe.seconds * recipe.block_share
+        block_config = replace(recipe.blocks or BlockwiseConfig(seconds=1.0), seconds=block_seconds)
         done_before = folder / "blocks" / HISTORY
         if resume and done_before.is_file():
             earlier = sum(r["seconds"] for r in json.loads(done_before.read_text()))
