@@ -193,7 +193,7 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("shape", [(44, 24), (36, 22), (520, 515)])  # odd byte counts, partial row blocks, threads
 def test_packed_kernel_equals_dense_path(kind, bias, dtype, tolerance, tokens, shape):
-    assert kernels.library() is not None, "the packed kernel did not build: is a C compiler (gcc) installed?"
+    assert native.runtime_library() is not None, "the packed kernel did not build: is a C compiler (gcc) installed?"
     layer = _packed_layer(kind, bias, *shape)
     x = torch.randn(1, tokens, shape[0]).to(dtype)
     with torch.no_grad():
@@ -212,11 +212,11 @@ def test_many_tokens_and_no_kernel_take_the_dense_path(kind, monkeypatch):
         for many in (torch.randn(1, native.KERNEL_TOKENS + 1, 44), torch.randn(3, 6, 44)):  # 17, 18: a prefill
             assert kernels.binary_linear(many, *args) is None
             assert torch.equal(layer(many), _dense(layer, many))
-        if kernels.library() is not None:  # 16 tokens still go through the kernel
+        if native.runtime_library() is not None:  # 16 tokens still go through the kernel
             assert kernels.binary_linear(torch.randn(2, 8, 44), *args) is not None
         few = torch.randn(1, 3, 44)
         kernel = layer(few)
-        monkeypatch.setattr(kernels, "library", lambda: None)  # no compiler on this machine
+        monkeypatch.setattr(kernels, "runtime_library", lambda: None)  # no compiler on this machine
         assert kernels.binary_linear(few, *args) is None
         dense = layer(few)
     assert torch.equal(dense, _dense(layer, few))
@@ -602,7 +602,7 @@ def test_resumed_fsdp_run_equals_an_uninterrupted_one(fsdp_run, stopped_fsdp_run
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_half_head_kernel_equals_the_dense_product(shape, dtype, tolerance, tokens):
-    assert kernels.library() is not None
+    assert native.runtime_library() is not None
     d_in, d_out = shape
     torch.manual_seed(0)
     weight = torch.randn(d_out, d_in).half()
@@ -717,7 +717,7 @@ def test_each_row_of_a_kernel_batch_equals_the_row_alone(kind):
 
 def test_a_bf16_store_keeps_nan_and_inf():
     """A NaN whose payload fills the mantissa (0x7FFFFFFF) used to round into -0 in the kernel's bf16
-    store; it stays NaN (numbers.h, shared by every kernel file), and an infinity stays infinite."""
+    store; it stays NaN (helpers.h, shared by every kernel file), and an infinity stays infinite."""
     layer = _packed_layer("sign", bias=False)
     in_scales, out_scales, router, bias, layernorm = layer.kernel_args()
     scales = out_scales.clone()

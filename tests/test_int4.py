@@ -21,6 +21,7 @@ from squeezegen.errors import SqueezegenError
 from squeezegen.models.bundled import BUNDLED
 from squeezegen.quant import int4
 from squeezegen.quant.int4 import Int4Linear, dequantize_int4, int4_linear, quantize_int4
+from squeezegen.runtime import native
 
 from .conftest import smollm2, tiny
 
@@ -68,7 +69,7 @@ def test_dequantized_weights_are_within_half_a_step(group):
 
 
 def test_the_kernel_builds():
-    assert int4._library() is not None, "the 4-bit kernel did not build: is a C compiler (gcc) installed?"
+    assert native.runtime_library() is not None, "the 4-bit kernel did not build: is a C compiler (gcc) installed?"
 
 
 def _layer(out: int, width: int, group: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -105,7 +106,7 @@ def test_each_row_of_a_batch_gets_the_bits_it_gets_alone(shape):
 
 def test_rows_write_their_range_at_a_stride():
     """sg_int4_rows as the decode step calls it: a range of rows, into a wider output."""
-    lib = int4._library()
+    lib = native.runtime_library()
     packed, scales, mins, weight = _layer(37, 96, 32)
     x = torch.randn(3, 96)
     y = torch.full((3, 50), float("nan"))
@@ -119,10 +120,10 @@ def test_rows_write_their_range_at_a_stride():
 
 
 def _build(tmp_path: Path, flags: list[str]) -> ctypes.CDLL:
-    target = tmp_path / "int4.so"
-    command = ["gcc", "-O2", "-fPIC", "-shared", "-fopenmp", *flags, f"-I{CSRC}", str(CSRC / "int4_linear.c")]
+    target = tmp_path / "kernels.so"
+    command = ["gcc", "-O2", "-fPIC", "-shared", "-fopenmp", *flags, f"-I{CSRC}", *map(str, CSRC.glob("*.c"))]
     subprocess.run([*command, "-o", str(target), "-lm"], check=True, capture_output=True)
-    return int4.bind(ctypes.CDLL(str(target)))
+    return native.with_signatures(ctypes.CDLL(str(target)))
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the other code paths")
@@ -130,7 +131,7 @@ def _build(tmp_path: Path, flags: list[str]) -> ctypes.CDLL:
 def test_the_paths_other_cpus_take_compute_the_same_product(tmp_path, monkeypatch, flags):
     """The AVX2 and scalar paths, which this machine's own build (AVX512 where it has it) skips."""
     lib = _build(tmp_path, flags)
-    monkeypatch.setattr(int4, "_library", lambda: lib)
+    monkeypatch.setattr(int4, "runtime_library", lambda: lib)
     packed, scales, mins, weight = _layer(37, 2240, 32)
     x = torch.randn(5, 2240)
     y = int4_linear(x, packed, scales, mins, 32)
@@ -296,7 +297,7 @@ def test_a_tall_weight_is_quantized_in_row_chunks_to_the_same_codes(monkeypatch)
 def test_a_bf16_store_keeps_nan_and_inf_in_the_4bit_and_dense_kernels():
     """Output rows whose 16-bit scale, minimum or weight is NaN (payload 0x7FFF, which widens to a float whose
     rounding once carried into the sign bit: -0) or infinite stay NaN and infinite when stored as
-    bf16, in the 4-bit kernel and the dense kernel alike (numbers.h's `sg_bf16_bits`)."""
+    bf16, in the 4-bit kernel and the dense kernel alike (helpers.h's `sg_bf16_bits`)."""
     from squeezegen.runtime import native
 
     packed, scales, mins, _ = _layer(8, 64, 32)

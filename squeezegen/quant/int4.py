@@ -10,8 +10,6 @@ dense matrix product. Activations stay in the model's dtype.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,20 +79,6 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
     return (q.float() * scales.float()[..., None] + mins.float()[..., None]).reshape(out, width)
 
 
-def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """`lib` with the signature of its sg_int4_linear set (int4_linear.c's entry for modules)."""
-    lib.sg_int4_linear.restype = ctypes.c_int
-    pointers, ints = [ctypes.c_void_p], [ctypes.c_int]
-    lib.sg_int4_linear.argtypes = pointers * 2 + ints * 4 + pointers * 3 + ints
-    return lib
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    lib = runtime_library()
-    return None if lib is None else bind(lib)
-
-
 def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int
 ) -> torch.Tensor | None:
@@ -115,7 +99,7 @@ def int4_linear(
     if scales.dtype != torch.float16 or mins.dtype != torch.float16:
         raise SqueezegenError(f"4-bit scales and mins are float16, got {scales.dtype} and {mins.dtype}")
     flat = kernel_input(x, width)
-    lib = _library() if flat is not None else None
+    lib = runtime_library() if flat is not None else None
     if lib is None:
         return None
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)

@@ -1,5 +1,5 @@
-"""The packed-model kernels: a small C library (csrc/binary_linear.c) built on the user's machine
-(`runtime.native.build`) and called through ctypes. It serves decoding (a few tokens per call):
+"""The packed-model kernel (runtime/csrc/binary_linear.c, in the runtime's one C library built on
+the user's machine) called through ctypes. It serves decoding (a few tokens per call):
 1-bit linear layers from their packed signs (the 16-bit LM head goes through the runtime's dense
 kernel); a prefill's many tokens use the dense matrix product instead. Without a compiler
 everything falls back to that dense path, with one warning.
@@ -8,39 +8,18 @@ everything falls back to that dense path, with one warning.
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.runtime.native import build, kernel_input
+from squeezegen.runtime.native import BINARY_MAX_EXPERTS, BINARY_MAX_LAYERS, kernel_input, runtime_library
 from squeezegen.runtime.native_step import PROJ_BINARY
-
-SOURCE = Path(__file__).parent / "csrc" / "binary_linear.c"
-MAX_EXPERTS = 64  # the kernel's per-token gate buffer (csrc: MAX_EXPERTS)
-MAX_LAYERS = 8  # layers per grouped call (csrc: MAX_LAYERS)
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built on first use, then loaded from the cache), or None."""
-    lib = build(SOURCE, "packed 1-bit layers (unpacked to dense matrices)")
-    if lib is not None:
-        lib.sg_binary_linears.restype = ctypes.c_int
-        lib.sg_binary_linears.argtypes = (
-            [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-            + [ctypes.c_int] * 3
-            + [ctypes.c_void_p] * 4
-            + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        )
-    return lib
 
 
 def _kernel_input(x: torch.Tensor, in_features: int) -> tuple[ctypes.CDLL, torch.Tensor] | None:
     """(library, x contiguous) when the kernels take `x` (float32/bf16 on the CPU, 1..16 tokens), else None."""
     flat = kernel_input(x, in_features)
-    lib = library() if flat is not None else None
+    lib = runtime_library() if flat is not None else None
     return None if lib is None else (lib, flat)
 
 
@@ -95,8 +74,8 @@ class BinaryPlan:
     out_scales, router, bias, layernorm) as `binary_linear` takes them; the tensors are kept."""
 
     def __init__(self, in_features: int, layers: list[tuple]) -> None:
-        if not 1 <= len(layers) <= MAX_LAYERS:
-            raise ValueError(f"a plan takes 1 to {MAX_LAYERS} layers, got {len(layers)}")
+        if not 1 <= len(layers) <= BINARY_MAX_LAYERS:
+            raise ValueError(f"a plan takes 1 to {BINARY_MAX_LAYERS} layers, got {len(layers)}")
         experts = {0 if layer[2] is None else layer[2].shape[0] for layer in layers}
         if len(experts) != 1 or len({bool(layer[6]) for layer in layers}) != 1:
             raise ValueError("the layers of one plan need the same scaling (experts, layernorm)")
@@ -117,13 +96,11 @@ class BinaryPlan:
 
     def native_fields(self) -> dict | None:
         """The plan as the C decode step's `Proj` fields (runtime/native_step.py), or None."""
-        lib = library()
-        if lib is None or self.experts > MAX_EXPERTS:
+        if runtime_library() is None or self.experts > BINARY_MAX_EXPERTS:
             return None
         outs, packed, ins, scales, experts, routers, biases, layernorm = self._args
         return {
             "kind": PROJ_BINARY,
-            "call": ctypes.cast(lib.sg_binary_linears, ctypes.c_void_p).value,
             "count": len(self.layers),
             "experts": experts,
             "layernorm": layernorm,
@@ -140,7 +117,7 @@ class BinaryPlan:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         ready = _kernel_input(x, self.in_features)
-        if ready is None or self.experts > MAX_EXPERTS:
+        if ready is None or self.experts > BINARY_MAX_EXPERTS:
             return None
         lib, flat = ready
         ys = [torch.empty((*x.shape[:-1], out), dtype=x.dtype) for out in self.out_features]

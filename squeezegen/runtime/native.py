@@ -2,8 +2,9 @@
 AVX512 and OpenMP where the CPU and compiler have them), cached by source and flags, loaded
 through ctypes. Without a compiler, callers fall back to torch (one warning).
 
-The runtime's own C files (csrc/*.c: the decode step and the products it calls) make one library,
-`runtime_library()`.
+The C files (csrc/*.c: the decode step and the dense, 4-bit and 1-bit products it calls) make one
+library, `runtime_library()`, with every entry point's signature set there, so each is called one
+way; csrc/helpers.h holds what they share.
 
 `dense_linear` is the decode-time matrix-vector product (csrc/dense_linear.c): a decode step
 reads every weight once, and for float32 and 16-bit weights torch's CPU kernels reach about half
@@ -32,6 +33,8 @@ from squeezegen.runtime.device import cpu_model_and_flags
 CSRC = Path(__file__).parent / "csrc"
 KERNEL_TOKENS = 16  # a module's product takes the kernel up to this many tokens; more are a matrix product's job
 STEP_ROWS = 64  # the most rows a C decode step takes (csrc/kernels.h's SG_MAX_TOKENS)
+BINARY_MAX_LAYERS = 8  # 1-bit layers one call takes (SG_MAX_LAYERS)
+BINARY_MAX_EXPERTS = 64  # 1-bit scale rows mixed per token (SG_MAX_EXPERTS)
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -49,10 +52,10 @@ def compile_flags() -> list[str]:
     return flags
 
 
-def build(source: Path | list[Path], what: str) -> ctypes.CDLL | None:
-    """`source` (one C file or several) compiled for this machine into one library (once; later
-    calls load the cached library), or None with a warning naming `what` falls back to torch."""
-    sources = [source] if isinstance(source, Path) else sorted(source)
+def build(sources: list[Path], what: str) -> ctypes.CDLL | None:
+    """C files compiled for this machine into one library (once; later calls load the cached
+    library), or None with a warning naming `what` falls back to torch."""
+    sources = sorted(sources)
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         warnings.warn(f"no C compiler found: {what} runs through torch (slower)", stacklevel=3)
@@ -83,11 +86,23 @@ def build(source: Path | list[Path], what: str) -> ctypes.CDLL | None:
 
 @functools.cache
 def runtime_library() -> ctypes.CDLL | None:
-    """The runtime's C files built together (decode step, dense and 4-bit products), or None."""
+    """The C files built together (decode step; dense, 4-bit and 1-bit products) for this machine,
+    their entry points' signatures set (`with_signatures`), or None."""
     lib = build(list(CSRC.glob("*.c")), "decoding's matrix-vector products")
-    if lib is not None:
-        lib.sg_dense_linear.restype = ctypes.c_int
-        lib.sg_dense_linear.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
+    return None if lib is None else with_signatures(lib)
+
+
+def with_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib`, a build of csrc/*.c, with the signatures of the products modules call set: the one
+    way each is called."""
+    pointer, integer = [ctypes.c_void_p], [ctypes.c_int]
+    for entry, args in {
+        "sg_dense_linear": pointer * 2 + integer * 4 + pointer + integer,
+        "sg_int4_linear": pointer * 2 + integer * 4 + pointer * 3 + integer,
+        "sg_binary_linears": integer + pointer * 2 + integer * 3 + pointer * 4 + integer + pointer * 2 + integer,
+    }.items():
+        getattr(lib, entry).restype = ctypes.c_int
+        getattr(lib, entry).argtypes = args
     return lib
 
 

@@ -26,7 +26,7 @@ import torch
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.cache import LayerCache
-from squeezegen.runtime.native import STEP_ROWS, runtime_library
+from squeezegen.runtime.native import BINARY_MAX_EXPERTS, BINARY_MAX_LAYERS, STEP_ROWS, runtime_library
 
 PROJ_DENSE, PROJ_INT4, PROJ_BINARY = 0, 1, 2
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -43,7 +43,6 @@ class Proj(ctypes.Structure):
         ("group", ctypes.c_int),
         ("bias", _P),
         ("bias_kind", ctypes.c_int),
-        ("call", _P),
         *((name, ctypes.c_int) for name in ("count", "experts", "layernorm")),
         *((name, _P) for name in ("sizes", "packed", "in_scales", "out_scales", "routers", "biases")),
     ]
@@ -98,6 +97,8 @@ def check_layout(lib: ctypes.CDLL) -> None:
         "sizeof(Layer)": ctypes.sizeof(LayerStruct),
         "sizeof(Model)": ctypes.sizeof(ModelStruct),
         "SG_MAX_TOKENS": STEP_ROWS,
+        "SG_MAX_LAYERS": BINARY_MAX_LAYERS,
+        "SG_MAX_EXPERTS": BINARY_MAX_EXPERTS,
         "PROJ_DENSE": PROJ_DENSE,
         "PROJ_INT4": PROJ_INT4,
         "PROJ_BINARY": PROJ_BINARY,

@@ -17,27 +17,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "numbers.h"
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "helpers.h"
+#include "kernels.h"
 
 #define AHEAD 8 /* blocks of four rows prefetched ahead */
-#define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
 
-/* Scratch memory of the calling thread, kept between calls: a decode makes hundreds of calls a
- * token, and allocating (and, past glibc's thresholds, mapping and faulting in) fresh buffers each
- * time costs more than the small layers' arithmetic. Returns NULL when memory runs out. */
-static float *scratch(int slot, size_t floats) { /* slot 0: a call's buffers; 1: a thread's row */
-    static __thread float *buffer[2] = {NULL, NULL};
-    static __thread size_t capacity[2] = {0, 0};
-    if (floats > capacity[slot]) {
-        free(buffer[slot]);
-        capacity[slot] = floats + floats / 2;
-        buffer[slot] = aligned_alloc(32, sizeof(float) * ((capacity[slot] + 7) / 8 * 8));
-        if (!buffer[slot]) capacity[slot] = 0;
-    }
-    return buffer[slot];
+/* The calling thread's scratch (helpers.h), kept between calls. */
+static float *scratch(size_t floats) {
+    static __thread float *buffer = NULL;
+    static __thread size_t capacity = 0;
+    return sg_scratch(&buffer, &capacity, floats);
 }
 
 static size_t round8(size_t n) { return (n + 7) / 8 * 8; }
@@ -49,27 +38,6 @@ static void init_signs(void) {
     for (int b = 0; b < 256; b++)
         for (int j = 0; j < 8; j++) SIGNS[b][j] = (b >> j) & 1 ? 1.0f : -1.0f;
     signs_ready = 1;
-}
-
-static void load_row(const void *x, int bf16, size_t start, int n, float *out) {
-    if (!bf16) {
-        memcpy(out, (const float *)x + start, sizeof(float) * n);
-        return;
-    }
-    const uint16_t *h = (const uint16_t *)x + start;
-    for (int i = 0; i < n; i++) {
-        uint32_t bits = (uint32_t)h[i] << 16;
-        memcpy(out + i, &bits, 4);
-    }
-}
-
-static void store_row(void *y, int bf16, size_t start, int n, const float *values) {
-    if (!bf16) {
-        memcpy((float *)y + start, values, sizeof(float) * n);
-        return;
-    }
-    uint16_t *h = (uint16_t *)y + start;
-    for (int i = 0; i < n; i++) h[i] = sg_bf16_bits(values[i]);
 }
 
 static float dot(const float *a, const float *b, int n) {
@@ -135,12 +103,10 @@ static void signed_sums(const uint8_t *rows, int count, const float *xs, int nby
     }
 }
 
-#define MAX_LAYERS 8  /* layers per grouped call (kernels.py: MAX_LAYERS) */
-#define MAX_EXPERTS 64 /* scale rows mixed per token (kernels.py: MAX_EXPERTS) */
 
 /* `count` binary layers that read the same input x (q/k/v, gate/up), in one parallel pass.
  * experts: 0 = no input scale and a single out_scale row (sign); otherwise in_scales / out_scales
- * hold `experts` rows (at most MAX_EXPERTS), mixed by softmax(router . x) when a router is given
+ * hold `experts` rows (at most SG_MAX_EXPERTS), mixed by softmax(router . x) when a router is given
  * (one row: static). Per layer i: out_features[i], packed[i], in_scales[i], out_scales[i], routers[i] and
  * biases[i] (either may be NULL), ys[i]. Returns 0, or 1 when scratch memory ran out, 2 for
  * arguments out of range. */
@@ -149,14 +115,14 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
                       const float *const *out_scales, int experts, const float *const *routers,
                       const float *const *biases, int layernorm) {
     if (!signs_ready) init_signs();
-    if (experts > MAX_EXPERTS || count < 1 || count > MAX_LAYERS) return 2;
+    if (experts > SG_MAX_EXPERTS || count < 1 || count > SG_MAX_LAYERS) return 2;
     int nbytes = (in_features + 7) / 8, width = nbytes * 8, rows = experts > 0 ? experts : 1;
     /* per layer and token: the scaled input (padded to whole bytes), the output scales, the outputs */
-    float *xs[MAX_LAYERS] = {0}, *s_out[MAX_LAYERS] = {0}, *yt[MAX_LAYERS] = {0};
-    int first[MAX_LAYERS + 1] = {0}; /* the first block of four rows of each layer */
+    float *xs[SG_MAX_LAYERS] = {0}, *s_out[SG_MAX_LAYERS] = {0}, *yt[SG_MAX_LAYERS] = {0};
+    int first[SG_MAX_LAYERS + 1] = {0}; /* the first block of four rows of each layer */
     size_t work = 0, floats = round8((size_t)tokens * in_features);
     for (int i = 0; i < count; i++) floats += (size_t)tokens * width + 2 * round8((size_t)tokens * out_features[i]);
-    float *xf = scratch(0, floats); /* carved into 32-byte aligned pieces */
+    float *xf = scratch(floats); /* carved into 32-byte aligned pieces */
     int failed = !xf;
     float *next = failed ? NULL : xf + round8((size_t)tokens * in_features);
     for (int i = 0; i < count && !failed; i++) {
@@ -166,11 +132,11 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
         first[i + 1] = first[i] + (out_features[i] + 3) / 4;
         work += (size_t)out_features[i] * nbytes;
     }
-    for (int t = 0; t < tokens && !failed; t++) load_row(x, bf16, (size_t)t * in_features, in_features, xf + (size_t)t * in_features);
+    if (!failed) sg_widen_row(x, bf16, (size_t)tokens * in_features, xf);
     for (int i = 0; i < count && !failed; i++) {
         int out = out_features[i], mixed = routers[i] && rows > 1 ? rows : 1;
         for (int t = 0; t < tokens; t++) {
-            float gate[MAX_EXPERTS];
+            float gate[SG_MAX_EXPERTS];
             const float *xt_in = xf + (size_t)t * in_features;
             float *xt = xs[i] + (size_t)t * width, *st = s_out[i] + (size_t)t * out;
             if (mixed > 1) { /* the token's mixture of scales: softmax(router . x) */
@@ -198,7 +164,7 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
         }
     }
     int blocks = failed ? 0 : first[count];
-#pragma omp parallel for schedule(static) if (work >= PARALLEL_BYTES)
+#pragma omp parallel for schedule(static) if (work >= SG_PARALLEL_BYTES)
     for (int b = 0; b < blocks; b++) {
         int i = 0;
         while (b >= first[i + 1]) i++;
@@ -227,7 +193,7 @@ int sg_binary_linears(int count, const void *x, void *const *ys, int bf16, int t
             }
             if (biases[i])
                 for (int o = 0; o < out; o++) row[o] += biases[i][o];
-            store_row(ys[i], bf16, (size_t)t * out, out, row);
+            sg_store_row((char *)ys[i] + (size_t)t * out * (bf16 ? 2 : 4), bf16, out, row);
         }
     }
     return failed;

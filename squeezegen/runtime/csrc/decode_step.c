@@ -21,18 +21,13 @@
 #endif
 
 #include "kernels.h"
-#include "numbers.h"
+#include "helpers.h"
 
 enum { PROJ_DENSE = 0, PROJ_INT4 = 1, PROJ_BINARY = 2 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 #define SLOTS_PER_TASK 256 /* attention: slots one thread scores before the partial results merge */
 #define MAX_QUERIES_PER_KV 16 /* query heads per KV head */
 #define MAX_HEAD_DIM 512
-
-/* quant/csrc/binary_linear.c's sg_binary_linears: packed 1-bit layers that read one input */
-typedef int (*binary_fn)(int count, const void *x, void *const *outs, int bf16, int tokens, int in, const int *outs_n,
-                         const void *const *packed, const void *const *in_scales, const void *const *out_scales,
-                         int experts, const void *const *routers, const void *const *biases, int layernorm);
 
 typedef struct {
     int kind, weight_kind; /* PROJ_*; dense weights: 0 float32, 1 bfloat16, 2 float16 */
@@ -42,11 +37,11 @@ typedef struct {
     int group;
     const void *bias; /* (out) in bias_kind, or NULL */
     int bias_kind;
-    /* PROJ_BINARY: the kernel and its per-group arguments (see binary_fn) */
-    binary_fn call;
+    /* PROJ_BINARY: the group's arguments to sg_binary_linears (kernels.h) */
     int count, experts, layernorm;
     const int *sizes;
-    const void *const *packed, *const *in_scales, *const *out_scales, *const *routers, *const *biases;
+    const uint8_t *const *packed;
+    const float *const *in_scales, *const *out_scales, *const *routers, *const *biases;
 } Proj;
 
 typedef struct {
@@ -75,47 +70,7 @@ typedef struct {
 
 /* ---- numbers ---------------------------------------------------------------------------------- */
 
-static inline float round_bf16(float v) {
-    uint32_t bits = (uint32_t)sg_bf16_bits(v) << 16;
-    memcpy(&v, &bits, 4);
-    return v;
-}
-
-static inline float rnd(const Model *m, float v) { return m->bf16 ? round_bf16(v) : v; }
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0x1F) {
-        bits = sign | 0x7F800000 | (mantissa << 13);
-    } else if (exponent) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else {
-        float f = (float)mantissa * 5.9604644775390625e-8f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* element i of a float32 (kind 0), bfloat16 (1) or float16 (2) array */
-static inline float load(const void *p, int kind, size_t i) {
-    if (kind == 0) return ((const float *)p)[i];
-    if (kind == 2) return half_to_float(((const uint16_t *)p)[i]);
-    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline void put(void *p, int bf16, size_t i, float v) {
-    if (!bf16) {
-        ((float *)p)[i] = v;
-        return;
-    }
-    ((uint16_t *)p)[i] = sg_bf16_bits(v);
-}
+static inline float rnd(const Model *m, float v) { return m->bf16 ? sg_round_bf16(v) : v; }
 
 #ifdef __AVX2__
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), Cephes' polynomial, ~1 ulp */
@@ -136,18 +91,6 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-static inline __m256 load8(const void *p, int bf16, size_t i) {
-    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 #endif
 
 /* the largest of p[0..n) (-inf for none), sixteen lanes at a time: a scalar max is a chain of
@@ -181,7 +124,7 @@ static float exp_shifted(float *p, int n, float max) {
         _mm256_storeu_ps(p + i, e);
         acc = _mm256_add_ps(acc, e);
     }
-    sum = hsum8(acc);
+    sum = sg_hsum8(acc);
 #endif
     for (; i < n; i++) {
         p[i] = expf(p[i] - max);
@@ -199,7 +142,7 @@ static void rms_norm(const Model *m, const void *weight, const float *x, float *
     float scale = 1.0f / sqrtf(squares / (float)n + m->eps);
     int kind = m->bf16 ? 1 : 0;
     for (int i = 0; i < n; i++) {
-        float w = load(weight, kind, i), h = x[i] * scale;
+        float w = sg_load(weight, kind, i), h = x[i] * scale;
         y[i] = m->gemma_norm ? rnd(m, h * (1.0f + w)) : rnd(m, w * rnd(m, h));
     }
 }
@@ -207,11 +150,11 @@ static void rms_norm(const Model *m, const void *weight, const float *x, float *
 /* y[t * p->out + o] = x[t] . row o (+ bias), rounded to the model's dtype, over the model's threads */
 static int project(const Model *m, const Proj *p, const float *x, int tokens, float *y) {
     if (p->kind == PROJ_BINARY) {
-        void *outs[16];
+        void *outs[SG_MAX_LAYERS];
         size_t at = 0;
         for (int i = 0; i < p->count; i++) outs[i] = y + at * tokens, at += (size_t)p->sizes[i];
-        if (p->call(p->count, x, outs, 0, tokens, p->in, p->sizes, p->packed, p->in_scales, p->out_scales,
-                    p->experts, p->routers, p->biases, p->layernorm))
+        if (sg_binary_linears(p->count, x, outs, 0, tokens, p->in, p->sizes, p->packed, p->in_scales, p->out_scales,
+                              p->experts, p->routers, p->biases, p->layernorm))
             return 1;
         if (p->count > 1) { /* the kernel wrote layer by layer (tokens, size_i): interleave into (tokens, out) */
             float *tmp = y + (size_t)tokens * p->out;
@@ -225,16 +168,14 @@ static int project(const Model *m, const Proj *p, const float *x, int tokens, fl
             }
         }
     } else {
-        int blocks = (p->out + 3) / 4;
         const uint16_t *x_bf16 = NULL; /* a bf16 model's activations are bf16 values */
         if (p->kind == PROJ_DENSE && m->bf16 && p->weight_kind == 1 &&
             !(x_bf16 = sg_bf16_copy(x, (size_t)tokens * p->in)))
             return 1;
 #pragma omp parallel num_threads(m->threads)
         {
-            int part = omp_get_thread_num(), parts = omp_get_num_threads();
-            int begin = 4 * (int)((long)blocks * part / parts), end = 4 * (int)((long)blocks * (part + 1) / parts);
-            if (end > p->out) end = p->out;
+            int begin, end;
+            sg_split_rows(p->out, omp_get_thread_num(), omp_get_num_threads(), &begin, &end);
             if (begin < end) {
                 if (p->kind == PROJ_DENSE)
                     sg_dense_rows(p->weight, p->weight_kind, p->in, begin, end, x, x_bf16, tokens, y, p->out);
@@ -244,10 +185,10 @@ static int project(const Model *m, const Proj *p, const float *x, int tokens, fl
         }
         if (p->bias)
             for (int t = 0; t < tokens; t++)
-                for (int o = 0; o < p->out; o++) y[(size_t)t * p->out + o] += load(p->bias, p->bias_kind, o);
+                for (int o = 0; o < p->out; o++) y[(size_t)t * p->out + o] += sg_load(p->bias, p->bias_kind, o);
     }
     if (m->bf16)
-        for (size_t i = 0; i < (size_t)tokens * p->out; i++) y[i] = round_bf16(y[i]);
+        for (size_t i = 0; i < (size_t)tokens * p->out; i++) y[i] = sg_round_bf16(y[i]);
     return 0;
 }
 
@@ -257,7 +198,7 @@ static void rope(const Model *m, const Layer *l, float *q, int64_t at) {
     float rotated[MAX_HEAD_DIM];
     for (int i = 0; i < half; i++) rotated[i] = -q[i + half], rotated[i + half] = q[i];
     for (int i = 0; i < d; i++) {
-        float c = load(l->cos, kind, (size_t)at * d + i), s = load(l->sin, kind, (size_t)at * d + i);
+        float c = sg_load(l->cos, kind, (size_t)at * d + i), s = sg_load(l->sin, kind, (size_t)at * d + i);
         q[i] = rnd(m, rnd(m, q[i] * c) + rnd(m, rotated[i] * s));
     }
 }
@@ -274,16 +215,11 @@ static void cache_write(const Model *m, Layer *l, int b, int g, const float *k, 
     while (slot < l->capacity && pos[slot] >= 0) slot++;
     if (slot == l->capacity) slot = 0; /* full (the engine grows buffers first): as argmax does */
     size_t at = (row + slot) * l->head_dim;
-    for (int i = 0; i < l->head_dim; i++) put(l->keys, m->bf16, at + i, k[i]), put(l->values, m->bf16, at + i, v[i]);
+    for (int i = 0; i < l->head_dim; i++) sg_store(l->keys, m->bf16, at + i, k[i]), sg_store(l->values, m->bf16, at + i, v[i]);
     pos[slot] = position;
 }
 
 #ifdef __AVX512F__
-static inline __m512 load16(const void *p, int bf16, size_t i) {
-    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 /* the four sums of a0..a3, as [sum a0, sum a1, sum a2, sum a3] */
 static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
@@ -302,7 +238,7 @@ typedef __m512 lanes_t;
 #define lanes_zero _mm512_setzero_ps
 #define lanes_fma _mm512_fmadd_ps
 #define lanes_q _mm512_loadu_ps
-#define lanes_kv load16
+#define lanes_kv sg_load16
 #define store_sums4(sc, a0, a1, a2, a3) _mm_storeu_ps(sc, sum4(a0, a1, a2, a3))
 #elif defined(__AVX2__)
 #define LANES 8
@@ -310,9 +246,9 @@ typedef __m256 lanes_t;
 #define lanes_zero _mm256_setzero_ps
 #define lanes_fma _mm256_fmadd_ps
 #define lanes_q _mm256_loadu_ps
-#define lanes_kv load8
+#define lanes_kv sg_load8
 /* each slot's lanes reduced as hsum8 reduces a lone slot's, so every slot gets the same order */
-#define store_sums4(sc, a0, a1, a2, a3) ((sc)[0] = hsum8(a0), (sc)[1] = hsum8(a1), (sc)[2] = hsum8(a2), (sc)[3] = hsum8(a3))
+#define store_sums4(sc, a0, a1, a2, a3) ((sc)[0] = sg_hsum8(a0), (sc)[1] = sg_hsum8(a1), (sc)[2] = sg_hsum8(a2), (sc)[3] = sg_hsum8(a3))
 #endif
 
 #ifdef __AVX2__
@@ -381,10 +317,10 @@ static void scores(const Model *m, const Layer *l, size_t row, const int *slots,
         int j = 0;
 #ifdef __AVX2__
         __m256 acc = _mm256_setzero_ps();
-        for (; j + 8 <= d; j += 8) acc = _mm256_fmadd_ps(load8(l->keys, m->bf16, at + j), _mm256_loadu_ps(q + j), acc);
-        dot = hsum8(acc);
+        for (; j + 8 <= d; j += 8) acc = _mm256_fmadd_ps(sg_load8(l->keys, m->bf16, at + j), _mm256_loadu_ps(q + j), acc);
+        dot = sg_hsum8(acc);
 #endif
-        for (; j < d; j++) dot += load(l->keys, m->bf16, at + j) * q[j];
+        for (; j < d; j++) dot += sg_load(l->keys, m->bf16, at + j) * q[j];
         sc[i] = dot;
     }
     for (i = 0; i < n; i++) sc[i] = rnd(m, sc[i]) * l->scaling; /* a bf16 model's q.k is a bf16 product */
@@ -408,14 +344,14 @@ static inline __attribute__((always_inline)) void head_values(const Model *m, co
                                  _MM_HINT_T0);
         __m512 p0 = _mm512_set1_ps(p[i]), p1 = _mm512_set1_ps(p[i + 1]);
         for (int c = 0; c < d / 16; c++) {
-            a[c] = _mm512_fmadd_ps(p0, load16(l->values, m->bf16, v0 + 16 * c), a[c]);
-            b[c] = _mm512_fmadd_ps(p1, load16(l->values, m->bf16, v1 + 16 * c), b[c]);
+            a[c] = _mm512_fmadd_ps(p0, sg_load16(l->values, m->bf16, v0 + 16 * c), a[c]);
+            b[c] = _mm512_fmadd_ps(p1, sg_load16(l->values, m->bf16, v1 + 16 * c), b[c]);
         }
     }
     if (i < n) {
         size_t v0 = (row + slots[i]) * d;
         __m512 p0 = _mm512_set1_ps(p[i]);
-        for (int c = 0; c < d / 16; c++) a[c] = _mm512_fmadd_ps(p0, load16(l->values, m->bf16, v0 + 16 * c), a[c]);
+        for (int c = 0; c < d / 16; c++) a[c] = _mm512_fmadd_ps(p0, sg_load16(l->values, m->bf16, v0 + 16 * c), a[c]);
     }
     for (int c = 0; c < d / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_add_ps(a[c], b[c]));
 }
@@ -435,7 +371,7 @@ static inline __attribute__((always_inline)) void head_values(const Model *m, co
                     _mm_prefetch((const char *)l->values + ((row + slots[i + 8]) * d + c) * (m->bf16 ? 2 : 4),
                                  _MM_HINT_T0);
             __m256 p0 = _mm256_set1_ps(p[i]);
-            for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(p0, load8(l->values, m->bf16, v0 + 8 * c), a[c]);
+            for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(p0, sg_load8(l->values, m->bf16, v0 + 8 * c), a[c]);
         }
         for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + c0 + 8 * c, a[c]);
     }
@@ -454,7 +390,7 @@ static void values(const Model *m, const Layer *l, size_t row, const int *slots,
     for (int j = 0; j < d; j++) out[j] = 0.0f;
     for (int i = 0; i < n; i++) {
         size_t at = (row + slots[i]) * d;
-        for (int j = 0; j < d; j++) out[j] += p[i] * load(l->values, m->bf16, at + j);
+        for (int j = 0; j < d; j++) out[j] += p[i] * sg_load(l->values, m->bf16, at + j);
     }
 }
 
@@ -527,7 +463,8 @@ static int attention_tasks(const Layer *l, int tokens) {
  * sides name (it checks them when it loads the library, so a mismatch is an error, not memory
  * written out of place). */
 void sg_decode_layout(int64_t *out) {
-    const int64_t layout[] = {sizeof(Proj), sizeof(Layer), sizeof(Model), SG_MAX_TOKENS, PROJ_DENSE, PROJ_INT4, PROJ_BINARY};
+    const int64_t layout[] = {sizeof(Proj), sizeof(Layer), sizeof(Model), SG_MAX_TOKENS, SG_MAX_LAYERS,
+                              SG_MAX_EXPERTS, PROJ_DENSE, PROJ_INT4, PROJ_BINARY};
     memcpy(out, layout, sizeof(layout));
 }
 
@@ -582,7 +519,7 @@ int sg_decode_layers(Model *m, int first, int last, float *hidden, int tokens, c
             memmove(normed + (size_t)t * l->heads * d, q, sizeof(float) * l->heads * d);
         }
         if (query && li == last - 1)
-            for (size_t i = 0; i < (size_t)tokens * l->heads * d; i++) put(query, m->bf16, i, normed[i]);
+            for (size_t i = 0; i < (size_t)tokens * l->heads * d; i++) sg_store(query, m->bf16, i, normed[i]);
         attention(m, l, normed, tokens, attn, work);
         if (project(m, &l->o, attn, tokens, proj)) return 1;
         for (int t = 0; t < tokens; t++) {

@@ -4,6 +4,8 @@
  * BLAS kernels torch calls for 16-bit weights reach about half of what the memory gives on small
  * CPUs. Here each thread streams its share of rows, widens 16-bit weights to float32 in registers
  * (bf16: a shift; fp16: F16C) and keeps four rows' multiply-adds in flight; the sums are float32.
+ * AVX512 loads 16 weights an instruction, twice AVX2's 8, which is what 16-bit weights need to be
+ * read at the memory's speed (AVX2: ~15 GB/s, here ~28, measured).
  *
  * x and y are float32 or bfloat16 (bf16 = the upper half of a float32, rounded to nearest even);
  * w is float32 (kind 0), bfloat16 (1) or float16 (2), row-major (out_features, in_features).
@@ -14,63 +16,9 @@
 #include <omp.h>
 
 #include "kernels.h"
-#include "numbers.h"
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "helpers.h"
 
 #define MAX_TOKENS SG_MAX_TOKENS
-#define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
-
-static float widen(const void *w, int kind, size_t i) {
-    if (kind == 0) return ((const float *)w)[i];
-    uint16_t h = ((const uint16_t *)w)[i];
-    uint32_t bits;
-    if (kind == 1) {
-        bits = (uint32_t)h << 16;
-    } else { /* float16 */
-        uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-        if (exponent == 0x1F) {
-            bits = sign | 0x7F800000 | (mantissa << 13);
-        } else if (exponent) {
-            bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-        } else {
-            float f = (float)mantissa * 5.9604644775390625e-8f;
-            memcpy(&bits, &f, 4);
-            bits |= sign;
-        }
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-#ifdef __AVX512F__
-/* 16 weights widened to float32: AVX512 does twice AVX2's work per instruction, which is what
- * 16-bit weights need to be read at the memory's speed (AVX2: ~15 GB/s, here ~28, measured) */
-static inline __m512 load16(const void *w, int kind, size_t i) {
-    if (kind == 0) return _mm512_loadu_ps((const float *)w + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
-    if (kind == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
-#endif
-
-#ifdef __AVX2__
-static inline __m256 load8(const void *w, int kind, size_t i) {
-    if (kind == 0) return _mm256_loadu_ps((const float *)w + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
-    if (kind == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 /* out[r] = row (o + r) . x for four consecutive rows and one token: the common decode case, its
  * four sums kept in registers. Summed in the very order of rows_dot, so that a row of a batch gets
@@ -88,10 +36,10 @@ static void four_rows_dot(const void *w, int kind, int o, int n, const float *x,
         _mm_prefetch(next + (n + j) * esz, _MM_HINT_T1);
         _mm_prefetch(next + (2 * n + j) * esz, _MM_HINT_T1);
         _mm_prefetch(next + (3 * n + j) * esz, _MM_HINT_T1);
-        a0 = _mm512_fmadd_ps(load16(w, kind, r0 + j), xv, a0);
-        a1 = _mm512_fmadd_ps(load16(w, kind, r1 + j), xv, a1);
-        a2 = _mm512_fmadd_ps(load16(w, kind, r2 + j), xv, a2);
-        a3 = _mm512_fmadd_ps(load16(w, kind, r3 + j), xv, a3);
+        a0 = _mm512_fmadd_ps(sg_load16(w, kind, r0 + j), xv, a0);
+        a1 = _mm512_fmadd_ps(sg_load16(w, kind, r1 + j), xv, a1);
+        a2 = _mm512_fmadd_ps(sg_load16(w, kind, r2 + j), xv, a2);
+        a3 = _mm512_fmadd_ps(sg_load16(w, kind, r3 + j), xv, a3);
     }
     out[0] = _mm512_reduce_add_ps(a0), out[1] = _mm512_reduce_add_ps(a1);
     out[2] = _mm512_reduce_add_ps(a2), out[3] = _mm512_reduce_add_ps(a3);
@@ -100,17 +48,17 @@ static void four_rows_dot(const void *w, int kind, int o, int n, const float *x,
     size_t r0 = (size_t)o * n, r1 = r0 + n, r2 = r1 + n, r3 = r2 + n;
     for (; j + 8 <= n; j += 8) {
         __m256 xv = _mm256_loadu_ps(x + j);
-        a0 = _mm256_fmadd_ps(load8(w, kind, r0 + j), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w, kind, r1 + j), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w, kind, r2 + j), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w, kind, r3 + j), xv, a3);
+        a0 = _mm256_fmadd_ps(sg_load8(w, kind, r0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(sg_load8(w, kind, r1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(sg_load8(w, kind, r2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(sg_load8(w, kind, r3 + j), xv, a3);
     }
-    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+    out[0] = sg_hsum8(a0), out[1] = sg_hsum8(a1), out[2] = sg_hsum8(a2), out[3] = sg_hsum8(a3);
 #else
     out[0] = out[1] = out[2] = out[3] = 0.0f;
 #endif
     for (; j < n; j++)
-        for (int r = 0; r < 4; r++) out[r] += widen(w, kind, (size_t)(o + r) * n + j) * x[j];
+        for (int r = 0; r < 4; r++) out[r] += sg_load(w, kind, (size_t)(o + r) * n + j) * x[j];
 }
 
 #if defined(__AVX512F__)
@@ -127,12 +75,12 @@ static void eight_rows_dot(const void *w, int kind, int o, int n, const float *x
         __m512 xv = _mm512_loadu_ps(x + j);
         for (int r = 0; r < 8; r++) {
             _mm_prefetch(next + (r * (size_t)n + j) * esz, _MM_HINT_T1);
-            a[r] = _mm512_fmadd_ps(load16(w, kind, r0 + r * (size_t)n + j), xv, a[r]);
+            a[r] = _mm512_fmadd_ps(sg_load16(w, kind, r0 + r * (size_t)n + j), xv, a[r]);
         }
     }
     for (int r = 0; r < 8; r++) out[r] = _mm512_reduce_add_ps(a[r]);
     for (; j < n; j++)
-        for (int r = 0; r < 8; r++) out[r] += widen(w, kind, r0 + r * (size_t)n + j) * x[j];
+        for (int r = 0; r < 8; r++) out[r] += sg_load(w, kind, r0 + r * (size_t)n + j) * x[j];
 }
 #endif
 
@@ -158,7 +106,7 @@ static inline __attribute__((always_inline)) void tile_dot(const void *w, int ki
         for (int t = 0; t < TOKENS; t++) xv[t] = _mm512_loadu_ps(x[t] + j);
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
-            __m512 wv = load16(w, kind, (size_t)(o + r) * n + j);
+            __m512 wv = sg_load16(w, kind, (size_t)(o + r) * n + j);
 #pragma GCC unroll 4
             for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
@@ -176,7 +124,7 @@ static inline __attribute__((always_inline)) void tile_dot(const void *w, int ki
     for (; j + 8 <= n; j += 8) {
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
-            __m256 wv = load8(w, kind, (size_t)(o + r) * n + j);
+            __m256 wv = sg_load8(w, kind, (size_t)(o + r) * n + j);
 #pragma GCC unroll 4
             for (int t = 0; t < TOKENS; t++) acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + j), acc[r][t]);
         }
@@ -184,14 +132,14 @@ static inline __attribute__((always_inline)) void tile_dot(const void *w, int ki
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
 #pragma GCC unroll 4
-        for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = hsum(acc[r][t]);
+        for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = sg_hsum8(acc[r][t]);
 #else
     for (int r = 0; r < ROWS; r++)
         for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = 0.0f;
 #endif
     for (; j < n; j++)
         for (int r = 0; r < ROWS; r++) {
-            float wv = widen(w, kind, (size_t)(o + r) * n + j);
+            float wv = sg_load(w, kind, (size_t)(o + r) * n + j);
             for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] += wv * x[t][j];
         }
 }
@@ -231,8 +179,8 @@ static inline __attribute__((always_inline)) void bf16_tile_dot(const uint16_t *
         for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] = _mm512_reduce_add_ps(acc[r][t]);
     for (; j < n; j++)
         for (int r = 0; r < ROWS; r++) {
-            float wv = widen(w, 1, (size_t)(o + r) * n + j);
-            for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] += wv * widen(x[t], 1, j);
+            float wv = sg_load(w, 1, (size_t)(o + r) * n + j);
+            for (int t = 0; t < TOKENS; t++) sums[r * TOKENS + t] += wv * sg_load(x[t], 1, j);
         }
 }
 
@@ -288,7 +236,9 @@ static void rows_dot(const void *w, int kind, int o, int rows, int n, const floa
         for (int t = 0; t < step; t++) xt[t] = x + (size_t)(t0 + t) * n;
 #define TILE(R, T) tile_dot(w, kind, o, n, xt, sums, R, T)
         switch (rows * 8 + step) {
+#if TILE_TOKENS > 3 /* AVX2's tiles hold three tokens' sums */
         case 4 * 8 + 4: TILE(4, 4); break;
+#endif
         case 4 * 8 + 3: TILE(4, 3); break;
         case 4 * 8 + 2: TILE(4, 2); break;
         case 4 * 8 + 1: TILE(4, 1); break;
@@ -302,23 +252,7 @@ static void rows_dot(const void *w, int kind, int o, int rows, int n, const floa
     }
 }
 
-/* A thread's scratch of at least `n` floats (kept between calls); 0 when memory runs out. */
-static int grow(float **buffer, size_t *capacity, size_t n) {
-    if (n <= *capacity) return 1;
-    free(*buffer);
-    *capacity = n + n / 2;
-    *buffer = aligned_alloc(64, sizeof(float) * ((*capacity + 15) / 16 * 16));
-    if (!*buffer) *capacity = 0;
-    return *buffer != NULL;
-}
 
-static void store(void *y, int bf16, size_t i, float v) {
-    if (!bf16) {
-        ((float *)y)[i] = v;
-        return;
-    }
-    ((uint16_t *)y)[i] = sg_bf16_bits(v);
-}
 
 void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, const float *x, const uint16_t *x_bf16,
                    int tokens, float *y, int y_stride) {
@@ -350,7 +284,7 @@ void sg_dense_rows(const void *w, int kind, int in, int o_begin, int o_end, cons
 const uint16_t *sg_bf16_copy(const float *x, size_t n) {
     static __thread float *buffer = NULL;
     static __thread size_t capacity = 0;
-    if (!grow(&buffer, &capacity, n / 2 + 1)) return NULL;
+    if (!sg_scratch(&buffer, &capacity, n / 2 + 1)) return NULL;
     uint16_t *out = (uint16_t *)buffer;
     for (size_t i = 0; i < n; i++) {
         uint32_t bits;
@@ -367,28 +301,19 @@ int sg_dense_linear(const void *x, void *y, int bf16, int tokens, int in_feature
     static __thread float *xf = NULL, *yf = NULL;
     static __thread size_t x_capacity = 0, y_capacity = 0;
     size_t floats = (size_t)tokens * in_features, outs = (size_t)tokens * out_features;
-    if (!grow(&xf, &x_capacity, floats) || !grow(&yf, &y_capacity, outs)) return 1;
+    if (!sg_scratch(&xf, &x_capacity, floats) || !sg_scratch(&yf, &y_capacity, outs)) return 1;
     /* float32 x for every path (bf16 x also goes as it is: bf16 weights multiply it directly) */
-    for (size_t i = 0; i < floats; i++) {
-        if (bf16) {
-            uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
-            memcpy(xf + i, &bits, 4);
-        } else {
-            xf[i] = ((const float *)x)[i];
-        }
-    }
+    sg_widen_row(x, bf16, floats, xf);
     const float *xs = xf; /* the calling thread's buffers, shared by every thread below */
     float *ys = yf;
     size_t weight_bytes = (size_t)out_features * in_features * (kind == 0 ? 4 : 2);
-    int blocks = (out_features + 3) / 4;
-#pragma omp parallel if (weight_bytes >= PARALLEL_BYTES)
+#pragma omp parallel if (weight_bytes >= SG_PARALLEL_BYTES)
     {
-        int part = omp_get_thread_num(), parts = omp_get_num_threads();
-        int begin = 4 * (int)((long)blocks * part / parts), end = 4 * (int)((long)blocks * (part + 1) / parts);
-        if (end > out_features) end = out_features;
+        int begin, end;
+        sg_split_rows(out_features, omp_get_thread_num(), omp_get_num_threads(), &begin, &end);
         if (begin < end)
             sg_dense_rows(w, kind, in_features, begin, end, xs, bf16 ? x : NULL, tokens, ys, out_features);
     }
-    for (size_t i = 0; i < outs; i++) store(y, bf16, i, ys[i]);
+    sg_store_row(y, bf16, outs, ys);
     return 0;
 }

@@ -15,10 +15,7 @@
 #include <string.h>
 
 #include "kernels.h"
-#include "numbers.h"
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "helpers.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -27,23 +24,6 @@
 #define CHUNK 32             /* groups whose scales and mins are widened at once (a multiple of 16) */
 #define ROWS 4               /* rows one pass reads together */
 #define TOKEN_STEP 4         /* tokens one pass serves: ROWS * TOKEN_STEP sums fill the registers */
-#define PARALLEL_BYTES 32768 /* below this much weight memory one thread is faster than waking others */
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0x1F) {
-        bits = sign | 0x7F800000 | (mantissa << 13);
-    } else if (exponent) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else {
-        float f = (float)mantissa * 5.9604644775390625e-8f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 #if defined(__AVX512F__)
 typedef __m512 vec;
@@ -141,7 +121,7 @@ static inline void widen_groups(const uint16_t *scales, const uint16_t *mins, si
     }
     for (; k < n; k++) scale[k] = _cvtsh_ss(scales[at + k]), min[k] = _cvtsh_ss(mins[at + k]);
 #endif
-    for (; k < n; k++) scale[k] = half_to_float(scales[at + k]), min[k] = half_to_float(mins[at + k]);
+    for (; k < n; k++) scale[k] = sg_half_to_float(scales[at + k]), min[k] = sg_half_to_float(mins[at + k]);
 }
 
 /* sums[r * tokens + t] = row (o + r) . xt[t] for `rows` rows and `tokens` tokens, each pair's sum
@@ -249,8 +229,8 @@ static void row_tokens(const uint8_t *packed, const uint16_t *scales, const uint
         const float *xt = x + (size_t)t * in;
         float acc = 0.0f;
         for (int g = 0; g < groups; g++) {
-            float scale = half_to_float(scales[(size_t)o * groups + g]);
-            float min = half_to_float(mins[(size_t)o * groups + g]);
+            float scale = sg_half_to_float(scales[(size_t)o * groups + g]);
+            float min = sg_half_to_float(mins[(size_t)o * groups + g]);
             for (int j = g * group; j < (g + 1) * group; j += BLOCK)
                 for (int i = 0; i < BLOCK; i++) {
                     uint8_t byte = row[j / 2 + i % 16];
@@ -284,17 +264,6 @@ void sg_int4_rows(const uint8_t *packed, const uint16_t *scales, const uint16_t 
 #endif
 }
 
-/* A float32 scratch of at least `floats`, the calling thread's own, kept between calls. */
-static float *scratch(float **buffer, size_t *capacity, size_t floats) {
-    if (floats > *capacity) {
-        free(*buffer);
-        *capacity = floats + floats / 2;
-        *buffer = aligned_alloc(64, sizeof(float) * ((*capacity + 15) / 16 * 16));
-        if (!*buffer) *capacity = 0;
-    }
-    return *buffer;
-}
-
 /* The product for modules: x (tokens, in) float32 or bf16 in, y (tokens, out) in x's dtype, rows
  * split across OpenMP threads in contiguous ranges. Returns 0, or 1 when the input does not fit
  * the kernel (tokens, group) or memory runs out. */
@@ -306,30 +275,25 @@ int sg_int4_linear(const void *x, void *y, int bf16, int tokens, int in, int out
     size_t x_floats = (size_t)tokens * in, y_floats = (size_t)tokens * out;
     const float *xs = (const float *)x;
     if (bf16) {
-        if (!scratch(&xf, &x_capacity, x_floats)) return 1;
-        for (size_t i = 0; i < x_floats; i++) {
-            uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
-            memcpy(xf + i, &bits, 4);
-        }
+        if (!sg_scratch(&xf, &x_capacity, x_floats)) return 1;
+        sg_widen_row(x, 1, x_floats, xf);
         xs = xf;
     }
     float *ys = (float *)y; /* float32 output is written in place; bf16 goes through a float32 copy */
-    if (bf16 && !(ys = scratch(&yf, &y_capacity, y_floats))) return 1;
+    if (bf16 && !(ys = sg_scratch(&yf, &y_capacity, y_floats))) return 1;
     size_t weight_bytes = (size_t)out * in / 2 + (size_t)out * (in / group) * 4;
-#pragma omp parallel if (weight_bytes >= PARALLEL_BYTES)
+#pragma omp parallel if (weight_bytes >= SG_PARALLEL_BYTES)
     {
-        int threads = 1, me = 0;
+        int threads = 1, me = 0, begin, end;
 #ifdef _OPENMP
         threads = omp_get_num_threads(), me = omp_get_thread_num();
 #endif
-        int quads = (out + 3) / 4; /* ranges of whole fours of rows, so the four-row path serves them */
-        int begin = 4 * (int)((long)quads * me / threads), end = 4 * (int)((long)quads * (me + 1) / threads);
-        if (end > out) end = out;
+        sg_split_rows(out, me, threads, &begin, &end);
         if (begin < end) sg_int4_rows(packed, scales, mins, group, in, begin, end, xs, tokens, ys, out);
         if (bf16)
             for (int t = 0; t < tokens; t++)
                 for (int o = begin; o < end; o++)
-                    ((uint16_t *)y)[(size_t)t * out + o] = sg_bf16_bits(ys[(size_t)t * out + o]);
+                    sg_store(y, 1, (size_t)t * out + o, ys[(size_t)t * out + o]);
     }
     return 0;
 }
