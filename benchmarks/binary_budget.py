@@ -2,10 +2,12 @@
 
 Each point is one `squeezegen binarize ... --time-budget SECONDS` run from scratch (a shorter budget
 is not a stop along a longer run: each budget gets its own schedule), for every recipe, method and
-budget asked, run one after another so each has the machine to itself. The models go to `--runs`;
-a point already in `--out` is kept and skipped, an interrupted run goes on with `--resume`, so the
-script can be run again until every point is there. `curve.json`, `curve.png` and each run's report
-(`reports/`) are written to `--out` after each run.
+budget asked, run one after another so each has the machine to itself. Each point records its host
+and a curve compares points of one CPU class only (a faster CPU trains more tokens in the same
+minutes). The models go to `--runs`; a point already in `--out` for this host's class is kept and
+skipped, an interrupted run goes on with `--resume`, so the script can be run again until every
+point is there. `curve.json`, `curve.png` and each run's report (`reports/`) are written to `--out`
+after each run.
 
     .venv/bin/python benchmarks/binary_budget.py --budgets 300 1200 --out docs/results/binarymos/budget
 """
@@ -39,6 +41,7 @@ def point(recipe: str, method: str, budget: int, report: dict, wall_s: float) ->
     held = report["held_out"]
     trained = report["recipe"]
     return {
+        "host": host(),
         "recipe": recipe,
         "method": method,
         "budget_s": budget,
@@ -61,17 +64,25 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted({(p["recipe"], p["method"]) for p in points}):
-        line = sorted((p for p in points if (p["recipe"], p["method"]) == key), key=lambda p: p["budget_s"])
-        style = "-o" if key[0] == "blockwise" else "--s"
-        ax.plot(
-            [p["budget_s"] / 60 for p in line], [p["perplexity_cpython-docs"] for p in line], style, label=" ".join(key)
+    classes = list(dict.fromkeys(p["host"]["cpu_class"] for p in points))
+    fig, axes = plt.subplots(1, len(classes), figsize=(6 * len(classes), 4), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], classes, strict=True):
+        mine = [p for p in points if p["host"]["cpu_class"] == kind]
+        for key in sorted({(p["recipe"], p["method"]) for p in mine}):
+            line = sorted((p for p in mine if (p["recipe"], p["method"]) == key), key=lambda p: p["budget_s"])
+            style = "-o" if key[0] == "blockwise" else "--s"
+            ax.plot(
+                [p["budget_s"] / 60 for p in line],
+                [p["perplexity_cpython-docs"] for p in line],
+                style,
+                label=" ".join(key),
+            )
+        ax.axhline(mine[0]["float_cpython-docs"], color="gray", lw=0.8, label="float model")
+        ax.set(
+            xscale="log", yscale="log", xlabel="training budget (minutes, 2 CPU cores)", title=mine[0]["host"]["cpu"]
         )
-    if points:
-        ax.axhline(points[0]["float_cpython-docs"], color="gray", lw=0.8, label="float model")
-    ax.set(xscale="log", yscale="log", xlabel="training budget (minutes, 2 CPU cores)", ylabel="held-out perplexity")
-    ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
+    axes[0][0].set(ylabel="held-out perplexity")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -90,16 +101,18 @@ def main() -> None:
     reports.mkdir(parents=True, exist_ok=True)
     record = args.out / "curve.json"
     points = json.loads(record.read_text())["points"] if record.is_file() else []
+    here = host()
     for budget in args.budgets:
         for recipe in args.recipes:
             for method in args.methods:
-                if any((p["recipe"], p["method"], p["budget_s"]) == (recipe, method, budget) for p in points):
+                key = (here["cpu_class"], recipe, method, budget)
+                if any((p["host"]["cpu_class"], p["recipe"], p["method"], p["budget_s"]) == key for p in points):
                     continue
-                folder = runs / f"{recipe}-{method}-{budget}"
+                folder = runs / f"{here['cpu_class']}-{recipe}-{method}-{budget}"
                 result = run_one(args.model, recipe, method, budget, folder)
                 (reports / f"{folder.name}.json").write_text(json.dumps(result["report"], indent=1))
                 points.append(point(recipe, method, budget, result["report"], result["wall_s"]))
-                doc = {"meta": {"model": args.model, "host": host()}, "points": points}
+                doc = {"meta": {"model": args.model}, "points": points}
                 record.write_text(json.dumps(doc, indent=1))
                 plot(points, args.out / "curve.png")
 

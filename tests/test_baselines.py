@@ -126,7 +126,7 @@ def decode_evictions(method_obj, prompt_scores, new_scores):
         new[..., 0] = score
         engine.positions = torch.tensor([[n + i]])
         cache.write(new, new, torch.tensor([n + i]))
-        method_obj.decode_attention(engine.view(0), query)
+        method_obj.after_decode_attention(engine.view(0), query)
         after = set(cache.pos[0, 0].tolist()) - {-1}
         assert n + i in after and len(after) == len(before)  # one in, one out
         (gone,) = before - after

@@ -131,7 +131,7 @@ def test_decode_time_methods_run_in_the_fused_step(method):
     ids = tok(" ".join([PROMPT] * 3), return_tensors="pt").input_ids
     fused = decode_logits(model, ids, True, method=method, native=False)
     assert close(fused, decode_logits(model, ids, False, method=method), torch.float32)
-    # and in C: each layer's queries reach decode_attention (H2O's scores, TOVA's victims, ...); a
+    # and in C: each layer's queries reach after_decode_attention (H2O's scores, TOVA's victims, ...); a
     # layer split into per-head buffers (AdaKV) is decoded by the torch step
     before = c_steps(model)
     assert close(decode_logits(model, ids, True, method=method, native=True), fused, torch.float32)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -59,8 +60,8 @@ class Recorder(Method):
     def start_decode(self, engine):
         self.calls.append(("start", engine.cache.lengths()[0]))
 
-    def decode_attention(self, view, query):
-        self.calls.append(("decode_attention", view.index, tuple(query.shape)))
+    def after_decode_attention(self, view, query):
+        self.calls.append(("after_decode_attention", view.index, tuple(query.shape)))
 
     def after_decode_step(self, engine, step):
         self.calls.append(("step", step, engine.cache.lengths()[0]))
@@ -146,7 +147,7 @@ def test_hooks_are_called_where_documented():
     # two decode steps (the third token is sampled from the second step's logits)
     expected = []
     for step in range(2):
-        expected += [("decode_attention", i, (1, 4, 1, 16)) for i in range(layers)]
+        expected += [("after_decode_attention", i, (1, 4, 1, 16)) for i in range(layers)]
         expected.append(("step", step, n + step + 1))
     assert decode == expected
 
@@ -166,3 +167,11 @@ def test_a_hook_overridden_is_called_without_being_listed():
     sg.generate(model, tok, PROMPT, method=method, max_new_tokens=3, ignore_eos=True)
     layers = model.config.num_hidden_layers
     assert method.calls == [("select", i) for i in range(layers)] + [("step", 0), ("step", 1)]
+
+
+def test_a_hook_under_its_old_name_is_refused_at_once():
+    with pytest.raises(TypeError, match="after_decode_attention"):
+
+        class Old(Method):
+            def decode_attention(self, view, query):
+                pass

@@ -12,7 +12,7 @@ from torch import nn
 from squeezegen.cli import main
 from squeezegen.mobile import export as export_mod
 from squeezegen.mobile import rewrites as rw
-from squeezegen.mobile.check import check_model
+from squeezegen.mobile.check import check_tflite
 from squeezegen.mobile.export import export_pipeline, load_manifest
 from squeezegen.mobile.modules import MobileTimesteps, TextEncoder, UNetPart, VaeDecoder, plan_unet_parts, skip_count
 from squeezegen.mobile.pipeline_config import SCHEDULER, build_pipeline, load_parts
@@ -187,7 +187,7 @@ def test_exports_have_no_broadcast_and_stay_on_gpu(exported, capsys):
     folder = exported["fp32"][0]
     files = [str(folder / f) for f in ("text_encoder.tflite", "unet.tflite", "vae_decoder.tflite")]
     for f in files:
-        report = check_model(f, backend="static")
+        report = check_tflite(f, backend="static")
         assert report.ops["BROADCAST_TO"] == 0 and not report.off_gpu, (f, report.off_gpu)
     assert main(["mobile", "check", "--backend", "static", *files]) == 0
 
@@ -195,7 +195,7 @@ def test_exports_have_no_broadcast_and_stay_on_gpu(exported, capsys):
 def test_check_reports_broadcast_when_group_norm_rewrite_is_off(tiny_dir, tmp_path, capsys):
     off = rw.RewriteConfig().disabled("group_norm")
     export_pipeline(tiny_dir, tmp_path, modules=("vae_decoder",), rewrites=off)
-    report = check_model(tmp_path / "vae_decoder.tflite", backend="static")
+    report = check_tflite(tmp_path / "vae_decoder.tflite", backend="static")
     assert report.ops["BROADCAST_TO"] > 0 and not report.ok
     assert any(k.startswith("BROADCAST_TO") for k in report.off_gpu)
     with pytest.raises(SystemExit) as exc:

@@ -98,11 +98,11 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def _check_static(files: list[str], backend: str) -> list[dict]:
-    from squeezegen.mobile.check import check_model
+    from squeezegen.mobile.check import check_tflite
 
     rows = []
     for path in files:
-        report = check_model(path, backend=backend)
+        report = check_tflite(path, backend=backend)
         total = sum(report.ops.values())
         off = sum(report.off_gpu.values())
         status = "GPU ok" if report.ok else f"{off} of {total} ops off the GPU"
@@ -129,14 +129,14 @@ def _check_on_gpu(files: list[str]) -> list[dict]:
     from dataclasses import asdict
 
     from squeezegen.mobile.accelerator import check_on_gpu
-    from squeezegen.mobile.check import check_model
+    from squeezegen.mobile.check import check_tflite
 
     _require_mobile()
     driver = _open_gpu_path()
     recorded: dict[Path, dict] = {}
     rows = []
     for path in files:
-        static = check_model(path, backend="static")  # also refuses a truncated or foreign file first
+        static = check_tflite(path, backend="static")  # also refuses a truncated or foreign file first
         inputs = _export_inputs(Path(path), recorded)
         result = check_on_gpu(path, inputs=inputs)
         row = asdict(result) | {"ok": result.ok, "verdict": result.verdict(), "driver": driver.kind}

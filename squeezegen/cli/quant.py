@@ -13,9 +13,6 @@ tensors are gathered at the end and rank 0 alone packs, measures and saves a pla
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -25,10 +22,9 @@ from squeezegen.cli import common
 from squeezegen.errors import SqueezegenError
 
 if TYPE_CHECKING:
-    import torch
-
     from squeezegen.quant.api import BinaryConfig
     from squeezegen.quant.distill import DistillConfig
+    from squeezegen.quant.workflow import Sources
 
 
 def binarize_settings(args: argparse.Namespace) -> tuple[BinaryConfig, DistillConfig, dict]:
@@ -75,7 +71,9 @@ def binarize_settings(args: argparse.Namespace) -> tuple[BinaryConfig, DistillCo
     if args.recipe == "blockwise" and args.time_budget is None:
         raise SqueezegenError("--recipe blockwise trains in a time budget: give --time-budget SECONDS (e.g. 1200)")
     if args.time_budget is not None:
-        if _world() > 1:
+        from squeezegen.quant.workflow import world
+
+        if world() > 1:
             raise SqueezegenError("--time-budget trains in one process (on every core): run it without torchrun")
         if args.time_budget <= 0 or (args.train_tokens is not None and args.train_tokens < args.block):
             raise SqueezegenError("--time-budget must be > 0 seconds and --train-tokens at least one --block")
@@ -90,6 +88,7 @@ def binarize_settings(args: argparse.Namespace) -> tuple[BinaryConfig, DistillCo
 
 def cmd_binarize(args: argparse.Namespace) -> None:
     from squeezegen.evals.report import claim, refuse_unwritable
+    from squeezegen.quant.workflow import REPORT, binarize_and_train
 
     started = time.perf_counter()  # a --time-budget counts from here: loading and data are in it
     binarization, train, run = binarize_settings(args)
@@ -97,226 +96,44 @@ def cmd_binarize(args: argparse.Namespace) -> None:
     if not out.is_dir() or any(out.iterdir()):  # an empty folder holds nothing to lose
         claim({"model": out}, args.overwrite)  # before the model is loaded
     refuse_unwritable(out)
-    report = binarize_model(
+    report = binarize_and_train(
         args.model,
         binarization,
         train,
         out,
+        binarize_sources(args.model, args.device, args.dtype),
         run=run,
         resume=args.resume,
         overwrite=args.overwrite,
         decode_tokens=args.decode_tokens,
         eval_blocks=args.eval_blocks,
-        device=args.device,
-        dtype=args.dtype,
         started=started,
     )
     if report is not None and report.get("stopped"):
         print(report["stopped"])
     elif report is not None:
         print("\n".join(summary_lines(report)))
-        print(f"wrote {args.out} (load it with sg.load) and {args.out}/binarize_report.json")
+        print(f"wrote {args.out} (load it with sg.load) and {args.out}/{REPORT}")
 
 
-def binarize_model(
-    model_name: str,
-    config: BinaryConfig,
-    train: DistillConfig,
-    out: Path,
-    run: dict | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    decode_tokens: int = 32,
-    eval_blocks: int | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
-    started: float | None = None,
-) -> dict | None:
-    """Binarize `model_name`, distill it (unless `train.steps` is 0), save the packed model to `out`
-    and return the report (None on ranks other than 0 under torchrun). `run` is kept in the
-    training checkpoint: a resumed run must come with the same.
-
-    The teacher and the deployed student compute in `dtype`; the student trains float32 master
-    weights (bf16 compute comes from autocast, `train.bf16`: an AdamW step on bf16 weights rounds
-    small updates away) and is cast to `dtype` once trained, so perplexities, decode speeds and
-    the saved checkpoint are all of the model as deployed.
-
-    With `train.stop_after` before `train.steps`, training stops there with its checkpoint
-    (OUT.ckpt) and nothing is packed or saved: the report holds `stopped` and the history, and a
-    later call with `resume` goes on. Under FSDP the trained tensors are gathered on every rank,
-    then rank 0 rebuilds a plain student from a fresh copy of the model and loads them.
-
-    With a `time_budget` in `run` (seconds, counted from `started`), the student trains by
-    `run["recipe"]` ("blockwise": block-wise reconstruction, then end-to-end distillation;
-    "end-to-end": distillation alone) on `run["data"]`'s sources, and training ends in time for
-    the final measurements: `train.steps` is then ignored."""
-    import torch
-    import torch.distributed as dist
-
+def binarize_sources(model_name: str, device: str, dtype: str) -> Sources:
+    """The binarize workflow's model, texts and decode timing: the model loaded by name in `dtype`
+    (under torchrun each process on its own GPU), the bundled corpus and held-out sets."""
     from squeezegen.bench.binary_decode import compare_decode
     from squeezegen.evals.corpus import split_text, token_blocks
-    from squeezegen.evals.training_text import held_out_blocks
+    from squeezegen.evals.training_text import held_out_blocks, training_blocks
     from squeezegen.models.loading import load
-    from squeezegen.quant.api import binarize_, bits_per_weight, config_to_dict, pack_, stored_bytes
-    from squeezegen.quant.checkpoint import save
-    from squeezegen.quant.distill import block_perplexity, distill, trainable_state
-    from squeezegen.runtime.device import host
+    from squeezegen.quant.workflow import Sources
 
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    teacher, tok = load(model_name, dtype=dtype, device=device)
-    torch.manual_seed(train.seed)  # the routers' random init: the same in every process and every run
-    student = binarize_(copy.deepcopy(teacher).float(), config)
-    held_sets = {name: b[:eval_blocks] for name, b in held_out_blocks(tok, train.block).items()}
-    held_out = held_sets["cpython-docs"]
-    history: list[dict] = []
-    gathered: dict | None = None
-    checkpoint = out.with_name(out.name + ".ckpt")
-    started = time.perf_counter() if started is None else started
-    budgeted = None
-    if run is not None and run.get("time_budget") is not None:
-        budgeted = train_in_time(teacher, tok, student, train, run, checkpoint, resume, held_sets, started)
-        history = budgeted["end_to_end"]
-        train = dataclasses.replace(train, steps=budgeted["steps"])
-    elif train.steps > 0:
-        blocks = token_blocks(tok, split_text("train"), train.block)
-        history = distill(student, teacher, blocks, train, checkpoint, resume=resume, held_out=held_out, run=run)
-        if _world() > 1 and train.parallel == "fsdp":  # student and teacher are sharded in place
-            names = {n for n, p in student.named_parameters() if p.requires_grad}
-            gathered = trainable_state(student, names)  # a collective: every rank takes part
-    train_s = time.perf_counter() - started
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()  # what follows is rank 0's alone
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    done = history[-1]["step"] if history else 0
-    if budgeted is None and train.steps > 0 and done < train.steps:
-        (checkpoint / "history.json").write_text(json.dumps(history, indent=1))
-        message = (
-            f"stopped after step {done} of {train.steps} ({history[-1]['tokens']:,} tokens); the checkpoint is "
-            f"{checkpoint}, the history {checkpoint}/history.json: rerun with --resume to go on"
-        )
-        return {"stopped": message, "history": history}
-    if gathered is not None:
-        del student, teacher
-        teacher, _ = load(model_name, dtype=dtype, device=device)
-        student = binarize_(copy.deepcopy(teacher).float(), config)
-        result = student.load_state_dict(gathered, strict=False)
-        if result.unexpected_keys or set(gathered) - set(student.state_dict()):
-            raise SqueezegenError(f"the gathered FSDP state does not fit the rebuilt student: {result.unexpected_keys}")
-        student.eval()
-    pack_(student.to(teacher.dtype))
-    tokens = done * train.batch * train.block * _world()
-    held = {
-        name: {"tokens": b.numel(), "float": block_perplexity(teacher, b), "binary": block_perplexity(student, b)}
-        for name, b in held_sets.items()
-    }
-    report = {
-        "model": model_name,
-        "dtype": str(teacher.dtype).removeprefix("torch."),
-        "host": host(),
-        "binarization": config_to_dict(config),
-        "train": {**train.__dict__, "tokens": tokens, "world": _world(), "seconds": train_s},
-        "recipe": _recipe_report(budgeted, run, train),
-        "eval_tokens": held_out.numel(),
-        "perplexity_float": held["cpython-docs"]["float"],
-        "perplexity_binary": held["cpython-docs"]["binary"],
-        "held_out": held,
-        "bits_per_weight": bits_per_weight(student),
-        "bytes": stored_bytes(student),
-        "float_model_bytes": resident_bytes(teacher),
-        "binary_model_resident_bytes": resident_bytes(student),
-        "history": history,  # per step: loss, kl, hidden, lr, grad_norm, tokens (+ held_out_perplexity)
-        "held_out_curve": [
-            {k: r[k] for k in ("step", "tokens", "held_out_perplexity")} for r in history if "held_out_perplexity" in r
-        ],
-    }
-    if decode_tokens > 0:
-        speeds = compare_decode({"float": teacher, "binary": student}, tok, decode_tokens)
-        report["decode_tok_s_float"], report["decode_tok_s_binary"] = speeds["float"], speeds["binary"]
-    save(student, tok, out, overwrite=overwrite)
-    (out / "binarize_report.json").write_text(json.dumps(report, indent=1))
-    return report
-
-
-def default_train_tokens(seconds: float) -> int:
-    """Training tokens for a time budget: more text for more time (~60 a second, 16K to 512K), so
-    the block stage sees its text a few times and spends little on passing it from block to block."""
-    return int(min(max(seconds * 60, 16_384), 524_288))
-
-
-def measuring_seconds(teacher, held_sets: dict, batch: int = 4) -> float:
-    """About how long the measurements after training take, kept off a time budget: the held-out
-    sets through the float model and through the packed one (about 1.5x its time), timed on one
-    batch, plus packing."""
-    from squeezegen.quant.distill import block_perplexity
-
-    ids = next(iter(held_sets.values()))[:batch]
-    block_perplexity(teacher, ids, batch)  # the first call pays one-time setup: not timed
-    started = time.perf_counter()
-    block_perplexity(teacher, ids, batch)
-    per_block = (time.perf_counter() - started) / len(ids)
-    return per_block * sum(len(b) for b in held_sets.values()) * 2.5 + 5.0
-
-
-def train_in_time(
-    teacher, tok, student, train: DistillConfig, run: dict, folder: Path, resume: bool, held_sets: dict, started: float
-) -> dict:
-    """`binarize`'s time-budget path: the training text (kept in `folder` for a resumed run), then
-    `recipe.train_in_budget` in what is left of the budget."""
-    import torch
-
-    from squeezegen.evals.training_text import training_blocks
-    from squeezegen.quant.blockwise import BlockwiseConfig
-    from squeezegen.quant.recipe import BudgetRecipe, train_in_budget
-
-    budget = run["time_budget"]
-    saved = folder / "train_blocks.pt"
-    if resume and saved.is_file():
-        data = torch.load(saved, weights_only=True)
-        blocks, counts = data["blocks"], data["counts"]
-    else:
-        tokens = run["train_tokens"] or default_train_tokens(budget)
-        blocks, counts = training_blocks(
-            tok, tokens, train.block, teacher, train.seed, tuple(run["data"]), teacher_seconds=0.05 * budget
-        )
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"blocks": blocks, "counts": counts}, saved)
-    share = run.get("block_share", 0.0)
-    left = budget - measuring_seconds(teacher, held_sets) - (time.perf_counter() - started)
-    if left <= 0:
-        raise SqueezegenError(f"--time-budget {budget:g} s is spent before training starts: give more time")
-    blockwise = BlockwiseConfig(seconds=1.0, lr=run.get("block_lr", 1e-2), bf16=train.bf16, seed=train.seed)
-    recipe = BudgetRecipe(seconds=left, block_share=share, blocks=blockwise, end_to_end=train)
-    result = train_in_budget(student, teacher, blocks, recipe, folder, resume, held_sets["cpython-docs"], run)
-    return {**result, "data": counts, "seconds": left}
-
-
-def _recipe_report(budgeted: dict | None, run: dict | None, train: DistillConfig) -> dict | None:
-    """What the time-budget path did: its sources' tokens, each block's steps and losses, the
-    end-to-end steps."""
-    if budgeted is None:
-        return None
-    return {
-        "recipe": run["recipe"],
-        "time_budget": run["time_budget"],
-        "training_seconds": budgeted["seconds"],
-        "data_tokens": budgeted["data"],
-        "blocks": budgeted["blocks"],
-        "end_to_end_steps": budgeted["steps"],
-        "end_to_end_tokens": budgeted["steps"] * train.batch * train.block,
-    }
-
-
-def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters and buffers in memory, as it runs."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return Sources(
+        load=lambda: load(model_name, dtype=dtype, device=device),
+        held_out=held_out_blocks,
+        corpus=lambda tok, block: token_blocks(tok, split_text("train"), block),
+        training_text=training_blocks,
+        decode_speeds=compare_decode,
+    )
 
 
 def summary_lines(report: dict) -> list[str]:

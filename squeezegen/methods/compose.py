@@ -81,8 +81,8 @@ class Compose(Method):
     def start_decode(self, engine):
         self.decode.start_decode(engine)
 
-    def decode_attention(self, view, query):
-        self.decode.decode_attention(view.for_method(self.decode), query)
+    def after_decode_attention(self, view, query):
+        self.decode.after_decode_attention(view.for_method(self.decode), query)
 
     def after_decode_step(self, engine, step):
         self.decode.after_decode_step(engine, step)

@@ -49,7 +49,7 @@ class H2O(EvictingSelection):
             recent = [self.recent(b) for b in state.budgets[layer]]
             state.recent[layer] = torch.tensor(recent, device=held.device)[:, None]
 
-    def decode_attention(self, view, query):
+    def after_decode_attention(self, view, query):
         held = view.state.held.get(view.index)
         if held is None:  # sliding-window layer, or a prefill without compression
             return

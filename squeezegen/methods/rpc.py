@@ -65,7 +65,7 @@ class RPC(Method):
             heads = attn.config.num_attention_heads
             state.queries[layer] = cache.keys.new_zeros(b, heads, self.R, cache.keys.shape[-1])
 
-    def decode_attention(self, view, query):
+    def after_decode_attention(self, view, query):
         ring = view.state.queries.get(view.index)
         if ring is not None:  # a ring of the last R queries: their order does not matter to the summed scores
             ring.index_copy_(2, view.state.step % self.R, query)

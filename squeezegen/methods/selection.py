@@ -219,7 +219,7 @@ class EvictingSelection(ScoredSelection):
             live = engine.cache.layers[layer].live().amax(dim=1, keepdim=True)  # (B, 1)
             state.caps[layer] = torch.maximum(torch.tensor(budgets, device=live.device)[:, None], live)
 
-    def decode_attention(self, view, query):
+    def after_decode_attention(self, view, query):
         cap = view.state.caps.get(view.index)
         if cap is None:  # sliding-window layer, or a prefill without compression
             return

@@ -180,7 +180,7 @@ def gpu_fully_accelerated(path: str | Path) -> bool | None:
         model.close()
 
 
-def check_model(path: str | Path, backend: str = "auto") -> OpReport:
+def check_tflite(path: str | Path, backend: str = "auto") -> OpReport:
     """Census of `path` and the ops that would fall back to the CPU under the mobile GPU delegate."""
     if backend not in ("auto", "static", "gpu"):
         raise SqueezegenError(f"unknown check backend {backend!r}: use auto, static or gpu")

@@ -23,7 +23,7 @@ from squeezegen.quant.binary import (
 )
 from squeezegen.quant.half_head import keep_head_16bit_
 from squeezegen.quant.int4 import int4_layers
-from squeezegen.runtime.engine import check_model
+from squeezegen.runtime.engine import check_causal_lm
 
 
 @dataclass
@@ -95,7 +95,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 @torch.no_grad()
 def binarize_(model: nn.Module, config: BinaryConfig) -> nn.Module:
     """Replace every nn.Linear in the decoder blocks by `config`'s binary layer, in place."""
-    check_model(model)
+    check_causal_lm(model)
     if not isinstance(config, SignConfig | OneBitConfig | BinaryMoSConfig):
         raise SqueezegenError(
             f"config must be sg.BinaryMoSConfig(...), sg.OneBitConfig() or sg.SignConfig(), got {type(config).__name__}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from squeezegen.errors import SqueezegenError
 from squeezegen.quant.binary import BinaryLinear
-from squeezegen.runtime.engine import check_model
+from squeezegen.runtime.engine import check_causal_lm
 from squeezegen.runtime.native import kernel_input, runtime_library
 from squeezegen.runtime.native_step import PROJ_INT4, WEIGHT_KINDS, NativeProjection
 
@@ -233,7 +233,7 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig) -> nn.Module:
     """Replace every nn.Linear of the decoder blocks (and the LM head when `config.include_head`)
     by an Int4Linear, in place. A head tied to the embedding is quantized alone: the embedding
     keeps its weight and the model no longer ties them."""
-    check_model(model)
+    check_causal_lm(model)
     if not isinstance(config, Int4WeightOnlyConfig):
         raise SqueezegenError(f"config must be sg.Int4WeightOnlyConfig(...), got {type(config).__name__}")
     if any(isinstance(m, BinaryLinear) for m in model.modules()):

@@ -19,7 +19,7 @@ from squeezegen.runtime.cache import EMPTY, HeadSplitCache, LayerCache
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.hooks import DECODE_HOOKS, LayerView, Method
 
-STEP_HOOKS = frozenset({"decode_attention", "after_decode_step"})  # what runs once rows share a batch
+STEP_HOOKS = frozenset({"after_decode_attention", "after_decode_step"})  # what runs once rows share a batch
 
 
 @dataclass
@@ -53,11 +53,11 @@ class RowGroups(Method):
     def hooks(self) -> frozenset[str]:
         return frozenset().union(*(g.engine.hooks for g in self.groups)) & STEP_HOOKS
 
-    def decode_attention(self, view: LayerView, query: torch.Tensor) -> None:
+    def after_decode_attention(self, view: LayerView, query: torch.Tensor) -> None:
         for g in self.groups:
-            if "decode_attention" in g.engine.hooks:
+            if "after_decode_attention" in g.engine.hooks:
                 g.engine.positions = view.positions[g.start : g.stop]
-                g.engine.method.decode_attention(g.engine.view(view.index), query[g.start : g.stop])
+                g.engine.method.after_decode_attention(g.engine.view(view.index), query[g.start : g.stop])
 
     def after_decode_step(self, engine: Engine, step: int) -> None:
         for g in self.groups:  # each group counts its own steps: rows joined the batch at different ones

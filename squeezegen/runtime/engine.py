@@ -32,7 +32,7 @@ from squeezegen.runtime.step import compiled_step, decode_step
 SPLIT_PADDING = 0.2
 
 
-def check_model(model: object) -> None:
+def check_causal_lm(model: object) -> None:
     """The engine drives Hugging Face causal LMs (what `sg.load` returns)."""
     if isinstance(model, tuple):
         raise SqueezegenError("sg.load returns (model, tokenizer): pass the model, as in `model, tok = sg.load(name)`")
@@ -69,7 +69,7 @@ class Engine:
         one; False decodes through the HF layers (the reference);
         `native`: run that forward's step in C (runtime/native_step.py) where it applies; False
         runs it as torch operations."""
-        check_model(model)
+        check_causal_lm(model)
         check_method(method)
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise SqueezegenError(f"reserve is a number of decode steps (an int >= 0), got {reserve!r}")
@@ -227,7 +227,7 @@ class Engine:
     def _split_uneven_heads(self) -> None:
         """Give each KV head its own buffer in layers where heads kept very different counts, so
         their padding is not held; not for methods that rewrite the cache while decoding."""
-        if self.hooks & {"decode_attention", "after_decode_step"}:
+        if self.hooks & {"after_decode_attention", "after_decode_step"}:
             return
         for i, cache in enumerate(self.cache.layers):
             if isinstance(cache, LayerCache) and cache.keys is not None and padding_share(cache) > SPLIT_PADDING:
@@ -377,8 +377,8 @@ class Engine:
         if cache.static:  # a decode step
             cache.write(key, value, self.positions[:, 0])
             out = decode_attention(query, cache.keys, cache.values, cache.pos >= 0, scaling)
-            if "decode_attention" in self.hooks:
-                self.method.decode_attention(self.view(layer), query)
+            if "after_decode_attention" in self.hooks:
+                self.method.after_decode_attention(self.view(layer), query)
             return out
 
         cache.window = window

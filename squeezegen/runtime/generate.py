@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from squeezegen.errors import SqueezegenError
-from squeezegen.runtime.engine import Engine, check_method, check_model
+from squeezegen.runtime.engine import Engine, check_causal_lm, check_method
 from squeezegen.runtime.hooks import Method
 from squeezegen.runtime.sampling import Sampler
 from squeezegen.runtime.text import RowText
@@ -280,7 +280,7 @@ def generate(
     `max_new_tokens`. `stream(row, piece)` receives text as it is produced. `compile` runs the
     decode steps through `torch.compile` (None: where it pays, see `compile_by_default`).
     """
-    check_model(model)
+    check_causal_lm(model)
     check_method(method)
     if not callable(tokenizer):
         raise SqueezegenError(

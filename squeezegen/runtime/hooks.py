@@ -14,9 +14,9 @@ routes them; nothing to list or keep in sync.
   extra passes that leave no trace (`engine.probe`) and select across layers and heads (KVzip);
 - `start_decode`: once, after the prefill, when the cache becomes fixed-capacity buffers: size
   them (`decode_capacity`) and set up decode-time state;
-- `decode_attention`: per layer inside a decode step, after the new token joined the cache (H2O,
-  TOVA, StreamingLLM evict here). It runs inside the (possibly compiled) step: tensor operations
-  only, no host synchronisation, no Python branch on tensor values;
+- `after_decode_attention`: per layer inside a decode step, once the layer attended with the new
+  token in its cache (H2O, TOVA, StreamingLLM evict here). It runs inside the (possibly compiled)
+  step: tensor operations only, no host synchronisation, no Python branch on tensor values;
 - `after_decode_step`: once after each step, outside the compiled step (RPC compresses here).
 
 Rows of a batch are independent: every hook decides per row, from the row's real entries (left
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from squeezegen.runtime.engine import Engine
 
 PREFILL_HOOKS = frozenset({"prefill_attention", "select_cache", "propagate", "refill", "after_prefill"})
-DECODE_HOOKS = frozenset({"start_decode", "decode_attention", "after_decode_step"})
+DECODE_HOOKS = frozenset({"start_decode", "after_decode_attention", "after_decode_step"})
 HOOKS = PREFILL_HOOKS | DECODE_HOOKS
 
 
@@ -120,6 +120,11 @@ class LayerView:
 class Method:
     """The full KV cache: every hook keeps everything."""
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "decode_attention" in vars(cls):  # the engine would never call it: say so at once
+            raise TypeError(f"{cls.__name__}.decode_attention: the hook is named after_decode_attention now")
+
     def hooks(self) -> frozenset[str]:
         """The hooks this method's class overrides (its own or a parent's, not `Method`'s defaults):
         the engine calls only those. A method that routes hooks to others (`Compose`) says which."""
@@ -174,7 +179,7 @@ class Method:
     def start_decode(self, engine: Engine) -> None:
         """Once after the prefill, the cache already in its decode buffers: set up decode state."""
 
-    def decode_attention(self, view: LayerView, query: torch.Tensor) -> None:
+    def after_decode_attention(self, view: LayerView, query: torch.Tensor) -> None:
         """Sees the post-RoPE query (B, H, 1, D) of a decode step once the layer holds the new token;
         may evict (mark entries empty). Runs inside the compiled step: no host synchronisation."""
 
@@ -184,4 +189,4 @@ class Method:
     def compresses_while_decoding(self) -> bool:
         """Does the cache change between decode steps? Then forced text must go token by token,
         and a token budget may exceed the prompt: the cache grows to it while decoding."""
-        return bool(self.hooks() & {"decode_attention", "after_decode_step"})
+        return bool(self.hooks() & {"after_decode_attention", "after_decode_step"})

@@ -2,7 +2,7 @@
 from the fused forward's layers, and the call that runs a step.
 
 Python's share of a step is then the embedding lookup, one call into C (one a layer when a
-method's `decode_attention` hook must see each layer's queries) and the head's logits; the C
+method's `after_decode_attention` hook must see each layer's queries) and the head's logits; the C
 loop reads the same weight tensors the HF modules hold and writes the engine's own decode
 buffers. Where it does not apply (a GPU, float16, more than 64 rows, a layer cache split per head,
 a projection no kernel takes, inside `torch.compile`) the step returns None and the fused forward
@@ -87,7 +87,7 @@ class NativeProjection:
     arrays they point into (kept alive as long as the step)."""
 
     fields: dict
-    keep: list = field(default_factory=list)
+    alive: list = field(default_factory=list)
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
@@ -151,13 +151,13 @@ def _projection(projections) -> NativeProjection | None:
     return made
 
 
-def _norm_pointer(norm, dtype: torch.dtype, keep: list) -> int | None:
+def _norm_pointer(norm, dtype: torch.dtype, alive: list) -> int | None:
     if norm is None:
         return None
     weight = norm.module.weight.detach()
     if weight.dtype != dtype or not weight.is_contiguous():
         return -1  # a norm the step cannot read: no native step
-    keep.append(weight)
+    alive.append(weight)
     return weight.data_ptr()
 
 
@@ -169,7 +169,7 @@ class NativeStep:
         first = fused.layers[0]
         dtype = first.input_norm.module.weight.dtype
         self.dtype = dtype
-        self.keep: list = []
+        self.alive: list = []
         self.struct_layers = (LayerStruct * len(fused.layers))()
         eps = {fused.norm.eps}
         for layer, struct in zip(fused.layers, self.struct_layers, strict=True):
@@ -182,7 +182,7 @@ class NativeStep:
                 "post_mlp_norm": layer.post_mlp_norm,
             }
             for name, norm in norms.items():
-                pointer = _norm_pointer(norm, dtype, self.keep)
+                pointer = _norm_pointer(norm, dtype, self.alive)
                 if pointer == -1:
                     raise _Unsupported(f"{name} is not a contiguous {dtype} weight")
                 setattr(struct, name, pointer)
@@ -192,7 +192,7 @@ class NativeStep:
                 made = _projection(getattr(layer, name))
                 if made is None:
                     raise _Unsupported(f"no kernel for the {name} projection")
-                self.keep.append(made)
+                self.alive.append(made)
                 setattr(struct, field_name, Proj(**made.fields))
             if layer.act_name not in ACTIVATIONS:
                 raise _Unsupported(f"activation {layer.act_name}")
@@ -201,10 +201,10 @@ class NativeStep:
         if len(eps) != 1 or len({layer.input_norm.gemma for layer in fused.layers} | {fused.norm.gemma}) != 1:
             raise _Unsupported("norms of different forms or epsilons")
         head = _projection(fused.head)
-        final_norm = _norm_pointer(fused.norm, dtype, self.keep)
+        final_norm = _norm_pointer(fused.norm, dtype, self.alive)
         if head is None or final_norm == -1:
             raise _Unsupported("no kernel for the LM head")
-        self.keep.append(head)
+        self.alive.append(head)
         self.struct = ModelStruct(
             width=fused.layers[0].input_norm.module.weight.shape[0],
             bf16=int(dtype == torch.bfloat16),
@@ -294,12 +294,12 @@ class NativeStep:
             self.struct.scratch = self.scratch.data_ptr()
         positions = positions.contiguous()
         args = (hidden.data_ptr(), rows, positions.data_ptr())
-        if "decode_attention" in engine.hooks:
+        if "after_decode_attention" in engine.hooks:
             for i, layer in enumerate(self.fused.layers):
                 query = torch.empty(rows, layer.heads, 1, layer.head_dim, dtype=self.dtype)
                 if self.lib.sg_decode_layers(model, i, i + 1, *args, query.data_ptr()):
                     raise RuntimeError("the C decode step refused its input")
-                engine.method.decode_attention(engine.view(i), query)
+                engine.method.after_decode_attention(engine.view(i), query)
         elif self.lib.sg_decode_layers(model, 0, len(self.fused.layers), *args, None):
             raise RuntimeError("the C decode step refused its input")
         logits = torch.empty(rows, self.vocab, dtype=torch.float32)

@@ -88,7 +88,7 @@ class Server:
         return self.tokenizer(text, add_special_tokens=special).input_ids
 
     # --- requests to jobs -------------------------------------------------------------------------
-    def check_model(self, body: dict) -> None:
+    def check_served_model(self, body: dict) -> None:
         model = body.get("model")
         if model is None:
             raise ApiError(400, f"model is required: this server serves {self.config.model_name!r}", param="model")
@@ -104,7 +104,7 @@ class Server:
 
     def job(self, body: dict, chat: bool) -> tuple[Job, protocol.Decoding, asyncio.Queue, str]:
         protocol.check_keys(body, protocol.CHAT if chat else protocol.COMPLETION)
-        self.check_model(body)
+        self.check_served_model(body)
         decoding = protocol.decoding(body, self.config.max_tokens)
         ext = protocol.extension(body)
         document = None
@@ -184,7 +184,7 @@ class Server:
 
     def document_job(self, body: dict) -> tuple[Job, asyncio.Queue]:
         protocol.check_keys(body, {"model", "text", "format", "squeezegen"})
-        self.check_model(body)
+        self.check_served_model(body)
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ApiError(400, "text must be a non-empty string: the document to store", param="text")
@@ -297,7 +297,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
-        server.check_model({"model": model})
+        server.check_served_model({"model": model})
         return model_card()
 
     @app.post("/v1/chat/completions")

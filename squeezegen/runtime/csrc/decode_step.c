@@ -489,7 +489,7 @@ size_t sg_decode_scratch(Model *m, int tokens) {
 
 /* Layers [first, last) over hidden (tokens, width) float32 in place, row t at position positions[t].
  * When `query` is given, the last layer's post-RoPE queries (tokens, heads, head_dim) are stored
- * there in the model's dtype (for the methods' decode_attention hook). Returns 0, or 1 when a
+ * there in the model's dtype (for the methods' after_decode_attention hook). Returns 0, or 1 when a
  * shape does not fit or a packed kernel failed. */
 int sg_decode_layers(Model *m, int first, int last, float *hidden, int tokens, const int64_t *positions, void *query) {
     if (tokens < 1 || tokens > SG_MAX_TOKENS) return 1;
