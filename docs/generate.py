@@ -379,8 +379,15 @@ def render_binary_runs(doc: dict, path: str) -> str:
 
 def render_binary_budget(doc: dict, path: str) -> str:
     """Held-out perplexity per recipe and method at each time budget (`benchmarks/binary_budget.py`),
-    on both held-out sets, with the tokens each run trained on."""
-    points = doc["points"]
+    on both held-out sets, with the tokens each run trained on; one table per CPU class, since a
+    faster CPU trains more tokens in the same minutes."""
+    by_class: dict[str, list[dict]] = {}
+    for p in doc["points"]:
+        by_class.setdefault(p["host"]["cpu_class"], []).append(p)
+    return "\n\n".join(_binary_budget_table(doc["meta"]["model"], points) for points in by_class.values())
+
+
+def _binary_budget_table(model: str, points: list[dict]) -> str:
     budgets = sorted({p["budget_s"] for p in points})
     first = points[0]
     float_row = ["float model", "—"] + [
@@ -399,16 +406,17 @@ def render_binary_budget(doc: dict, path: str) -> str:
     sizes = ", ".join(
         f"{b / 60:g} min: "
         + "; ".join(
-            f"{p['method']} {p['block_tokens'] / 1000:.0f}K a block + {p['end_to_end_tokens'] / 1000:.0f}K end to end, "
-            f"training {p['training_s'] / 60:.1f} of {p['wall_s'] / 60:.1f} min"
+            f"{p['recipe']} {p['method']} {p['block_tokens'] / 1000:.0f}K a block + "
+            f"{p['end_to_end_tokens'] / 1000:.0f}K end to end, training {p['training_s'] / 60:.1f} of "
+            f"{p['wall_s'] / 60:.1f} min"
             for p in points
             if p["budget_s"] == b
         )
         for b in budgets
     )
     head = (
-        f"{doc['meta']['model']} ({first['dtype']}), held-out perplexity on CPython docs "
-        f"({first['tokens_cpython-docs']:,} tokens) / essays ({first['tokens_essays']:,} tokens), on {_machine(doc)}"
+        f"{model} ({first['dtype']}), held-out perplexity on CPython docs ({first['tokens_cpython-docs']:,} tokens) "
+        f"/ essays ({first['tokens_essays']:,} tokens), on {_machine({'meta': {'host': first['host']}})}"
     )
     note = "Tokens each block and the end-to-end stage trained on, and training time within each command's wall time"
     return f"{head}\n\n{table(header, rows)}\n\n{note}: {sizes}."
