@@ -119,6 +119,23 @@ def test_completions_equal_generate(running, stream):
     assert answer == ref.texts[0]
 
 
+def test_generate_and_the_server_read_their_tokens_through_one_step(running, monkeypatch):
+    """Both loops choose and read tokens through runtime/rows.py: every token either returns went
+    through `Row.accept`, so a fix there is a fix in both; and the greedy tokens are equal."""
+    from squeezegen.runtime import rows
+
+    accepted = []
+    accept = rows.Row.accept
+    monkeypatch.setattr(rows.Row, "accept", lambda row, token: accepted.append(token) or accept(row, token))
+    text = prompt(running.tok, seed=57)
+    ref = sg.generate(running.model, running.tok, text, max_new_tokens=9)
+    assert accepted == ref.token_ids[0]
+    accepted.clear()
+    answer = running.client.completions.create(model=MODEL, prompt=text, max_tokens=9, temperature=0)
+    assert accepted == ref.token_ids[0]
+    assert answer.choices[0].text == ref.texts[0]
+
+
 @pytest.mark.parametrize(
     "name, args", [("snapkv", {"budget": 8, "window": 4}), ("h2o", {"budget": 16}), ("fastkv", {"tsp_rate": 0.5})]
 )

@@ -12,6 +12,9 @@ from tqdm.auto import tqdm
 from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.engine import Engine, check_causal_lm, check_method
 from squeezegen.runtime.hooks import Method
+from squeezegen.runtime.rows import Row
+from squeezegen.runtime.rows import choose as choose_tokens
+from squeezegen.runtime.rows import read as read_tokens
 from squeezegen.runtime.sampling import Sampler
 from squeezegen.runtime.text import RowText
 from squeezegen.runtime.timing import synchronize
@@ -172,17 +175,18 @@ def decode_loop(
 ) -> GenerationResult:
     """Sample from the prefill's logits and keep decoding until every row has finished.
 
-    Tokens are chosen, and EOS marked, on the device; the host reads the new tokens every
-    `decoding.look_every` steps (every step on the CPU, where reading costs nothing) to
-    detokenize, stream and match stop strings. A row that has finished is fed padding; rows
-    never affect each other, so the steps run past a row's end change nothing it returns.
+    Tokens are chosen (by runtime/rows.py, the step the server shares), and EOS marked, on the
+    device; the host reads the new tokens every `decoding.look_every` steps (every step on the CPU,
+    where reading costs nothing) to detokenize, stream and match stop strings. A row that has
+    finished is fed padding; rows never affect each other, so the steps run past a row's end
+    change nothing it returns.
     """
     device = logits.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = set() if decoding.ignore_eos else eos_ids(engine.model, tokenizer)
     eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     batch = logits.shape[0]
-    rows = [RowText(tokenizer, eos, list(decoding.stop)) for _ in range(batch)]
+    rows = [Row(RowText(tokenizer, eos, list(decoding.stop)), decoding.max_new_tokens) for _ in range(batch)]
     every = decoding.look_every or (8 if device.type == "cuda" else 1)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pending: list[torch.Tensor] = []
@@ -192,7 +196,7 @@ def decode_loop(
         nonlocal done
         if output_logits:
             step_logits.append(logits.clone())
-        token = decoding.sampler(logits)
+        token = choose_tokens(rows, logits, decoding.sampler)
         pending.append(token)
         done = done | torch.isin(token, eos_tensor)
         return token.masked_fill(done, pad_id)
@@ -200,20 +204,11 @@ def decode_loop(
     def look() -> bool:
         """Read the pending tokens; True once every row has finished."""
         nonlocal done
-        stopped = []
-        for row, (text, new) in enumerate(zip(rows, torch.stack(pending, dim=1).tolist(), strict=True)):
-            for token in new:
-                if text.finish:
-                    break
-                piece = text.add(token)
-                if text.finish == "stop":
-                    stopped.append(row)
-                elif piece and stream:
-                    stream(row, piece)
+        stopped = read_tokens(rows, torch.stack(pending, dim=1).tolist(), stream)
         pending.clear()
         if stopped:
             done = done.index_fill(0, torch.tensor(stopped, device=device), True)
-        return all(text.finish for text in rows)
+        return all(row.finish for row in rows)
 
     start = time.perf_counter()
     token = choose(logits)
@@ -234,20 +229,51 @@ def decode_loop(
     synchronize(device)
     decode_s = time.perf_counter() - start
 
-    for text in rows:
-        text.finish = text.finish or "length"
-    generated = sum(len(text.ids) for text in rows)
+    timings = Timings(
+        prefill_s, decode_s, sum(len(row.ids) for row in rows) - batch, prefill_s + decode_s, first_token_s
+    )
+    return _result(engine, rows, timings, step_logits if output_logits else None)
+
+
+def _result(engine: Engine, rows: list[Row], timings: Timings, logits: list[torch.Tensor] | None) -> GenerationResult:
     return GenerationResult(
-        texts=[text.final() for text in rows],
-        token_ids=[text.ids for text in rows],
+        texts=[row.text.final() for row in rows],
+        token_ids=[row.ids for row in rows],
         prompt_lengths=engine.prompt_lengths.tolist(),
-        finish_reasons=[text.finish for text in rows],
-        timings=Timings(prefill_s, decode_s, generated - batch, prefill_s + decode_s, first_token_s),
+        finish_reasons=[row.finish for row in rows],
+        timings=timings,
         kv_bytes=engine.cache.peak_bytes,
         kv_bytes_decode=engine.cache.decode_bytes or engine.cache.nbytes(),
         cache_lengths=engine.cache.lengths(),
-        logits=step_logits if output_logits else None,
+        logits=logits,
     )
+
+
+def _check_inputs(tokenizer, prompts, context, stream, ignore_eos, compile) -> tuple[list[str], list[str] | None]:
+    """`generate`'s arguments checked, with one line naming the fix: (prompts, contexts) as lists."""
+    if not callable(tokenizer):
+        raise SqueezegenError(
+            f"tokenizer must be the model's tokenizer (model, tok = sg.load(name)), got {tokenizer!r}"
+        )
+    if stream is not None and not callable(stream):
+        raise SqueezegenError(f"stream must be a function of (row, text), got {type(stream).__name__}")
+    for name, flag in (("ignore_eos", ignore_eos), ("compile", compile)):
+        if flag is not None and not isinstance(flag, bool):
+            raise SqueezegenError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif not isinstance(prompts, (list, tuple)):
+        raise SqueezegenError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise SqueezegenError("no prompts given")
+    if isinstance(context, str):
+        context = [context] * len(prompts)
+    if context is not None and not isinstance(context, (list, tuple)):
+        raise SqueezegenError(f"context must be a string or one string per prompt, got {type(context).__name__}")
+    if context is not None and len(context) != len(prompts):
+        raise SqueezegenError(f"{len(context)} contexts for {len(prompts)} prompts: give one per prompt, or one")
+    return prompts, context
 
 
 def generate(
@@ -282,28 +308,7 @@ def generate(
     """
     check_causal_lm(model)
     check_method(method)
-    if not callable(tokenizer):
-        raise SqueezegenError(
-            f"tokenizer must be the model's tokenizer (model, tok = sg.load(name)), got {tokenizer!r}"
-        )
-    if stream is not None and not callable(stream):
-        raise SqueezegenError(f"stream must be a function of (row, text), got {type(stream).__name__}")
-    for name, flag in (("ignore_eos", ignore_eos), ("compile", compile)):
-        if flag is not None and not isinstance(flag, bool):
-            raise SqueezegenError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)):
-        raise SqueezegenError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
-    prompts = list(prompts)
-    if not prompts:
-        raise SqueezegenError("no prompts given")
-    if isinstance(context, str):
-        context = [context] * len(prompts)
-    if context is not None and not isinstance(context, (list, tuple)):
-        raise SqueezegenError(f"context must be a string or one string per prompt, got {type(context).__name__}")
-    if context is not None and len(context) != len(prompts):
-        raise SqueezegenError(f"{len(context)} contexts for {len(prompts)} prompts: give one per prompt, or one")
+    prompts, context = _check_inputs(tokenizer, prompts, context, stream, ignore_eos, compile)
     decoding = Decoding(
         max_new_tokens,
         temperature,

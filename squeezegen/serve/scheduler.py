@@ -32,6 +32,7 @@ from squeezegen.runtime.batching import stack, take
 from squeezegen.runtime.engine import Engine
 from squeezegen.runtime.generate import prefill_rows
 from squeezegen.runtime.hooks import PREFILL_HOOKS, Method
+from squeezegen.runtime.rows import Row, choose, read
 from squeezegen.runtime.sampling import LogitRules, Sampler
 from squeezegen.runtime.text import RowText
 
@@ -105,8 +106,7 @@ class Job:
     label: str = ""  # the method's name as the request gave it (what a stored document reports)
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
-    text: RowText | None = None
-    seen: torch.Tensor | None = None  # (V,) the prompt's and output's tokens, for repetition_penalty
+    row: Row | None = None  # its decoding state, from its first token on
     last_token_at: float | None = None  # perf_counter of the previous token (inter-token latency)
     token: int = 0
     prompt_tokens: int = 0
@@ -276,7 +276,7 @@ class Scheduler(threading.Thread):
 
     def _start(self, job: Job, engine: Engine) -> None:
         """A prefilled request: finished already, or into the shared batch."""
-        if job.text.finish:
+        if job.row.finish:
             job.kv_bytes = engine.cache.peak_bytes
             self._finish(job)
             return
@@ -300,11 +300,13 @@ class Scheduler(threading.Thread):
     def _first_token(self, job: Job, engine: Engine, logits: torch.Tensor) -> None:
         """The prompt's logits (1, V) given: the request's text, its first token and its TTFT."""
         job.prompt_tokens = int(engine.prompt_lengths[0])
-        job.text = RowText(self.tokenizer, job.eos, job.stops, job.rules.min_tokens)
+        text = RowText(self.tokenizer, job.eos, job.stops, job.rules.min_tokens)
+        job.row = Row(text, job.max_tokens, job.sampler, job.rules)
         if job.rules.repetition_penalty != 1.0:  # a stored document's own tokens are not kept: its question's are
-            job.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
-            job.seen[[t for chunk in job.chunks for t in chunk]] = True
-        self._take(job, logits)
+            job.row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            job.row.seen[[t for chunk in job.chunks for t in chunk]] = True
+        job.token = int(choose([job.row], logits)[0])
+        self._read([job], [job.token])
         job.first_token_s = time.perf_counter() - job.started
 
     def _store(self, job: Job) -> None:
@@ -321,25 +323,18 @@ class Scheduler(threading.Thread):
         self.documents.add(doc)
         job.emit(Done(doc))
 
-    def _take(self, job: Job, logits: torch.Tensor) -> None:
-        """Sample the job's next token from its logits (1, V) and stream it."""
-        logits = job.rules.apply(logits, job.seen, len(job.text.ids), job.eos)
-        job.token = int(job.sampler(logits)[0])
-        if job.seen is not None:
-            job.seen[job.token] = True
+    def _read(self, jobs: list[Job], tokens: list[int]) -> None:
+        """Read each job's chosen token into its text, streaming the pieces."""
+        read([job.row for job in jobs], [[t] for t in tokens], lambda i, piece: jobs[i].emit(Token(piece)))
         if self.metrics is not None:
-            job.last_token_at = self.metrics.token(job.last_token_at)
-        piece = job.text.add(job.token)
-        if piece:
-            job.emit(Token(piece))
-        if not job.text.finish and len(job.text.ids) >= job.max_tokens:
-            job.text.finish = "length"
+            for job in jobs:
+                job.last_token_at = self.metrics.token(job.last_token_at)
 
     def _finish(self, job: Job) -> None:
-        reason = "length" if job.text.finish == "length" else "stop"
+        reason = "length" if job.row.finish == "length" else "stop"
         if self.metrics is not None:
             self.metrics.finished(reason, job.prompt_tokens, job.first_token_s, job.started)
-        job.emit(Done(Summary(job.prompt_tokens, len(job.text.ids), reason, job.kv_bytes, job.first_token_s)))
+        job.emit(Done(Summary(job.prompt_tokens, len(job.row.ids), reason, job.kv_bytes, job.first_token_s)))
 
     def _step(self) -> None:
         """One decode step of the shared batch; a step that fails ends the requests it was running
@@ -356,12 +351,15 @@ class Scheduler(threading.Thread):
         if self.batch is None:
             return
         logits = self.batch.decode(torch.tensor([j.token for j in self.batch_jobs]))
+        live = [row for row, job in enumerate(self.batch_jobs) if not job.cancelled]  # a gone client's slot frees now
+        jobs = [self.batch_jobs[row] for row in live]
+        tokens = choose([job.row for job in jobs], logits[live]).tolist() if jobs else []
+        for job, token in zip(jobs, tokens, strict=True):
+            job.token = token
+        self._read(jobs, tokens)
         keep = []
-        for row, job in enumerate(self.batch_jobs):
-            if job.cancelled:  # the client went away: its slot frees now
-                continue
-            self._take(job, logits[row : row + 1])
-            if job.text.finish:
+        for row, job in zip(live, jobs, strict=True):
+            if job.row.finish:
                 self._finish(job)
             else:
                 keep.append(row)
