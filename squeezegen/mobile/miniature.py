@@ -103,9 +103,7 @@ def train_mini(
     cfg_drop: float = 0.1,
 ) -> Path:
     """Train the VAE, then the UNet + text encoder jointly; save a diffusers SD pipeline folder."""
-    import diffusers
     import transformers
-    from tqdm import tqdm
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -114,13 +112,23 @@ def train_mini(
     x_all = torch.tensor(images)
     tok_dir = write_tokenizer(out / "tokenizer", max_length=MAX_LENGTH, words=WORDS)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
-    vocab = len(tokenizer)
     stats: dict = {"seed": seed, "batch": batch}
+    vae, latents = _train_vae(x_all, vae_steps, batch, stats)
+    text_encoder, unet = _train_unet(latents, labels, tokenizer, unet_steps, batch, cfg_drop, rng, stats)
+    _save_pipeline(out, text_encoder, unet, vae, stats)
+    return out
+
+
+def _train_vae(x_all: torch.Tensor, steps: int, batch: int, stats: dict):
+    """The VAE by reconstruction (+ a tiny KL); its scaling factor set so latents have unit std.
+    Returns it and every image's latent distribution (mean, std), scaled."""
+    import diffusers
+    from tqdm import tqdm
 
     vae = diffusers.AutoencoderKL(**VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     t0 = time.perf_counter()
-    for step in (bar := tqdm(range(vae_steps), desc="vae")):
+    for step in (bar := tqdm(range(steps), desc="vae")):
         idx = torch.randint(0, len(x_all), (batch,))
         post = vae.encode(x_all[idx]).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -137,9 +145,20 @@ def train_mini(
         recon = torch.nn.functional.mse_loss(vae.decode(mean).sample, x_all).item()
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
-    stats.update(vae_steps=vae_steps, vae_recon_mse=recon, scaling_factor=scaling, vae_s=time.perf_counter() - t0)
+    stats.update(vae_steps=steps, vae_recon_mse=recon, scaling_factor=scaling, vae_s=time.perf_counter() - t0)
     _log(f"vae: recon mse {recon:.4f}, scaling factor {scaling:.3f}")
+    return vae, (mean, std, scaling)
 
+
+def _train_unet(latents, labels, tokenizer, steps: int, batch: int, cfg_drop: float, rng: random.Random, stats: dict):
+    """The text encoder and UNet trained jointly to predict the noise (DDPM), the caption dropped
+    `cfg_drop` of the time for classifier-free guidance."""
+    import diffusers
+    import transformers
+    from tqdm import tqdm
+
+    mean, std, scaling = latents
+    vocab = len(tokenizer)
     text_encoder = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(
             vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, **TEXT
@@ -152,11 +171,11 @@ def train_mini(
     ac = noise_sched.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=unet_steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     t0 = time.perf_counter()
     losses = []
-    for step in (bar := tqdm(range(unet_steps), desc="unet")):
-        idx = torch.randint(0, len(x_all), (batch,))
+    for step in (bar := tqdm(range(steps), desc="unet")):
+        idx = torch.randint(0, len(mean), (batch,))
         z = (mean[idx] + std[idx] * torch.randn_like(mean[idx])) * scaling
         prompts = [("" if rng.random() < cfg_drop else prompt_for(int(labels[i]), rng)) for i in idx]
         ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
@@ -175,8 +194,12 @@ def train_mini(
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    stats.update(unet_steps=unet_steps, final_loss=float(np.mean(losses[-200:])), unet_s=time.perf_counter() - t0)
+    stats.update(unet_steps=steps, final_loss=float(np.mean(losses[-200:])), unet_s=time.perf_counter() - t0)
+    return text_encoder, unet
 
+
+def _save_pipeline(out: Path, text_encoder, unet, vae, stats: dict) -> None:
+    """A diffusers StableDiffusionPipeline folder (the tokenizer is written already) and the stats."""
     text_encoder.eval().save_pretrained(out / "text_encoder")
     unet.eval().save_pretrained(out / "unet")
     vae.save_pretrained(out / "vae")
@@ -192,7 +215,6 @@ def train_mini(
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
-    return out
 
 
 def evaluate_mini(

@@ -195,57 +195,17 @@ def distill(
     step starts: the run saves its checkpoint and ends early (a time budget's guard; one process).
     Under FSDP both models are sharded in place (gather the result with `trainable_state`).
     Returns the history (rank 0's view)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    if not binary_layers(student):
-        raise SqueezegenError("distill needs a binarized student: apply sg.binarize_ first")
-    low = {p.dtype for m in binary_layers(student) for p in m.parameters()} - {torch.float32}
-    if low:
-        raise SqueezegenError(
-            f"distill trains float32 master weights, but the student's binary layers hold {str(low.pop())[6:]}: "
-            "binarize a float32 copy (model.float()); bf16 compute comes from autocast (DistillConfig.bf16)"
-        )
+    _check_student(student)
     device = next(student.parameters()).device
     rank, world = _setup_distributed(device)
-    folder = Path(folder)
-    checkpoint = folder / CHECKPOINT
-
-    inside = {id(p) for m in binary_layers(student) for p in m.parameters()}
-    for p in student.parameters():
-        p.requires_grad_(id(p) in inside)
-    teacher.eval().requires_grad_(False)
-    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    checkpoint = Path(folder) / CHECKPOINT
     fsdp = world > 1 and config.parallel == "fsdp"
-    if fsdp:
-        with torch.no_grad():  # one starting point (a router's random init), as DDP broadcasts it
-            for p in student.parameters():
-                if p.requires_grad:
-                    dist.broadcast(p.data, 0)
-        _shard(student)
-        _shard(teacher)
+    names = _freeze_all_but_binary(student, teacher, fsdp)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = max(1, round(config.warmup * config.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.steps, warmup_steps))
-    start, history = 0, []
-    if resume:
-        if not checkpoint.is_file():
-            raise SqueezegenError(f"nothing to resume: {checkpoint} does not exist")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        wanted = resume_key(config, run)
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE} | state.get("run", {})
-        changed = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])  # older ones lack "run"
-        if changed:
-            shown = "; ".join(f"{k}: {saved[k]!r} then, {wanted[k]!r} now" for k in changed)
-            raise SqueezegenError(f"{checkpoint} was made with other settings ({shown}): resume with the same flags")
-        set_model_state_dict(student, state["trainable"], options=_full_load())
-        set_optimizer_state_dict(student, optimizer, state["optimizer"], options=_full_load())
-        scheduler.load_state_dict(state["scheduler"])
-        start, history = state["step"], state["history"]
+    start, history = _resume(checkpoint, config, run, student, optimizer, scheduler) if resume else (0, [])
 
     if config.checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -259,12 +219,8 @@ def distill(
     bar = tqdm(range(start, end), desc="distilling", unit="step", disable=rank != 0, initial=start, total=end)
     for step in bar:
         rows = batch_rows(step, config.batch, rank, world, len(blocks), config.seed)
-        ids = blocks[rows].to(device)
         with autocast:
-            with torch.no_grad():
-                target = teacher(ids, output_hidden_states=True)
-            out = model(ids, output_hidden_states=True)
-            loss, kl, hidden = distill_loss(out, target, config)
+            loss, kl, hidden = _loss(model, teacher, blocks[rows].to(device), config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
@@ -282,13 +238,8 @@ def distill(
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
         out_of_time = stop_at is not None and time.perf_counter() >= stop_at
         if step + 1 == end or (step + 1) % config.save_every == 0 or out_of_time:
-            trainable = trainable_state(student, names)  # every rank: under FSDP a collective
-            optim = get_optimizer_state_dict(student, optimizer, options=_full())
-            if rank == 0:
-                folder.mkdir(parents=True, exist_ok=True)
-                state = {"step": step + 1, "trainable": trainable, "optimizer": optim}
-                state.update(scheduler=scheduler.state_dict(), history=history, config=asdict(config), run=run or {})
-                save_atomic(state, checkpoint)
+            state = {"step": step + 1, "history": history, "config": asdict(config), "run": run or {}}
+            _save(checkpoint, state, student, names, optimizer, scheduler, rank)
         if out_of_time:
             break
     if config.checkpointing:
@@ -296,6 +247,75 @@ def distill(
         student.disable_input_require_grads()  # the hook HF's enable left on the embedding
     student.eval()
     return history
+
+
+def _check_student(student: torch.nn.Module) -> None:
+    if not binary_layers(student):
+        raise SqueezegenError("distill needs a binarized student: apply sg.binarize_ first")
+    low = {p.dtype for m in binary_layers(student) for p in m.parameters()} - {torch.float32}
+    if low:
+        raise SqueezegenError(
+            f"distill trains float32 master weights, but the student's binary layers hold {str(low.pop())[6:]}: "
+            "binarize a float32 copy (model.float()); bf16 compute comes from autocast (DistillConfig.bf16)"
+        )
+
+
+def _freeze_all_but_binary(student: torch.nn.Module, teacher: torch.nn.Module, fsdp: bool) -> set[str]:
+    """Only the binary layers' parameters train; under FSDP both models are sharded from one
+    starting point. Returns the trainable parameters' names."""
+    inside = {id(p) for m in binary_layers(student) for p in m.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in inside)
+    teacher.eval().requires_grad_(False)
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    if fsdp:
+        with torch.no_grad():  # one starting point (a router's random init), as DDP broadcasts it
+            for p in student.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, 0)
+        _shard(student)
+        _shard(teacher)
+    return names
+
+
+def _resume(checkpoint: Path, config: DistillConfig, run: dict | None, student, optimizer, scheduler):
+    """Load the last checkpoint into the student, optimizer and schedule: (its step, its history);
+    refused where it was made with other settings."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not checkpoint.is_file():
+        raise SqueezegenError(f"nothing to resume: {checkpoint} does not exist")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    wanted = resume_key(config, run)
+    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE} | state.get("run", {})
+    changed = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])  # older ones lack "run"
+    if changed:
+        shown = "; ".join(f"{k}: {saved[k]!r} then, {wanted[k]!r} now" for k in changed)
+        raise SqueezegenError(f"{checkpoint} was made with other settings ({shown}): resume with the same flags")
+    set_model_state_dict(student, state["trainable"], options=_full_load())
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=_full_load())
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["history"]
+
+
+def _loss(model, teacher, ids: torch.Tensor, config: DistillConfig):
+    """The distillation loss of one batch (loss, KL, hidden MSE), the teacher without gradients."""
+    with torch.no_grad():
+        target = teacher(ids, output_hidden_states=True)
+    return distill_loss(model(ids, output_hidden_states=True), target, config)
+
+
+def _save(checkpoint: Path, state: dict, student, names: set[str], optimizer, scheduler, rank: int) -> None:
+    """The resumable checkpoint: `state` with the trainable weights, optimizer and schedule
+    (gathered on every rank, a collective under FSDP; written by rank 0)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    trainable = trainable_state(student, names)
+    optim = get_optimizer_state_dict(student, optimizer, options=_full())
+    if rank == 0:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        state = {**state, "trainable": trainable, "optimizer": optim, "scheduler": scheduler.state_dict()}
+        save_atomic(state, checkpoint)
 
 
 def _full_load():

@@ -246,6 +246,8 @@ async def json_body(request: Request) -> dict:
 
 
 def create_app(server: Server) -> FastAPI:
+    """The OpenAI-compatible app of a `Server`: its scheduler runs for the app's lifetime."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.scheduler.start()
@@ -255,6 +257,15 @@ def create_app(server: Server) -> FastAPI:
 
     # no redirect of /v1/completions/ to /v1/completions: a 307 a client follows with a GET is no answer
     app = FastAPI(title="squeezegen", docs_url=None, redoc_url=None, lifespan=lifespan, redirect_slashes=False)
+    add_error_handlers(app)
+    add_model_routes(app, server)
+    add_completion_routes(app, server)
+    add_document_routes(app, server)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, unknown routes and verbs, and bugs (500)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -262,7 +273,6 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def route_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """Unknown routes and methods a route does not take, in OpenAI's error shape too."""
         if exc.status_code == 404:
             message = f"no route {request.url.path}: this server answers {', '.join(ROUTES)}"
         elif exc.status_code == 405:
@@ -279,13 +289,16 @@ def create_app(server: Server) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
+
+def add_model_routes(app: FastAPI, server: Server) -> None:
+    """/health, /metrics (Prometheus text under vLLM's names, serve/metrics.py) and /v1/models."""
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "running": server.scheduler.running(), "waiting": len(server.scheduler.waiting)}
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        """Prometheus text, under vLLM's metric names (serve/metrics.py)."""
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
@@ -300,87 +313,101 @@ def create_app(server: Server) -> FastAPI:
         server.check_served_model({"model": model})
         return model_card()
 
+
+def add_completion_routes(app: FastAPI, server: Server) -> None:
+    """/v1/chat/completions and /v1/completions, whole or streamed."""
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await complete(request, chat=True)
+        return await complete(server, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, chat=False)
+        return await complete(server, request, chat=False)
 
-    async def complete(request: Request, chat: bool):
-        job, decoding, queue, label = server.job(await json_body(request), chat)
-        submit(job)
-        kind = "chat.completion" if chat else "text_completion"
-        ident = protocol.completion_id("chatcmpl" if chat else "cmpl")
-        meta = {"id": ident, "created": protocol.now(), "model": server.config.model_name}
-        if decoding.stream:
-            chunks = stream(request, job, queue, chat, kind, meta, decoding.include_usage, label)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        text, summary = [], None
-        async with contextlib.aclosing(events(queue, request, job)) as answers:
-            async for got in answers:
-                if got is None:  # the client went away: nobody reads the answer
-                    return Response(status_code=CLIENT_CLOSED)
-                if isinstance(got, Token):
-                    text.append(got.piece)
-                elif isinstance(got, Done):
-                    summary = got.result
-                    break
-                else:
-                    raise failure(got)
-        body = "".join(text)
-        choice = {"index": 0, "finish_reason": protocol.FINISH[summary.finish_reason]}
-        choice.update({"message": {"role": "assistant", "content": body}} if chat else {"text": body, "logprobs": None})
-        return {
-            **meta,
-            "object": kind,
-            "choices": [choice],
-            "usage": protocol.usage(summary),
-            "squeezegen": {"method": label, "first_token_s": summary.first_token_s},
-        }
 
-    def submit(job: Job) -> None:
-        try:
-            server.scheduler.submit(job)
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+def submit(server: Server, job: Job) -> None:
+    try:
+        server.scheduler.submit(job)
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
 
-    async def stream(request, job, queue, chat, kind, meta, include_usage, label) -> AsyncIterator[str]:
-        def chunk(delta: dict | str | None, finish: str | None = None) -> str:
-            if chat:
-                choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+
+async def complete(server: Server, request: Request, chat: bool):
+    """One completion request: the whole answer, or a stream of chunks."""
+    job, decoding, queue, label = server.job(await json_body(request), chat)
+    submit(server, job)
+    kind = "chat.completion" if chat else "text_completion"
+    ident = protocol.completion_id("chatcmpl" if chat else "cmpl")
+    meta = {"id": ident, "created": protocol.now(), "model": server.config.model_name}
+    if decoding.stream:
+        chunks = stream(job, queue, chat, kind, meta, decoding.include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    text, summary = [], None
+    async with contextlib.aclosing(events(queue, request, job)) as answers:
+        async for got in answers:
+            if got is None:  # the client went away: nobody reads the answer
+                return Response(status_code=CLIENT_CLOSED)
+            if isinstance(got, Token):
+                text.append(got.piece)
+            elif isinstance(got, Done):
+                summary = got.result
+                break
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            return "data: " + json.dumps({**meta, "object": f"{kind}.chunk", "choices": [choice]}) + "\n\n"
+                raise failure(got)
+    body = "".join(text)
+    choice = {"index": 0, "finish_reason": protocol.FINISH[summary.finish_reason]}
+    choice.update({"message": {"role": "assistant", "content": body}} if chat else {"text": body, "logprobs": None})
+    return {
+        **meta,
+        "object": kind,
+        "choices": [choice],
+        "usage": protocol.usage(summary),
+        "squeezegen": {"method": label, "first_token_s": summary.first_token_s},
+    }
 
-        try:
-            opening = chat  # the role chunk goes out with the first token, as vLLM's does: a client that
-            while True:  # times the first chunk (vllm bench serve) then measures the time to first token
-                event = await queue.get()
-                if opening:
-                    opening = False
-                    yield chunk({"role": "assistant", "content": ""})
-                if isinstance(event, Token):
-                    yield chunk({"content": event.piece} if chat else event.piece)
-                elif isinstance(event, Done):
-                    summary: Summary = event.result
-                    yield chunk(None, protocol.FINISH[summary.finish_reason])
-                    if include_usage:
-                        record = {**meta, "object": f"{kind}.chunk", "choices": [], "usage": protocol.usage(summary)}
-                        yield "data: " + json.dumps(record) + "\n\n"
-                    break
-                else:
-                    yield "data: " + json.dumps(failure(event).body()) + "\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client goes away mid-stream: its slot frees at the next step
-            job.cancelled = True
+
+async def stream(job: Job, queue, chat: bool, kind: str, meta: dict, include_usage: bool) -> AsyncIterator[str]:
+    """The answer as server-sent events, ending with [DONE]."""
+
+    def chunk(delta: dict | str | None, finish: str | None = None) -> str:
+        if chat:
+            choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({**meta, "object": f"{kind}.chunk", "choices": [choice]}) + "\n\n"
+
+    try:
+        opening = chat  # the role chunk goes out with the first token, as vLLM's does: a client that
+        while True:  # times the first chunk (vllm bench serve) then measures the time to first token
+            event = await queue.get()
+            if opening:
+                opening = False
+                yield chunk({"role": "assistant", "content": ""})
+            if isinstance(event, Token):
+                yield chunk({"content": event.piece} if chat else event.piece)
+            elif isinstance(event, Done):
+                summary: Summary = event.result
+                yield chunk(None, protocol.FINISH[summary.finish_reason])
+                if include_usage:
+                    record = {**meta, "object": f"{kind}.chunk", "choices": [], "usage": protocol.usage(summary)}
+                    yield "data: " + json.dumps(record) + "\n\n"
+                break
+            else:
+                yield "data: " + json.dumps(failure(event).body()) + "\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client goes away mid-stream: its slot frees at the next step
+        job.cancelled = True
+
+
+def add_document_routes(app: FastAPI, server: Server) -> None:
+    """/v1/documents: store a compressed context, read what is stored, delete it."""
 
     @app.post("/v1/documents")
     async def create_document(request: Request):
         job, queue = server.document_job(await json_body(request))
-        submit(job)
+        submit(server, job)
         async with contextlib.aclosing(events(queue, request, job)) as answers:
             got = await anext(answers)
         if got is None:
@@ -401,8 +428,6 @@ def create_app(server: Server) -> FastAPI:
         if not server.documents.delete(doc_id):
             raise ApiError(404, f"document {doc_id!r} is not stored", code="document_not_found")
         return {"id": doc_id, "object": "document", "deleted": True}
-
-    return app
 
 
 def document_info(doc: Document) -> dict:
