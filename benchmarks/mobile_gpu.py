@@ -22,7 +22,7 @@ from pathlib import Path
 
 from squeezegen.mobile import vulkan
 from squeezegen.mobile.accelerator import check_on_gpu, quiet_native_log
-from squeezegen.mobile.check import check_model
+from squeezegen.mobile.check import check_tflite
 from squeezegen.mobile.export import export_pipeline, load_manifest, module_files
 from squeezegen.mobile.rewrites import RewriteConfig
 from squeezegen.runtime.device import host
@@ -82,7 +82,7 @@ def main() -> None:
         for name in files:
             if (label, recipe, off, name) in done:
                 continue
-            static = check_model(folder / name, backend="static")
+            static = check_tflite(folder / name, backend="static")
             result = check_on_gpu(folder / name, inputs=inputs.get(name))
             row = {
                 "model": label,

@@ -271,3 +271,33 @@ def test_add_a_method_example_runs():
     finally:
         REGISTRY.pop("keynorm", None)
         sys.modules.pop(module.__name__, None)
+
+
+@pytest.mark.parametrize("family, passes", [("seed_oss", True), ("helium", False)])
+def test_add_a_family_guide_runs(monkeypatch, family, passes):
+    """The guide's two edits made in memory, then its check as written: it passes for seed_oss and
+    prints what the page states, and catches helium, whose layers the fused step gets wrong."""
+    from squeezegen.models import loading, tiny
+    from squeezegen.runtime import decoder
+
+    text = (DOCS / "engine.md").read_text()
+    found = re.search(r"<!-- test: add-a-family -->\n```python\n(.*?)^```", text, re.S | re.M)
+    assert found, "docs/engine.md lost its marked family check"
+    for module, name in ((decoder, "SUPPORTED_MODEL_TYPES"), (tiny, "TINY_CONFIGS")):
+        assert f"`{name}`" in text and hasattr(module, name), f"the guide names {name}, which moved"
+    supported = (*decoder.SUPPORTED_MODEL_TYPES, family)
+    monkeypatch.setattr(decoder, "SUPPORTED_MODEL_TYPES", supported)
+    monkeypatch.setattr(loading, "SUPPORTED_MODEL_TYPES", supported)
+    name = "tiny-" + family.replace("_", "-")
+    monkeypatch.setitem(tiny.TINY_CONFIGS, name, dict(model_type=family, rope_theta=10000.0))
+    code = found.group(1).replace('"tiny-seed-oss"', repr(name))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if passes:
+            exec(compile(code, "docs/engine.md", "exec", dont_inherit=True), {})
+        else:
+            with pytest.raises(AssertionError, match="differ from HF generate's"):
+                exec(compile(code, "docs/engine.md", "exec", dont_inherit=True), {})
+    if passes:
+        stated = re.search(r"It prints `(tiny-seed-oss: .*?)`", text)
+        assert stated and stated.group(1) == out.getvalue().strip(), "the page states another output"

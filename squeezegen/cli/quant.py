@@ -137,7 +137,7 @@ def binarize_sources(model_name: str, device: str, dtype: str) -> Sources:
 
 
 def summary_lines(report: dict) -> list[str]:
-    """The report of `binarize_model`, as the command prints it."""
+    """The report of `binarize_and_train`, as the command prints it."""
     b, mib = report["bytes"], 2**20
     resident, float_bytes = report["binary_model_resident_bytes"] / mib, report["float_model_bytes"] / mib
     recipe = report.get("recipe")

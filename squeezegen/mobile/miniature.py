@@ -121,7 +121,7 @@ def train_mini(
 
 def _train_vae(x_all: torch.Tensor, steps: int, batch: int, stats: dict):
     """The VAE by reconstruction (+ a tiny KL); its scaling factor set so latents have unit std.
-    Returns it and every image's latent distribution (mean, std), scaled."""
+    Returns it and every image's latent distribution: (mean, std, scaling factor)."""
     import diffusers
     from tqdm import tqdm
 

@@ -82,11 +82,11 @@ def binarize_and_train(
     `run["recipe"]` ("blockwise": block-wise reconstruction, then end-to-end distillation;
     "end-to-end": distillation alone) on `run["data"]`'s sources, and training ends in time for
     the final measurements: `train.steps` is then ignored."""
-    started = time.perf_counter() if started is None else started
     teacher, tok = sources.load()
     torch.manual_seed(train.seed)  # the routers' random init: the same in every process and every run
     student = binarize_(copy.deepcopy(teacher).float(), config)
     held_sets = {name: b[:eval_blocks] for name, b in sources.held_out(tok, train.block).items()}
+    started = time.perf_counter() if started is None else started
     checkpoint = out.with_name(out.name + ".ckpt")
     trained = _train(teacher, tok, student, train, sources, run, checkpoint, resume, held_sets, started)
     budgeted, history, gathered, train = trained
@@ -97,6 +97,7 @@ def binarize_and_train(
     if budgeted is None and train.steps > 0 and done < train.steps:
         return _stopped(history, train, checkpoint)
     if gathered is not None:
+        del student, teacher  # the sharded models go before whole ones are loaded
         teacher, student = _rebuild(sources, config, gathered)
     pack_(student.to(teacher.dtype))
     report = _report(model_name, config, teacher, student, held_sets, train, done, train_s, budgeted, run, history)

@@ -299,6 +299,7 @@ def add_model_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Prometheus text, under vLLM's metric names (serve/metrics.py)."""
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
