@@ -17,9 +17,7 @@ import torch
 from squeezegen.errors import SqueezegenError
 from squeezegen.runtime.cache import EMPTY, HeadSplitCache, LayerCache
 from squeezegen.runtime.engine import Engine
-from squeezegen.runtime.hooks import DECODE_HOOKS, LayerView, Method
-
-STEP_HOOKS = frozenset({"after_decode_attention", "after_decode_step"})  # what runs once rows share a batch
+from squeezegen.runtime.hooks import DECODE_HOOKS, STEP_HOOKS, LayerView, Method
 
 
 @dataclass

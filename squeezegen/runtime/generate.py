@@ -229,9 +229,8 @@ def decode_loop(
     synchronize(device)
     decode_s = time.perf_counter() - start
 
-    timings = Timings(
-        prefill_s, decode_s, sum(len(row.ids) for row in rows) - batch, prefill_s + decode_s, first_token_s
-    )
+    decoded = sum(len(row.ids) for row in rows) - batch  # the first tokens came from the prefill's logits
+    timings = Timings(prefill_s, decode_s, decoded, prefill_s + decode_s, first_token_s)
     return _result(engine, rows, timings, step_logits if output_logits else None)
 
 

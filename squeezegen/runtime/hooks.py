@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 PREFILL_HOOKS = frozenset({"prefill_attention", "select_cache", "propagate", "refill", "after_prefill"})
 DECODE_HOOKS = frozenset({"start_decode", "after_decode_attention", "after_decode_step"})
+STEP_HOOKS = frozenset({"after_decode_attention", "after_decode_step"})  # the ones run at every decode step
 HOOKS = PREFILL_HOOKS | DECODE_HOOKS
 
 
@@ -189,4 +190,4 @@ class Method:
     def compresses_while_decoding(self) -> bool:
         """Does the cache change between decode steps? Then forced text must go token by token,
         and a token budget may exceed the prompt: the cache grows to it while decoding."""
-        return bool(self.hooks() & {"after_decode_attention", "after_decode_step"})
+        return bool(self.hooks() & STEP_HOOKS)

@@ -353,7 +353,9 @@ class Scheduler(threading.Thread):
         logits = self.batch.decode(torch.tensor([j.token for j in self.batch_jobs]))
         live = [row for row, job in enumerate(self.batch_jobs) if not job.cancelled]  # a gone client's slot frees now
         jobs = [self.batch_jobs[row] for row in live]
-        tokens = choose([job.row for job in jobs], logits[live]).tolist() if jobs else []
+        if len(live) < len(self.batch_jobs):
+            logits = logits[live]
+        tokens = choose([job.row for job in jobs], logits).tolist() if jobs else []
         for job, token in zip(jobs, tokens, strict=True):
             job.token = token
         self._read(jobs, tokens)
